@@ -1,0 +1,984 @@
+#!/usr/bin/env python3
+"""Tests for promoter.py: a real server on port 0, real files, real inotify,
+real sockets, and the emitted device module run as a real process.
+
+    python3 test_promoter.py            run the tests
+    python3 test_promoter.py -k NAME    run the tests whose name contains NAME
+    python3 test_promoter.py --bench [--quick]   benchmarks (measure and print)
+
+The last line is "N passed, N failed, N skipped"; the exit code is non-zero
+on any failure.
+"""
+
+import hashlib
+import http.client
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import promoter
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "promoter.py")
+# vim skips its backup-and-rename save under /tmp (backupskip): test elsewhere.
+SCRATCH = "/var/tmp" if os.path.isdir("/var/tmp") else None
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def wait_until(condition, timeout=5.0, message="condition"):
+    """Poll `condition` until it returns a true value; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, message))
+        time.sleep(0.01)
+
+
+def checksum(data, relpath):
+    return hashlib.sha1(data + relpath.encode("utf-8")).hexdigest()
+
+
+def expected_index(root, paths):
+    """(list of (path, checksum), version) computed from the definitions,
+    independently of promoter.py's code."""
+    items = []
+    for p in paths:
+        with open(os.path.join(root, p), "rb") as f:
+            items.append((p, checksum(f.read(), p)))
+    items.sort(key=lambda item: [c.encode("utf-8") for c in item[0].split("/")])
+    return items, hashlib.sha1("".join(c for _, c in items).encode()).hexdigest()
+
+
+def write(root, relpath, data):
+    path = os.path.join(root, relpath)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+
+
+class LogCapture(logging.Handler):
+    """Collects the promoter logger's records (the server's real output)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def messages(self, level=logging.DEBUG):
+        return [r.getMessage() for r in list(self.records) if r.levelno >= level]
+
+    def versions(self):
+        return [m for m in self.messages(logging.INFO) if m.startswith("version ")]
+
+
+class Served:
+    """A real promoter (index, watcher, ThreadingHTTPServer on port 0)."""
+
+    def __init__(self, root, poll=None, max_connections=64, idle_timeout=2.0):
+        self.promoter = promoter.Promoter(root)
+        self.server = promoter.PromoterServer(("127.0.0.1", 0), self.promoter,
+                                              max_connections, idle_timeout)
+        self.port = self.server.server_address[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.watcher = promoter.start_watcher(self.promoter, poll)
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.promoter.close()
+        self.watcher.stop()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+    def request(self, path, method="GET", headers=None, timeout=10):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def get_json(self, path):
+        status, _, body = self.request(path)
+        assert status == 200, (path, status, body)
+        return json.loads(body)
+
+    def version(self):
+        return self.get_json("/files/version")["version"]
+
+    def files(self):
+        return {f["path"]: f for f in self.get_json("/files")["files"]}
+
+    def wait_for(self, condition, timeout=5.0, message="the index"):
+        """Wait until condition(files dict) holds, using the real API."""
+        return wait_until(lambda: condition(self.files()), timeout, message)
+
+
+class PromoterTest(unittest.TestCase):
+    """Gives each test a scratch folder (outside /tmp), a log capture, and
+    servers that are closed at the end."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="promoter-test-", dir=SCRATCH)
+        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.root = os.path.join(self.tmp, "root")
+        os.mkdir(self.root)
+        self.log = LogCapture()
+        logger = logging.getLogger("promoter")
+        logger.addHandler(self.log)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        self.addCleanup(logger.removeHandler, self.log)
+
+    def serve(self, **kw):
+        served = Served(self.root, **kw)
+        self.addCleanup(served.close)
+        return served
+
+    def assert_served_exactly(self, served, paths):
+        """The API lists exactly `paths`, with checksums and version as defined."""
+        items, version = expected_index(self.root, paths)
+        listing = served.get_json("/files")
+        self.assertEqual([(f["path"], f["checksum"]) for f in listing["files"]], items)
+        self.assertEqual(listing["version"], version)
+
+
+# --- index -------------------------------------------------------------------
+
+
+class IndexTest(PromoterTest):
+    def test_checksum_version_and_walk_order_follow_the_definitions(self):
+        for p in ("a.b", "a-b", "a/b", "a/c", "B", "a/z/y", "é.py", "main.py"):
+            write(self.root, p, "content of %s\n" % p)
+        served = self.serve()
+        listing = served.get_json("/files")
+        # Components sort before longer names: a/b, a/c, a/z/y come before a-b.
+        self.assertEqual([f["path"] for f in listing["files"]],
+                         ["B", "a/b", "a/c", "a/z/y", "a-b", "a.b", "main.py", "é.py"])
+        self.assert_served_exactly(served, [f["path"] for f in listing["files"]])
+        self.assertEqual(served.version(), listing["version"])
+        for f in listing["files"]:
+            self.assertEqual(f["size"], os.path.getsize(os.path.join(self.root, f["path"])))
+
+    def test_identical_files_at_two_paths_have_distinct_checksums(self):
+        write(self.root, "one.py", "same")
+        write(self.root, "lib/one.py", "same")
+        files = self.serve().files()
+        self.assertNotEqual(files["one.py"]["checksum"], files["lib/one.py"]["checksum"])
+
+    def test_symlinks_inside_are_served_and_leading_outside_are_skipped(self):
+        outside = os.path.join(self.tmp, "secret.txt")
+        write(self.tmp, "secret.txt", "do not serve")
+        os.mkdir(os.path.join(self.tmp, "secretdir"))
+        write(self.root, "real.py", "real")
+        os.symlink(outside, os.path.join(self.root, "leak.txt"))
+        os.symlink(os.path.join(self.tmp, "secretdir"), os.path.join(self.root, "leakdir"))
+        os.symlink("real.py", os.path.join(self.root, "alias.py"))
+        os.symlink("nowhere", os.path.join(self.root, "dangling.py"))
+        files = self.serve().files()
+        self.assertEqual(sorted(files), ["alias.py", "real.py"])
+
+    def test_unservable_names_are_skipped_with_a_warning(self):
+        write(self.root, "good.py", "ok")
+        with open(os.path.join(os.fsencode(self.root), b"bad-\xff.py"), "wb") as f:
+            f.write(b"x")
+        write(self.root, "new\nline.py", "x")
+        os.mkfifo(os.path.join(self.root, "fifo"))
+        served = self.serve()
+        self.assertEqual(sorted(served.files()), ["good.py"])
+        warnings = self.log.messages(logging.WARNING)
+        self.assertTrue(any("not UTF-8" in m and "bad-" in m for m in warnings), warnings)
+        self.assertEqual(served.request("/files/version")[0], 200)
+
+    def test_unreadable_file_is_skipped_and_the_server_keeps_serving(self):
+        write(self.root, "ok.py", "fine")
+        write(self.root, "locked.py", "secret")
+        os.chmod(os.path.join(self.root, "locked.py"), 0)
+        os.chmod(self.tmp, 0o755)
+        os.chmod(self.root, 0o755)
+        os.chmod(os.path.join(self.root, "ok.py"), 0o644)
+        proc = CliProcess(self, ["--root", self.root, "--port", "0"], demote=True)
+        self.assertEqual(proc.paths(), ["ok.py"])
+        proc.stop()
+        self.assertIn("locked.py: cannot read (Permission denied)", proc.stderr)
+
+    def test_an_update_rehashes_only_the_changed_paths(self):
+        for i in range(20):
+            write(self.root, "f%02d.py" % i, "x = %d\n" % i)
+        served = self.serve()
+        before = served.promoter.snapshot
+        write(self.root, "f03.py", "x = 'changed'\n")
+        served.wait_for(lambda f: f["f03.py"]["checksum"] != before.by_path["f03.py"].checksum)
+        after = served.promoter.snapshot
+        # Entries of untouched files are the very objects of the old snapshot.
+        untouched = [p for p in before.by_path if p != "f03.py"]
+        self.assertTrue(all(after.by_path[p] is before.by_path[p] for p in untouched))
+        self.assertIsNot(after.by_path["f03.py"], before.by_path["f03.py"])
+
+
+# --- ignore rules ----------------------------------------------------------------
+
+
+class IgnoreTest(PromoterTest):
+    DEFAULT_IGNORED = [".git/config", "pkg/.git/HEAD", ".hg/store", ".svn/entries",
+                       "__pycache__/m.cpython-311.pyc", "lib/__pycache__/x.mpy", "old.pyc",
+                       ".main.py.swp", "lib/.util.py.swo", "main.py~", "4913", ".#main.py",
+                       "#main.py#", "main.py___jb_tmp___", "main.py___jb_old___", ".DS_Store",
+                       ".promoterignore"]
+
+    def test_default_rules_hide_vcs_cache_and_editor_files(self):
+        for p in self.DEFAULT_IGNORED + ["main.py", "lib/util.py", "git.py", "data.4913"]:
+            write(self.root, p, p)
+        served = self.serve()
+        self.assert_served_exactly(served, ["main.py", "lib/util.py", "git.py", "data.4913"])
+
+    def test_no_default_ignores_flag_serves_them_but_never_the_ignore_file(self):
+        for p in [".git/config", "old.pyc", "main.py~", ".promoterignore"]:
+            write(self.root, p, p)
+        proc = CliProcess(self, ["--root", self.root, "--port", "0", "--no-default-ignores"])
+        self.assertEqual(proc.paths(), [".git/config", "main.py~", "old.pyc"])
+
+    def test_promoterignore_full_match_comments_folders_and_bad_lines(self):
+        write(self.root, ".promoterignore",
+              "# a comment\n\nsecrets\\.py\n(unclosed\ndata/\nbuild\n.*\\.log\n")
+        for p in ["main.py", "secrets.py", "lib/secrets.py", "data/a.csv", "build/out.bin",
+                  "x.log", "databank.py", "lib/build.py"]:
+            write(self.root, p, p)
+        served = self.serve()
+        # Full match: lib/secrets.py and lib/build.py are not matched by the rules.
+        self.assert_served_exactly(served, ["main.py", "lib/secrets.py", "databank.py",
+                                            "lib/build.py"])
+        warnings = self.log.messages(logging.WARNING)
+        self.assertTrue(any("line 4" in m and "'(unclosed'" in m for m in warnings), warnings)
+
+    def test_editing_promoterignore_takes_effect_at_once(self):
+        for p in ["main.py", "logs/a.txt", "logs/b.txt"]:
+            write(self.root, p, p)
+        served = self.serve()
+        self.assertIn("logs/a.txt", served.files())
+        write(self.root, ".promoterignore", "logs\n")
+        served.wait_for(lambda f: sorted(f) == ["main.py"], message="logs ignored")
+        # The pruned folder is not watched: changes there do nothing.
+        write(self.root, "logs/c.txt", "c")
+        write(self.root, ".promoterignore", "# nothing\n")
+        served.wait_for(lambda f: sorted(f) == ["logs/a.txt", "logs/b.txt", "logs/c.txt",
+                                                "main.py"], message="logs served again")
+        # ...and once served again, it is watched again.
+        write(self.root, "logs/d.txt", "d")
+        served.wait_for(lambda f: "logs/d.txt" in f, message="logs/d.txt")
+        self.assert_served_exactly(served, ["main.py", "logs/a.txt", "logs/b.txt",
+                                            "logs/c.txt", "logs/d.txt"])
+
+
+# --- live watch ------------------------------------------------------------------
+
+
+class WatchTests:
+    """Mixed into a TestCase with POLL set (None: inotify; seconds: polling)."""
+
+    POLL = None
+
+    def start(self, paths=("main.py", "lib/util.py")):
+        for p in paths:
+            write(self.root, p, "initial %s\n" % p)
+        served = self.serve(poll=self.POLL)
+        self.versions_at_start = len(self.log.versions())
+        return served
+
+    def new_versions(self):
+        return self.log.versions()[self.versions_at_start:]
+
+    def wait_content(self, served, relpath, data):
+        want = checksum(data, relpath)
+        served.wait_for(lambda f: relpath in f and f[relpath]["checksum"] == want,
+                        message="%s updated" % relpath)
+
+    def settle(self, served):
+        """Make a marker change and wait for it: every earlier event is then
+        processed too (one watcher thread, events in order)."""
+        data = ("marker %f" % time.time()).encode()
+        write(self.root, "zz-marker.txt", data)
+        self.wait_content(served, "zz-marker.txt", data)
+
+    def test_write_in_place_gives_one_version(self):
+        served = self.start()
+        with open(os.path.join(self.root, "main.py"), "w") as f:
+            f.write("print('a')\n")
+            f.flush()
+            time.sleep(0.1)  # a slow writer: the truncated file must not be published
+            f.write("print('b')\n")
+        self.wait_content(served, "main.py", b"print('a')\nprint('b')\n")
+        self.assertEqual(len(self.new_versions()), 1, self.new_versions())
+
+    def test_temp_and_rename_save_gives_one_version(self):
+        served = self.start()
+        tmp = os.path.join(self.root, ".main.py.tmp-1234")
+        with open(tmp, "w") as f:
+            f.write("saved atomically\n")
+        os.replace(tmp, os.path.join(self.root, "main.py"))
+        self.wait_content(served, "main.py", b"saved atomically\n")
+        self.assertEqual(len(self.new_versions()), 1, self.new_versions())
+
+    def test_vim_style_backup_rename_save_gives_one_version(self):
+        served = self.start()
+        main = os.path.join(self.root, "main.py")
+        write(self.root, ".main.py.swp", "swap")
+        write(self.root, "4913", "")
+        os.remove(os.path.join(self.root, "4913"))
+        os.rename(main, main + "~")
+        write(self.root, "main.py", "vim wrote this\n")
+        os.remove(main + "~")
+        os.remove(os.path.join(self.root, ".main.py.swp"))
+        self.wait_content(served, "main.py", b"vim wrote this\n")
+        self.settle(served)
+        self.assertEqual(len(self.new_versions()), 2, self.new_versions())  # save + marker
+
+    def test_jetbrains_safe_write_gives_one_version(self):
+        served = self.start()
+        main = os.path.join(self.root, "main.py")
+        write(self.root, "main.py___jb_tmp___", "jetbrains wrote this\n")
+        os.rename(main, main + "___jb_old___")
+        os.rename(main + "___jb_tmp___", main)
+        os.remove(main + "___jb_old___")
+        self.wait_content(served, "main.py", b"jetbrains wrote this\n")
+        self.settle(served)
+        self.assertEqual(len(self.new_versions()), 2, self.new_versions())
+
+    @unittest.skipUnless(shutil.which("vim"), "vim is not installed")
+    def test_real_vim_save_gives_one_version(self):
+        served = self.start()
+        subprocess.run(["vim", "-N", "-u", "NONE", "-i", "NONE", "-n", "-es",
+                        "-c", "set writebackup nobackup backupcopy=auto",
+                        "-c", "normal! Gonew_line = 1", "-c", "wq",
+                        os.path.join(self.root, "main.py")], check=True, timeout=30,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self.wait_content(served, "main.py", b"initial main.py\nnew_line = 1\n")
+        self.settle(served)
+        self.assertEqual(len(self.new_versions()), 2, self.new_versions())
+
+    def test_touch_changes_nothing(self):
+        served = self.start()
+        version = served.version()
+        os.utime(os.path.join(self.root, "main.py"))
+        self.settle(served)
+        self.assertEqual(len(self.new_versions()), 1, self.new_versions())  # the marker only
+        self.assertIn("zz-marker.txt", self.new_versions()[0])
+        self.assertNotEqual(served.version(), version)
+
+    def test_new_nested_folders_are_watched_including_early_files(self):
+        served = self.start()
+        os.makedirs(os.path.join(self.root, "pkg/sub/deep"))
+        write(self.root, "pkg/sub/deep/a.py", "a")
+        write(self.root, "pkg/b.py", "b")
+        served.wait_for(lambda f: {"pkg/sub/deep/a.py", "pkg/b.py"} <= set(f), message="pkg")
+        # Files created later in the new folders are seen too.
+        write(self.root, "pkg/sub/deep/c.py", "c")
+        served.wait_for(lambda f: "pkg/sub/deep/c.py" in f, message="pkg/sub/deep/c.py")
+        self.assert_served_exactly(served, ["main.py", "lib/util.py", "pkg/sub/deep/a.py",
+                                            "pkg/b.py", "pkg/sub/deep/c.py"])
+
+    def test_folders_moved_in_renamed_moved_out_and_deleted(self):
+        served = self.start()
+        outside = os.path.join(self.tmp, "incoming")
+        write(outside, "x/one.py", "1")
+        write(outside, "two.py", "2")
+        os.rename(outside, os.path.join(self.root, "moved"))
+        served.wait_for(lambda f: {"moved/x/one.py", "moved/two.py"} <= set(f), message="in")
+        os.rename(os.path.join(self.root, "moved"), os.path.join(self.root, "renamed"))
+        served.wait_for(lambda f: "renamed/x/one.py" in f and "moved/two.py" not in f,
+                        message="renamed")
+        write(self.root, "renamed/x/three.py", "3")  # still watched under the new name
+        served.wait_for(lambda f: "renamed/x/three.py" in f, message="renamed/x/three.py")
+        os.rename(os.path.join(self.root, "renamed"), os.path.join(self.tmp, "gone"))
+        served.wait_for(lambda f: not any(p.startswith("renamed/") for p in f), message="out")
+        write(self.tmp, "gone/x/four.py", "4")  # no longer in the tree
+        shutil.rmtree(os.path.join(self.root, "lib"))
+        served.wait_for(lambda f: sorted(f) == ["main.py"], message="lib deleted")
+        self.assert_served_exactly(served, ["main.py"])
+
+    def test_add_and_delete_files(self):
+        served = self.start()
+        write(self.root, "new.bin", bytes(range(256)))
+        served.wait_for(lambda f: "new.bin" in f, message="new.bin")
+        os.remove(os.path.join(self.root, "main.py"))
+        served.wait_for(lambda f: "main.py" not in f, message="main.py removed")
+        self.assert_served_exactly(served, ["lib/util.py", "new.bin"])
+        added = [m for m in self.new_versions() if "added new.bin" in m]
+        removed = [m for m in self.new_versions() if "removed main.py" in m]
+        self.assertTrue(added and removed, self.new_versions())
+
+
+class InotifyWatchTest(WatchTests, PromoterTest):
+    POLL = None
+
+    def test_uses_inotify(self):
+        served = self.start()
+        self.assertIsInstance(served.watcher, promoter.InotifyWatcher)
+
+    @unittest.skipUnless(IS_ROOT and os.path.exists("/proc/sys/fs/inotify/max_queued_events"),
+                         "needs root to shrink fs.inotify.max_queued_events")
+    def test_queue_overflow_triggers_a_full_rescan(self):
+        knob = "/proc/sys/fs/inotify/max_queued_events"
+        with open(knob) as f:
+            saved = f.read()
+        with open(knob, "w") as f:
+            f.write("16")  # read when an inotify instance is created
+        try:
+            served = self.start()
+        finally:
+            with open(knob, "w") as f:
+                f.write(saved)
+        # One process makes events far faster than a queue of 16 holds.
+        names = ["f%04d.py" % i for i in range(2000)]
+        subprocess.run(["touch"] + names, cwd=self.root, check=True)
+        served.wait_for(lambda f: len(f) == 2002, timeout=20, message="2002 files")
+        self.assertTrue(any("overflowed" in m for m in self.log.messages(logging.WARNING)))
+        self.assert_served_exactly(served, ["main.py", "lib/util.py"] + names)
+
+    @unittest.skipUnless(shutil.which("unshare"), "unshare is not installed")
+    def test_watch_limit_falls_back_to_polling_with_advice(self):
+        for d in ("a", "b", "c", "d", "e"):
+            write(self.root, d + "/x.py", d)
+        probe = subprocess.run(["unshare", "-U", "-r", "true"], capture_output=True)
+        if probe.returncode:
+            self.skipTest("user namespaces are not available")
+        # In a user namespace of our own, allow 3 watches: the tree needs 6.
+        cmd = ("echo 3 > /proc/sys/user/max_inotify_watches && exec %s %s --root %s --port 0"
+               % (sys.executable, SCRIPT, self.root))
+        proc = CliProcess(self, ["--root", self.root], argv=["unshare", "-U", "-r", "sh", "-c", cmd])
+        write(self.root, "f/new.py", "new")
+        wait_until(lambda: "f/new.py" in proc.paths(), timeout=10, message="f/new.py by polling")
+        proc.stop()
+        self.assertIn("max_user_watches", proc.stderr)
+        self.assertIn("sysctl fs.inotify.max_user_watches", proc.stderr)
+        self.assertIn("polling", proc.stderr)
+
+
+class PollingWatchTest(WatchTests, PromoterTest):
+    POLL = 0.05
+
+    def test_uses_polling(self):
+        served = self.start()
+        self.assertIsInstance(served.watcher, promoter.PollingWatcher)
+
+    def test_polling_reads_ignore_file_edits(self):
+        served = self.start()
+        write(self.root, ".promoterignore", "lib/\n")
+        served.wait_for(lambda f: sorted(f) == ["main.py"], message="lib ignored")
+
+
+class SnapshotTest(PromoterTest):
+    def test_readers_never_see_a_half_updated_index(self):
+        for i in range(30):
+            write(self.root, "f%02d.py" % i, "0")
+        served = self.serve()
+        stop = threading.Event()
+        bad = []
+
+        def reader():
+            while not stop.is_set():
+                listing = served.get_json("/files")
+                joined = "".join(f["checksum"] for f in listing["files"])
+                if hashlib.sha1(joined.encode()).hexdigest() != listing["version"]:
+                    bad.append(listing)
+                if len(listing["files"]) != 30:
+                    bad.append(len(listing["files"]))
+
+        readers = [threading.Thread(target=reader) for _ in range(4)]
+        for t in readers:
+            t.start()
+        for n in range(1, 15):
+            for i in range(30):
+                write(self.root, "f%02d.py" % i, str(n))
+            time.sleep(0.01)
+        served.wait_for(lambda f: all(e["checksum"] == checksum(b"14", p) for p, e in f.items()))
+        stop.set()
+        for t in readers:
+            t.join()
+        self.assertEqual(bad, [])
+
+
+# --- the command line ----------------------------------------------------------
+
+
+def demote_to_nobody():
+    os.setgid(65534)
+    os.setuid(65534)
+
+
+def python_for_nobody(test):
+    """A Python interpreter and promoter.py that user nobody can run."""
+    def world_can_reach(path):
+        path = os.path.realpath(path)
+        while path != "/":
+            path = os.path.dirname(path)
+            if not os.stat(path).st_mode & 0o001:
+                return False
+        return True
+    if not world_can_reach(SCRIPT):
+        test.skipTest("nobody cannot reach %s" % SCRIPT)
+    for python in (sys.executable, "/usr/bin/python3"):
+        if os.path.exists(python) and world_can_reach(python):
+            return python
+    test.skipTest("no Python interpreter that user nobody can run")
+
+
+class CliProcess:
+    """promoter.py run as a real process; its port is read from its
+    start-up lines. Stopped (SIGTERM) at the end of the test."""
+
+    def __init__(self, test, args, demote=False, argv=None, wait_ready=True):
+        self.test = test
+        out_fd, self.out_path = tempfile.mkstemp(dir=test.tmp)
+        err_fd, self.err_path = tempfile.mkstemp(dir=test.tmp)
+        if demote and IS_ROOT:
+            argv = [python_for_nobody(test), SCRIPT] + args
+        self.proc = subprocess.Popen(
+            argv or [sys.executable, SCRIPT] + args, stdout=out_fd, stderr=err_fd,
+            stdin=subprocess.DEVNULL, preexec_fn=demote_to_nobody if demote and IS_ROOT else None)
+        os.close(out_fd)
+        os.close(err_fd)
+        self.returncode = None
+        test.addCleanup(self.stop)
+        if wait_ready:
+            line = wait_until(self._url_line, timeout=20, message="promoter to start")
+            self.port = int(line.rsplit(":", 1)[1])
+
+    def _url_line(self):
+        for line in self.stdout.splitlines():
+            if line.startswith("boards use: "):
+                return line
+        if self.proc.poll() is not None:
+            raise AssertionError("promoter exited %s: %s" % (self.proc.returncode, self.stderr))
+        return None
+
+    @property
+    def stdout(self):
+        with open(self.out_path) as f:
+            return f.read()
+
+    @property
+    def stderr(self):
+        with open(self.err_path) as f:
+            return f.read()
+
+    def get(self, path, method="GET", headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, path, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, dict(resp.getheaders()), resp.read()
+        finally:
+            conn.close()
+
+    def paths(self):
+        return [f["path"] for f in json.loads(self.get("/files")[2])["files"]]
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.returncode is None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+            self.returncode = self.proc.wait(timeout=20)
+        return self.returncode
+
+
+def run_cli(args, timeout=30):
+    return subprocess.run([sys.executable, SCRIPT] + args, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+class CliTest(PromoterTest):
+    def test_start_lines_then_sigterm_and_ctrl_c_stop_cleanly(self):
+        write(self.root, "main.py", "print(1)")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            proc = CliProcess(self, ["--root", self.root, "--port", "0"])
+            self.assertIn("serving %s" % os.path.realpath(self.root), proc.stdout)
+            version = json.loads(proc.get("/files/version")[2])["version"]
+            self.assertIn("1 files, version %s" % version, proc.stdout)
+            self.assertEqual(proc.stop(sig), 0)
+            self.assertNotIn("Traceback", proc.stderr)
+
+    def assert_usage_error(self, result, text):
+        self.assertEqual(result.returncode, 2, result)
+        self.assertIn(text, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertEqual(result.stdout, "")
+
+    def test_root_missing_or_not_a_folder(self):
+        self.assert_usage_error(run_cli(["--root", os.path.join(self.tmp, "nope")]),
+                                "promoter: root %s: not a folder" % os.path.join(self.tmp, "nope"))
+        write(self.tmp, "file.txt", "x")
+        self.assert_usage_error(run_cli(["--root", os.path.join(self.tmp, "file.txt")]),
+                                "not a folder")
+
+    def test_port_in_use(self):
+        busy = socket.socket()
+        busy.bind(("", 0))
+        busy.listen()
+        self.addCleanup(busy.close)
+        port = busy.getsockname()[1]
+        self.assert_usage_error(run_cli(["--root", self.root, "--port", str(port)]),
+                                "promoter: port %d: already in use" % port)
+
+    def test_permission_denied_on_bind(self):
+        os.chmod(self.tmp, 0o755)
+        kw = {"preexec_fn": demote_to_nobody} if IS_ROOT else {}
+        python = python_for_nobody(self) if IS_ROOT else sys.executable
+        result = subprocess.run([python, SCRIPT, "--root", self.root, "--port", "80"],
+                                capture_output=True, text=True, timeout=30, **kw)
+        if result.returncode != 2 and "permission denied" not in result.stderr:
+            self.skipTest("this machine lets unprivileged users bind port 80")
+        self.assert_usage_error(result, "promoter: port 80: permission denied")
+
+    def test_bad_arguments(self):
+        self.assert_usage_error(run_cli(["--port", "abc"]), "invalid int value")
+        self.assert_usage_error(run_cli(["--frobnicate"]), "unrecognized arguments")
+        self.assert_usage_error(run_cli(["--root", self.root, "--poll", "0"]),
+                                "--poll: must be a positive number")
+
+    def test_version_and_help(self):
+        result = run_cli(["--version"])
+        self.assertEqual((result.returncode, result.stdout.strip()),
+                         (0, "promoter.py " + promoter.__version__))
+        result = run_cli(["--help"])
+        self.assertEqual(result.returncode, 0)
+        flat = " ".join(result.stdout.split())
+        for option in ("--root", "--port", "--host", "--poll", "--no-default-ignores", "-v", "-q"):
+            self.assertIn(option, flat)
+        for rule in promoter.DEFAULT_IGNORES:
+            self.assertIn(rule, flat)
+
+    def test_logs_downloads_and_versions_and_requests_only_with_verbose(self):
+        write(self.root, "main.py", "print(1)")
+        proc = CliProcess(self, ["--root", self.root, "--port", "0"])
+        files = json.loads(proc.get("/files")[2])["files"]
+        self.assertEqual(proc.get("/files/" + files[0]["checksum"])[0], 200)
+        write(self.root, "main.py", "print(2)")
+        wait_until(lambda: "version " in proc.stderr, message="a version line")
+        proc.stop()
+        self.assertIn("127.0.0.1 downloaded main.py", proc.stderr)
+        self.assertRegex(proc.stderr, r"version [0-9a-f]{12} \(1 files\): changed main.py")
+        self.assertNotIn("GET /files HTTP/1.1", proc.stderr)
+        verbose = CliProcess(self, ["--root", self.root, "--port", "0", "-v"])
+        verbose.get("/files")
+        verbose.stop()
+        self.assertIn('"GET /files HTTP/1.1" 200', verbose.stderr)
+        quiet = CliProcess(self, ["--root", self.root, "--port", "0", "-q"])
+        quiet.get("/files/" + json.loads(quiet.get("/files")[2])["files"][0]["checksum"])
+        quiet.stop()
+        self.assertNotIn("downloaded", quiet.stderr)
+
+    def test_client_command_writes_the_device_module(self):
+        result = run_cli(["client"])
+        self.assertEqual((result.returncode, result.stdout), (0, promoter.DEVICE_CLIENT))
+        out = os.path.join(self.tmp, "otapromoter.py")
+        result = run_cli(["client", "-o", out])
+        self.assertEqual(result.returncode, 0)
+        self.assertIn("mpremote cp %s :" % out, result.stdout)
+        with open(out) as f:
+            self.assertEqual(f.read(), promoter.DEVICE_CLIENT)
+
+
+# --- HTTP API ------------------------------------------------------------------------
+
+
+class HttpTest(PromoterTest):
+    def setUp(self):
+        super().setUp()
+        write(self.root, "main.py", "print('hello')\n")
+        write(self.root, "lib/data.bin", bytes(range(256)) * 8)
+        write(self.root, "lib/ünï côdé.txt", "text")
+        self.served = self.serve()
+
+    def test_version_files_and_files_txt(self):
+        status, headers, body = self.served.request("/files/version")
+        version = self.served.promoter.snapshot.version
+        self.assertEqual(body, b'{"version":"%s"}' % version.encode())
+        self.assertEqual(headers["content-type"], "application/json")
+        self.assertEqual(headers["etag"], '"%s"' % version)
+        self.assertEqual(int(headers["content-length"]), len(body))
+        listing = json.loads(self.served.request("/files")[2])
+        self.assertEqual(listing["version"], version)
+        self.assertEqual([f["path"] for f in listing["files"]],
+                         ["lib/data.bin", "lib/ünï côdé.txt", "main.py"])
+        self.assertEqual(listing["files"][0]["size"], 2048)
+        self.assert_served_exactly(self.served, ["main.py", "lib/data.bin", "lib/ünï côdé.txt"])
+        status, headers, body = self.served.request("/files.txt")
+        lines = body.decode("utf-8").splitlines()
+        self.assertEqual(lines[0], version)
+        self.assertEqual(lines[1:], ["%s %d %s" % (f["checksum"], f["size"], f["path"])
+                                     for f in listing["files"]])
+
+    def test_download_headers_and_bytes(self):
+        files = self.served.files()
+        for prefix in ("/files/", "/file/"):
+            entry = files["lib/data.bin"]
+            status, headers, body = self.served.request(prefix + entry["checksum"])
+            self.assertEqual(status, 200)
+            self.assertEqual(checksum(body, "lib/data.bin"), entry["checksum"])
+            self.assertEqual(headers["content-length"], "2048")
+            self.assertEqual(headers["content-disposition"], "attachment; filename=data.bin")
+            self.assertEqual(headers["x-target-path"], "lib/data.bin")
+            self.assertEqual(headers["content-type"], "application/octet-stream")
+            self.assertEqual(headers["etag"], '"%s"' % entry["checksum"])
+        status, headers, body = self.served.request("/files/" + files["main.py"]["checksum"])
+        self.assertEqual(body, b"print('hello')\n")
+        self.assertEqual(headers["content-type"], "text/x-python")
+        # A non-ASCII path travels as UTF-8 bytes in X-Target-Path.
+        entry = files["lib/ünï côdé.txt"]
+        conn = socket.create_connection(("127.0.0.1", self.served.port))
+        conn.sendall(b"GET /files/%s HTTP/1.0\r\n\r\n" % entry["checksum"].encode())
+        raw = b""
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            raw += chunk
+        conn.close()
+        self.assertIn("X-Target-Path: lib/ünï côdé.txt\r\n".encode("utf-8"), raw)
+        self.assertIn(b"filename*=UTF-8''%C3%BCn%C3%AF%20c%C3%B4d%C3%A9.txt", raw)
+
+    def test_bad_checksum_is_400_and_unknown_is_404(self):
+        for bad in ("abc", "g" * 40, "0" * 41, "../../etc/passwd"):
+            status, headers, body = self.served.request("/files/" + bad)
+            self.assertEqual(status, 400, bad)
+            self.assertIn("error", json.loads(body))
+        status, _, body = self.served.request("/files/" + "0" * 40)
+        self.assertEqual(status, 404)
+        self.assertIn("re-read /files", json.loads(body)["error"])
+
+    def test_etag_gives_304(self):
+        version = self.served.version()
+        for path in ("/files/version", "/files", "/files.txt"):
+            status, headers, body = self.served.request(path, headers={"If-None-Match": '"%s"' % version})
+            self.assertEqual((status, body), (304, b""), path)
+            self.assertEqual(headers["etag"], '"%s"' % version)
+            status, _, _ = self.served.request(path, headers={"If-None-Match": '"other"'})
+            self.assertEqual(status, 200)
+        cs = self.served.files()["main.py"]["checksum"]
+        status, _, body = self.served.request("/files/" + cs, headers={"If-None-Match": '"%s"' % cs})
+        self.assertEqual((status, body), (304, b""))
+
+    def test_waiting_request_returns_when_the_version_changes(self):
+        version = self.served.version()
+        result = {}
+
+        def waiter():
+            result["response"] = self.served.request(
+                "/files/version?wait=30", headers={"If-None-Match": '"%s"' % version})
+            result["at"] = time.monotonic()
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.2)  # let the request reach the server and start waiting
+        self.assertTrue(thread.is_alive(), "the request did not wait")
+        write(self.root, "main.py", "print('changed')\n")
+        thread.join(10)
+        status, headers, body = result["response"]
+        self.assertEqual(status, 200)
+        new = json.loads(body)["version"]
+        self.assertNotEqual(new, version)
+        self.assertEqual(new, self.served.version())
+        published = [r.created for r in self.log.records if r.getMessage().startswith("version ")][-1]
+        # Loose bound for a loaded CI machine; the benchmarks measure the real figure.
+        self.assertLess(time.time() - (time.monotonic() - result["at"]) - published, 0.5)
+
+    def test_waiting_request_gives_304_when_time_runs_out(self):
+        version = self.served.version()
+        start = time.monotonic()
+        status, _, body = self.served.request("/files/version?wait=0.3",
+                                              headers={"If-None-Match": '"%s"' % version})
+        self.assertEqual((status, body), (304, b""))
+        self.assertGreaterEqual(time.monotonic() - start, 0.3)
+        # Without a matching If-None-Match it answers at once.
+        start = time.monotonic()
+        self.assertEqual(self.served.request("/files/version?wait=30")[0], 200)
+        self.assertLess(time.monotonic() - start, 5)
+        for bad in ("abc", "-1", "nan"):
+            self.assertEqual(self.served.request("/files/version?wait=" + bad)[0], 400, bad)
+
+    def test_waiting_requests_never_block_others(self):
+        version = self.served.version()
+        waiters = []
+        for _ in range(20):
+            conn = http.client.HTTPConnection("127.0.0.1", self.served.port, timeout=30)
+            conn.request("GET", "/files/version?wait=20", headers={"If-None-Match": '"%s"' % version})
+            waiters.append(conn)
+        self.addCleanup(lambda: [c.close() for c in waiters])
+        time.sleep(0.1)
+        start = time.monotonic()
+        for _ in range(10):
+            self.assertEqual(self.served.request("/files")[0], 200)
+        self.assertLess(time.monotonic() - start, 5)
+        write(self.root, "main.py", "wake up\n")
+        for conn in waiters:
+            resp = conn.getresponse()
+            self.assertEqual(resp.status, 200)
+            self.assertNotEqual(json.loads(resp.read())["version"], version)
+
+    def test_head_other_methods_and_unknown_paths(self):
+        cs = self.served.files()["main.py"]["checksum"]
+        for path in ("/files/version", "/files", "/files.txt", "/files/" + cs, "/file/" + cs):
+            get = self.served.request(path)
+            head = self.served.request(path, method="HEAD")
+            self.assertEqual(head[0], 200)
+            self.assertEqual(head[2], b"")
+            self.assertEqual(head[1]["content-length"], str(len(get[2])))
+        for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+            status, headers, body = self.served.request("/files", method=method)
+            self.assertEqual(status, 405, method)
+            self.assertEqual(headers["allow"], "GET, HEAD")
+            self.assertIn("error", json.loads(body))
+        status, _, body = self.served.request("/nothing/here")
+        self.assertEqual(status, 404)
+        self.assertEqual(json.loads(body), {"error": "no such path: /nothing/here"})
+
+    def test_keep_alive_serves_many_requests_on_one_connection(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.served.port, timeout=10)
+        self.addCleanup(conn.close)
+        for path in ("/files/version", "/files", "/nothing", "/files/version"):
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            self.assertEqual(int(resp.getheader("Content-Length")), len(resp.read()))
+        self.assertEqual(resp.status, 200)
+        sock = conn.sock
+        conn.request("GET", "/files.txt")
+        conn.getresponse().read()
+        self.assertIs(conn.sock, sock)  # still the same connection
+
+    def test_changed_on_disk_is_never_served_under_the_old_checksum(self):
+        stale = self.serve(poll=3600)  # a watcher that will not notice in time
+        cs = stale.files()["main.py"]["checksum"]
+        write(self.root, "main.py", "newer bytes\n")
+        status, _, body = stale.request("/files/" + cs)
+        self.assertEqual(status, 404)
+        self.assertIn("re-read /files", json.loads(body)["error"])
+        os.remove(os.path.join(self.root, "main.py"))
+        self.assertEqual(stale.request("/files/" + cs)[0], 404)
+
+
+def raw_exchange(port, data, timeout=10):
+    """Send raw bytes, return everything the server answers until it closes."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        conn.sendall(data)
+        answer = b""
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return answer
+            answer += chunk
+    finally:
+        conn.close()
+
+
+class BadInputTest(PromoterTest):
+    def setUp(self):
+        super().setUp()
+        write(self.root, "main.py", "print('hello')\n")
+        write(self.tmp, "outside.txt", "secret")
+        self.served = self.serve(max_connections=8, idle_timeout=0.5)
+
+    def tearDown(self):
+        # Whatever a test sent, the server still serves everyone else.
+        self.assertEqual(self.served.request("/files/version")[0], 200)
+
+    def status_of(self, answer):
+        return int(answer.split(b" ", 2)[1])
+
+    def test_malformed_request_lines(self):
+        for line in (b"GARBAGE\r\n\r\n", b"GET\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
+                     b"GET /files HTTP/1.1 extra\r\n\r\n", b"\x00\xff\xfe\r\n\r\n"):
+            answer = raw_exchange(self.served.port, line)
+            self.assertIn(self.status_of(answer), (400, 505), (line, answer))
+
+    def test_bad_percent_encoding_and_traversal(self):
+        for path in ("/files/%zz", "/files%", "/files/%C3%28" + "0" * 38):
+            status, _, body = self.served.request(path)
+            self.assertEqual(status, 400, path)
+            self.assertIn("error", json.loads(body))
+        for path in ("/../outside.txt", "/files/../../outside.txt", "/files/%2e%2e/%2e%2e/outside.txt",
+                     "/files/..%2f..%2foutside.txt", "//etc/passwd", "/files/main.py"):
+            status, _, body = self.served.request(path)
+            self.assertIn(status, (400, 404), path)
+            self.assertNotIn(b"secret", body)
+
+    def test_overlong_url_and_headers(self):
+        answer = raw_exchange(self.served.port, b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n")
+        self.assertEqual(self.status_of(answer), 414)
+        status, _, _ = self.served.request("/files/" + "a" * 3000)
+        self.assertEqual(status, 414)
+        answer = raw_exchange(self.served.port, b"GET /files HTTP/1.1\r\nX-Big: " + b"b" * 70000 + b"\r\n\r\n")
+        self.assertIn(self.status_of(answer), (400, 431))
+        many = b"".join(b"X-%d: y\r\n" % i for i in range(200))
+        answer = raw_exchange(self.served.port, b"GET /files HTTP/1.1\r\n" + many + b"\r\n")
+        self.assertEqual(self.status_of(answer), 431)
+
+    def test_idle_client_is_dropped(self):
+        conn = socket.create_connection(("127.0.0.1", self.served.port), timeout=10)
+        self.addCleanup(conn.close)
+        start = time.monotonic()
+        self.assertEqual(conn.recv(100), b"")  # closed by the server
+        self.assertLess(time.monotonic() - start, 5)
+
+    def test_connections_past_the_bound_get_503(self):
+        version = self.served.version()
+        held = []
+        for _ in range(8):
+            conn = http.client.HTTPConnection("127.0.0.1", self.served.port, timeout=30)
+            conn.request("GET", "/files/version?wait=10", headers={"If-None-Match": '"%s"' % version})
+            held.append(conn)
+        wait_until(lambda: self.served.server._slots._value == 0, message="8 slots taken")
+        answer = raw_exchange(self.served.port, b"GET /files HTTP/1.1\r\n\r\n")
+        self.assertEqual(self.status_of(answer), 503)
+        self.assertIn(b'"error"', answer)
+        write(self.root, "main.py", "release the waiters")
+        for conn in held:
+            self.assertEqual(conn.getresponse().status, 200)
+            conn.close()
+        wait_until(lambda: self.served.server._slots._value == 8, message="slots released")
+
+
+# --- runner ----------------------------------------------------------------------------
+
+
+def main(argv):
+    if "--bench" in argv:
+        return bench(quick="--quick" in argv)
+    loader = unittest.TestLoader()
+    if "-k" in argv:
+        loader.testNamePatterns = ["*%s*" % argv[argv.index("-k") + 1]]
+    suite = loader.loadTestsFromModule(sys.modules[__name__])
+    result = unittest.TextTestRunner(verbosity=2).run(suite)
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    passed = result.testsRun - failed - skipped
+    sys.stderr.flush()
+    print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
+    return 1 if failed or not result.testsRun else 0
+
+
+def bench(quick=False):
+    print("benchmarks: not written yet")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
