@@ -1292,9 +1292,13 @@ class OTAPromoter:
 
     # --- state ---
     def _version(self):
-        for line in _lines(_join(self.state, "state")):
-            return line
-        return ""
+        # Read and close at once: a half-read generator would keep the file
+        # open on MicroPython, which has no generator finalizers.
+        try:
+            with open(_join(self.state, "state"), "rb") as f:
+                return f.readline().decode().strip()
+        except OSError:
+            return ""
 
     def version(self):
         """The version of the files on the board ('' before the first update)."""
@@ -1503,16 +1507,16 @@ class OTAPromoter:
         if status != 200:
             raise OTAError("GET /files/version: HTTP %d" % status)
         try:
-            return json.loads(body)["version"] != local
+            return json.loads(body.decode())["version"] != local
         except (ValueError, KeyError, TypeError):
             raise OTAError("GET /files/version: bad answer")
 
 
 def _listed(list_file, path):
-    for _, _, p in _entries(list_file):
-        if p == path:
-            return True
-    return False
+    found = False
+    for _, _, p in _entries(list_file):  # read to the end, so the file is closed
+        found = found or p == path
+    return found
 
 
 def _clear(folder):
