@@ -873,6 +873,9 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "promoter/" + __version__
+    # Headers and body are two writes; on a keep-alive connection Nagle's
+    # algorithm would hold the body until the client's delayed ACK (40 ms).
+    disable_nagle_algorithm = True
 
     def setup(self):
         self.timeout = self.server.idle_timeout  # an idle or stalled client is dropped
@@ -1356,7 +1359,6 @@ class OTAPromoter:
             for cs, size, path in _entries(new):
                 if binascii.unhexlify(cs) not in have:
                     self._download(cs, size, path, buf)
-                    gc.collect()
             buf = None
             self._write_journal(new, old, have)
         except (OSError, OTAError) as e:

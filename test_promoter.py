@@ -1459,8 +1459,408 @@ def main(argv):
     return 1 if failed or not result.testsRun else 0
 
 
+# --- benchmarks (measure and print; they assert nothing about time) ---------------
+
+
+def median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def p95(values):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))]
+
+
+def make_tree(root, count, sizes=(1024, 1024), seed=1):
+    """`count` files in folders of 100, sizes log-uniform within `sizes`."""
+    import math
+    import random
+    rng = random.Random(seed)
+    low, high = sizes
+    total = 0
+    for i in range(count):
+        size = int(math.exp(rng.uniform(math.log(low), math.log(high))))
+        write(root, "d%03d/f%05d.py" % (i // 100, i), os.urandom(size))
+        total += size
+    return total
+
+
+class BenchServer:
+    """promoter.py (or another server) run as its own process."""
+
+    def __init__(self, argv, port, cwd=None):
+        self.proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        self.port = port
+        wait_until(self._up, timeout=120, message="the server to start")
+
+    def _up(self):
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_promoter(root, extra=()):
+    port = free_port()
+    return BenchServer([sys.executable, SCRIPT, "--root", root, "--port", str(port), "-q",
+                        "--host", "127.0.0.1"] + list(extra), port)
+
+
+def get_version(port):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/files/version")
+    version = json.loads(conn.getresponse().read())["version"]
+    conn.close()
+    return version
+
+
+def bench_cold_index(scratch, count, runs):
+    root = os.path.join(scratch, "cold")
+    total = make_tree(root, count, (1024, 256 * 1024))
+    files = subprocess.run("find . -type f -print0", shell=True, cwd=root, capture_output=True).stdout
+    sha1sum, ours = [], []
+    rules = promoter.Rules.load(root)
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(["xargs", "-0", "sha1sum"], input=files, cwd=root, stdout=subprocess.DEVNULL,
+                       check=True)
+        sha1sum.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        promoter.Snapshot.scan(root, rules)
+        ours.append(time.perf_counter() - start)
+    shutil.rmtree(root)
+    return total, median(sha1sum), median(ours)
+
+
+def bench_save_to_visible(scratch, count, saves, extra=()):
+    root = os.path.join(scratch, "save%d" % count)
+    make_tree(root, count)
+    server = start_promoter(root, extra)
+    latencies = []
+    try:
+        for i in range(saves):
+            version = get_version(server.port)
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            conn.request("GET", "/files/version?wait=30", headers={"If-None-Match": '"%s"' % version})
+            time.sleep(0.05)  # benchmark only: let the request reach the server
+            start = time.perf_counter()
+            write(root, "d000/f00000.py", "save %d\n" % i)
+            answer = json.loads(conn.getresponse().read())
+            latencies.append(time.perf_counter() - start)
+            conn.close()
+            assert answer["version"] != version
+    finally:
+        server.close()
+        shutil.rmtree(root)
+    return median(latencies), p95(latencies)
+
+
+def bench_publish_to_answer(scratch, saves):
+    """In process: from the moment a new version is published to the moment
+    a waiting request has its answer."""
+    root = os.path.join(scratch, "publish")
+    make_tree(root, 100)
+    served = Served(root)
+    published = []
+
+    class Stamp(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("version "):
+                published.append(time.time())
+
+    handler = Stamp()
+    logger = logging.getLogger("promoter")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    gaps = []
+    try:
+        for i in range(saves):
+            version = served.version()
+            conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+            conn.request("GET", "/files/version?wait=30", headers={"If-None-Match": '"%s"' % version})
+            time.sleep(0.02)
+            write(root, "d000/f00000.py", "save %d\n" % i)
+            conn.getresponse().read()
+            gaps.append(time.time() - published[-1])
+            conn.close()
+    finally:
+        logger.removeHandler(handler)
+        served.close()
+        shutil.rmtree(root)
+    return median(gaps), max(gaps)
+
+
+def bench_incremental(scratch, count, runs):
+    root = os.path.join(scratch, "incr%d" % count)
+    make_tree(root, count)
+    rules = promoter.Rules.load(root)
+    snapshot = promoter.Snapshot.scan(root, rules)
+    one, rescan = [], []
+    for i in range(runs):
+        write(root, "d000/f00000.py", "change %d\n" % i)
+        start = time.process_time()
+        snapshot = snapshot.updated(root, rules, ["d000/f00000.py"])
+        snapshot.body("files.txt")
+        one.append(time.process_time() - start)
+        start = time.process_time()
+        promoter.Snapshot.scan(root, rules)
+        rescan.append(time.process_time() - start)
+    shutil.rmtree(root)
+    return median(one), median(rescan)
+
+
+LOAD = r"""
+import http.client, sys, threading, time
+port, path, clients, seconds = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+counts = [0] * clients
+errors = [0]
+deadline = time.perf_counter() + seconds
+def client(i):
+    conn = None
+    while time.perf_counter() < deadline:
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                errors[0] += 1
+            else:
+                counts[i] += 1
+            if resp.will_close:
+                conn.close()
+                conn = None
+        except Exception:
+            errors[0] += 1
+            conn = None
+threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+start = time.perf_counter()
+for t in threads: t.start()
+for t in threads: t.join()
+print(sum(counts) / (time.perf_counter() - start), errors[0])
+"""
+
+
+def load(port, path, seconds, clients=32):
+    out = subprocess.run([sys.executable, "-c", LOAD, str(port), path, str(clients), str(seconds)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return float(out[0]), int(out[1])
+
+
+def wrk(port, path, seconds):
+    if not shutil.which("wrk"):
+        return None
+    out = subprocess.run(["wrk", "-t2", "-c32", "-d%ds" % max(1, int(seconds)),
+                          "http://127.0.0.1:%d%s" % (port, path)],
+                         capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if line.startswith("Requests/sec:"):
+            return float(line.split()[1])
+    return None
+
+
+def bench_requests(scratch, seconds):
+    root = os.path.join(scratch, "rps")
+    write(root, "main.py", "print('hello')\n")
+    write(root, "payload.bin", os.urandom(4096))
+    snapshot = promoter.Snapshot.scan(root, promoter.Rules.load(root))
+    cs = snapshot.by_path["payload.bin"].checksum
+    # What users of other tools run: the same bytes as static files.
+    static = os.path.join(scratch, "static")
+    write(static, "files/version", snapshot.body("version"))
+    with open(os.path.join(root, "payload.bin"), "rb") as f:
+        write(static, "files/" + cs, f.read())
+    rows = []
+    ours = start_promoter(root)
+    port = free_port()
+    theirs = BenchServer([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                          "--directory", static, str(port)], port)
+    try:
+        for label, path in (("/files/version", "/files/version"), ("4 KB file", "/files/" + cs)):
+            a, a_err = load(ours.port, path, seconds)
+            b, b_err = load(theirs.port, path, seconds)
+            rows.append((label, a, b, a_err + b_err, wrk(ours.port, path, seconds),
+                         wrk(theirs.port, path, seconds)))
+    finally:
+        ours.close()
+        theirs.close()
+        shutil.rmtree(root)
+        shutil.rmtree(static)
+    return rows
+
+
+def bench_server_memory(scratch, count):
+    root = os.path.join(scratch, "mem")
+    make_tree(root, count)
+    server = start_promoter(root)
+    try:
+        for path in ("/files", "/files.txt", "/files/version"):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            conn.request("GET", path)
+            conn.getresponse().read()
+            conn.close()
+        with open("/proc/%d/status" % server.proc.pid) as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(status["VmHWM"].split()[0]) / 1024
+    finally:
+        server.close()
+        shutil.rmtree(root)
+
+
+CLIENT_BENCH = r"""
+import sys, time, tracemalloc
+tracemalloc.start()
+import otapromoter
+ota = otapromoter.OTAPromoter(sys.argv[1], sys.argv[2], verbose=False)
+ota.wait_for_change(0)
+tracemalloc.reset_peak()
+base = tracemalloc.get_traced_memory()[0]
+start = time.perf_counter()
+ota.check_and_update()
+print(time.perf_counter() - start, tracemalloc.get_traced_memory()[1] - base)
+"""
+
+
+def bench_client(scratch, runs):
+    class Holder:
+        tmp = scratch
+        def assertEqual(self, a, b, msg=None):
+            assert a == b, msg
+        def assertIn(self, a, b, msg=None):
+            assert a in b, msg
+
+    rows = []
+    for label, files in (("100 small files", [("lib/m%03d.py" % i, os.urandom(2048)) for i in range(100)]),
+                         ("one 1 MB file", [("big.bin", os.urandom(1 << 20))])):
+        root = os.path.join(scratch, "croot")
+        for path, data in files:
+            write(root, path, data)
+        server = start_promoter(root)
+        walls, peaks = [], []
+        try:
+            for i in range(runs):
+                board = Board(Holder(), "cboard%d" % i)
+                out = board.python(CLIENT_BENCH, "http://127.0.0.1:%d" % server.port, board.dir)
+                wall, peak = out.stdout.split()
+                walls.append(float(wall))
+                peaks.append(int(peak))
+                shutil.rmtree(board.dir)
+        finally:
+            server.close()
+            shutil.rmtree(root)
+        rows.append((label, median(walls), median(peaks)))
+    return rows
+
+
+WATCH_BENCH = r"""
+import sys, time, otapromoter
+def updated():
+    print("UPDATED", time.time(), flush=True)
+otapromoter.watch(sys.argv[1], sys.argv[2], on_update=updated, wait=30, verbose=False)
+"""
+
+
+def bench_save_to_board(scratch, saves):
+    class Holder:
+        tmp = scratch
+        def assertEqual(self, a, b, msg=None):
+            assert a == b, msg
+
+    root = os.path.join(scratch, "wroot")
+    make_tree(root, 50)
+    server = start_promoter(root)
+    board = Board(Holder(), "wboard")
+    proc = subprocess.Popen([sys.executable, "-c", WATCH_BENCH, "http://127.0.0.1:%d" % server.port,
+                             board.dir], cwd=board.lib, stdout=subprocess.PIPE, text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    latencies = []
+    try:
+        wait_until(lambda: len(lines) == 1, timeout=60, message="first install")
+        for i in range(saves):
+            time.sleep(0.1)  # benchmark only: let the client settle into its waiting request
+            saved = time.time()
+            write(root, "d000/f00000.py", "save %d\n" % i)
+            wait_until(lambda: len(lines) == i + 2, timeout=30, message="update %d" % i)
+            latencies.append(float(lines[-1].split()[1]) - saved)
+    finally:
+        proc.kill()
+        proc.wait()
+        server.close()
+        shutil.rmtree(root)
+        shutil.rmtree(board.dir)
+    return median(latencies), p95(latencies)
+
+
 def bench(quick=False):
-    print("benchmarks: not written yet")
+    scratch = tempfile.mkdtemp(prefix="promoter-bench-", dir=SCRATCH)
+    ms = lambda s: "%.1f ms" % (s * 1000)
+    try:
+        print("machine: %d CPUs, Python %s, %s" % (os.cpu_count(), sys.version.split()[0],
+                                                   " ".join(os.uname()[::2])))
+        print("mode: %s\n" % ("--quick" if quick else "full"))
+
+        count = 500 if quick else 5000
+        total, theirs, ours = bench_cold_index(scratch, count, 3)
+        print("1. cold index, %d files, %.0f MB (median of 3)" % (count, total / 1e6))
+        print("   promoter %.3f s   sha1sum %.3f s   ratio %.2fx\n" % (ours, theirs, ours / theirs))
+
+        print("2. save to visible: write one file -> waiting /files/version answers")
+        saves = 10 if quick else 30
+        for count in ((100, 1000) if quick else (100, 1000, 10000)):
+            med, top = bench_save_to_visible(scratch, count, saves)
+            pmed, ptop = bench_save_to_visible(scratch, count, max(5, saves // 3), ["--poll", "0.1"])
+            print("   %5d files: inotify median %s p95 %s   polling (0.1 s) median %s p95 %s"
+                  % (count, ms(med), ms(top), ms(pmed), ms(ptop)))
+        med, top = bench_publish_to_answer(scratch, saves)
+        print("   new version published -> waiting request answered: median %s, max %s\n"
+              % (ms(med), ms(top)))
+
+        print("3. incremental cost: CPU to absorb one changed file vs a full rescan")
+        for count in ((1000,) if quick else (1000, 10000)):
+            one, rescan = bench_incremental(scratch, count, 5)
+            print("   %5d files: one file %s   full rescan %s   ratio 1:%.0f"
+                  % (count, ms(one), ms(rescan), rescan / one))
+        print()
+
+        seconds = 2 if quick else 5
+        print("4. requests per second, 32 keep-alive clients (%ds each)" % seconds)
+        for label, ours, theirs, errors, wrk_ours, wrk_theirs in bench_requests(scratch, seconds):
+            line = "   %-15s promoter %7.0f/s   python3 -m http.server %7.0f/s   ratio %.1fx" % (
+                label, ours, theirs, ours / theirs)
+            if wrk_ours:
+                line += "   (wrk: %.0f/s vs %.0f/s)" % (wrk_ours, wrk_theirs or 0)
+            print(line + ("   errors %d" % errors if errors else ""))
+        print()
+
+        count = 2000 if quick else 10000
+        print("5. server memory: peak RSS with %d files indexed: %.1f MB\n"
+              % (count, bench_server_memory(scratch, count)))
+
+        print("6. client (CPython, loopback): wall time and peak traced heap of one update")
+        for label, wall, peak in bench_client(scratch, 3):
+            print("   %-16s %s   peak heap %.1f KB" % (label, ms(wall), peak / 1024))
+        med, top = bench_save_to_board(scratch, 5 if quick else 15)
+        print("   watch: save -> file on the board and on_update called: median %s, p95 %s"
+              % (ms(med), ms(top)))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 
