@@ -23,11 +23,13 @@ stat-polling fallback elsewhere.
 """
 
 import argparse
+import base64
 import collections
 import ctypes
 import ctypes.util
 import errno
 import hashlib
+import hmac
 import json
 import logging
 import mimetypes
@@ -82,6 +84,8 @@ IDLE_TIMEOUT = 10  # s a connection may sit without sending a request
 MAX_CONNECTIONS = 256
 CACHE_BYTES = 32 << 20  # verified file bodies kept in memory
 CACHE_MAX_FILE = 4 << 20
+MAX_DEVICES = 1000  # boards remembered for the status page
+STATUS_REFRESH = 2  # s between refreshes of the status page
 CHECKSUM_RE = re.compile(r"[0-9a-f]{40}")
 BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
@@ -868,6 +872,45 @@ def parse_etags(value):
     return tags
 
 
+def clean_header(value, limit):
+    """An untrusted header value cut to `limit` printable characters."""
+    return "".join(c for c in (value or "") if c.isprintable())[:limit]
+
+
+class DeviceTable:
+    """The boards that checked in, most recently seen last; past `limit`
+    the least recently seen drop out. Values come from request headers:
+    they are cut and stripped of control characters here, and must still
+    be escaped wherever they are shown."""
+
+    def __init__(self, limit=MAX_DEVICES):
+        self.limit = limit
+        self._devices = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def check_in(self, headers, address):
+        device_id = clean_header(headers.get("X-Device-Id"), 64)
+        if not device_id:
+            return
+        now = time.time()
+        with self._lock:
+            device = self._devices.pop(device_id, None) or {
+                "id": device_id, "last_error": "", "last_error_at": None}
+            device.update(address=address, last_seen=now,
+                          version=clean_header(headers.get("X-Device-Version"), 40))
+            error = clean_header(headers.get("X-Device-Error"), 200)
+            if error:
+                device.update(last_error=error, last_error_at=now)
+            self._devices[device_id] = device
+            while len(self._devices) > self.limit:
+                self._devices.popitem(last=False)
+
+    def rows(self):
+        """Copies of the device records, most recently seen first."""
+        with self._lock:
+            return [dict(d) for d in reversed(self._devices.values())]
+
+
 class RequestHandler(BaseHTTPRequestHandler):
     """Routes GET/HEAD to the API; every error answers {"error": "..."}."""
 
@@ -906,7 +949,17 @@ class RequestHandler(BaseHTTPRequestHandler):
             query = parse_qs(url.query, errors="strict")
         except (UnicodeDecodeError, ValueError):
             return self.send_error(HTTPStatus.BAD_REQUEST, "bad percent-encoding in URL")
+        if not self.authorized():
+            return self.send_json(HTTPStatus.UNAUTHORIZED, {"error": "a valid token is required"},
+                                  extra={"WWW-Authenticate": 'Basic realm="promoter"'})
+        self.server.devices.check_in(self.headers, self.client_address[0])
         snapshot = self.server.promoter.snapshot
+        if path == "/":
+            return self.send_bytes(HTTPStatus.OK, STATUS_PAGE.encode(), "text/html; charset=utf-8",
+                                   {"Cache-Control": "no-cache"})
+        if path == "/status.json":
+            return self.send_json(HTTPStatus.OK, self.server.status(snapshot),
+                                  extra={"Cache-Control": "no-cache"})
         if path == "/files/version":
             return self.get_version(snapshot, query)
         if path in ("/files", "/files/"):
@@ -917,6 +970,23 @@ class RequestHandler(BaseHTTPRequestHandler):
             if path.startswith(prefix):
                 return self.get_file(snapshot, path[len(prefix):])
         self.send_json(HTTPStatus.NOT_FOUND, {"error": "no such path: %s" % path})
+
+    def authorized(self):
+        """True if no token is set, or the request carries it: as a bearer
+        token, or as the password of HTTP Basic auth (what browsers send)."""
+        token = self.server.token
+        if not token:
+            return True
+        scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
+        given = credentials.strip()
+        if scheme.lower() == "basic":
+            try:
+                given = base64.b64decode(given, validate=True).decode("utf-8").partition(":")[2]
+            except (ValueError, UnicodeDecodeError):
+                given = ""
+        elif scheme.lower() != "bearer":
+            given = ""
+        return hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8"))
 
     def get_version(self, snapshot, query):
         tags = parse_etags(self.headers.get("If-None-Match"))
@@ -1011,11 +1081,13 @@ class PromoterServer(ThreadingHTTPServer):
             b'{"error":"too many connections; retry soon"}')
 
     def __init__(self, address, promoter, max_connections=MAX_CONNECTIONS,
-                 idle_timeout=IDLE_TIMEOUT):
+                 idle_timeout=IDLE_TIMEOUT, token=None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.promoter = promoter
         self.idle_timeout = idle_timeout
+        self.token = token
+        self.devices = DeviceTable()
         self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, RequestHandler)
 
@@ -1033,6 +1105,21 @@ class PromoterServer(ThreadingHTTPServer):
             self._slots.release()
             raise
 
+    def status(self, snapshot):
+        """What the status page shows, as a JSON-ready dict."""
+        devices = self.devices.rows()
+        for device in devices:
+            device["up_to_date"] = device["version"] == snapshot.version
+        return {
+            "root": self.promoter.root,
+            "version": snapshot.version,
+            "changed_at": self.promoter.changed_at,
+            "token_required": bool(self.token),
+            "files": [{"path": e.path, "size": e.size, "checksum": e.checksum}
+                      for e in snapshot.entries],
+            "devices": devices,
+        }
+
     def handle_error(self, request, client_address):
         # A client that resets or times out is routine; anything else is a bug.
         error = sys.exc_info()[1]
@@ -1046,6 +1133,156 @@ class PromoterServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+# The status page: static HTML whose script fills it from /status.json
+# (text only, through textContent: header values from boards are untrusted).
+STATUS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>promoter</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.5em}
+table{border-collapse:collapse}td,th{padding:.25em .8em;border-bottom:1px solid #ddd;text-align:left}
+code,.mono{font-family:ui-monospace,monospace}.ok{color:#080}.behind{color:#b60}.err{color:#b00}
+</style></head><body>
+<h1>promoter</h1>
+<p>Serving <code id="root"></code>, version <code id="version"></code>,
+changed <span id="changed"></span>. <span id="state" class="err"></span></p>
+<h2>Boards (<span id="device-count">0</span>)</h2>
+<table><thead><tr><th>board</th><th>address</th><th>version</th><th>state</th>
+<th>last seen</th><th>last error</th></tr></thead><tbody id="devices"></tbody></table>
+<h2>Files (<span id="file-count">0</span>)</h2>
+<table><thead><tr><th>path</th><th>size</th><th>checksum</th></tr></thead>
+<tbody id="files"></tbody></table>
+<script>
+"use strict";
+function ago(t) {
+  if (!t) return "";
+  var s = Math.max(0, Math.round(Date.now() / 1000 - t));
+  return s < 60 ? s + " s ago" : s < 3600 ? Math.round(s / 60) + " min ago"
+       : new Date(t * 1000).toLocaleString();
+}
+function text(id, value) { document.getElementById(id).textContent = value; }
+function fill(id, rows) {
+  var body = document.getElementById(id);
+  body.textContent = "";
+  rows.forEach(function (cells) {
+    var row = body.insertRow();
+    cells.forEach(function (cell) {
+      var td = row.insertCell();
+      td.textContent = cell[0];
+      if (cell[1]) td.className = cell[1];
+    });
+  });
+}
+function show(s) {
+  text("root", s.root); text("version", s.version.slice(0, 12));
+  text("changed", ago(s.changed_at));
+  text("device-count", s.devices.length); text("file-count", s.files.length);
+  fill("devices", s.devices.map(function (d) {
+    return [[d.id], [d.address], [d.version.slice(0, 12)],
+            d.up_to_date ? ["up to date", "ok"] : ["behind", "behind"], [ago(d.last_seen)],
+            [d.last_error ? d.last_error + " (" + ago(d.last_error_at) + ")" : "", "err"]];
+  }));
+  fill("files", s.files.slice(0, 2000).map(function (f) {
+    return [[f.path], [f.size], [f.checksum.slice(0, 12), "mono"]];
+  }));
+}
+function refresh() {
+  fetch("status.json", {cache: "no-store"})
+    .then(function (r) { return r.json(); })
+    .then(function (s) { show(s); text("state", ""); },
+          function () { text("state", "server unreachable; retrying"); })
+    .then(function () { setTimeout(refresh, %d); });
+}
+refresh();
+</script></body></html>
+""" % (STATUS_REFRESH * 1000)
+
+
+# --- static export ------------------------------------------------------------------
+
+NGINX_UNSAFE = re.compile(r'["\\$;{}\s]')
+
+
+def write_atomic(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def nginx_conf(snapshot, out, port):
+    """An nginx snippet (for the http {} block) serving an export at the API's URLs."""
+    targets, names = [], []
+    for e in snapshot.entries:
+        if not NGINX_UNSAFE.search(e.path):  # such paths just get no X-Target-Path
+            targets.append('    %s "%s";' % (e.checksum, e.path))
+            names.append('    %s "%s";' % (e.checksum, e.path.rsplit("/", 1)[-1]))
+    return "\n".join([
+        "# promoter.py export, version %s" % snapshot.version,
+        "# Include it in nginx's http {} block:  include %s;" % os.path.join(out, "nginx.conf"),
+        "map $promoter_checksum $promoter_target {",
+        '    default "";'] + targets + [
+        "}",
+        "map $promoter_checksum $promoter_filename {",
+        '    default "";'] + names + [
+        "}",
+        "server {",
+        "    listen %d;" % port,
+        "    root %s;" % out,
+        "    location = /files {",
+        "        default_type application/json;",
+        "        add_header Cache-Control no-cache;",
+        "        try_files /files.json =404;",
+        "    }",
+        "    location = /files/version {",
+        "        default_type application/json;",
+        "        add_header Cache-Control no-cache;",
+        "    }",
+        "    location = /files.txt {",
+        '        default_type "text/plain; charset=utf-8";',
+        "        add_header Cache-Control no-cache;",
+        "    }",
+        '    location ~ "^/files?/(?<promoter_checksum>[0-9a-f]{40})$" {',
+        "        default_type application/octet-stream;",
+        '        add_header Cache-Control "public, max-age=31536000, immutable";',
+        "        add_header X-Target-Path $promoter_target;",
+        '        add_header Content-Disposition "attachment; filename=$promoter_filename";',
+        "        try_files /files/$promoter_checksum =404;",
+        "    }",
+        "}",
+        ""])
+
+
+def export_static(root, out, port=DEFAULT_PORT, default_ignores=True):
+    """Write the API under `out` as static files (files/version, files.json,
+    files.txt, files/<checksum>) and an nginx.conf; return the Snapshot.
+    The version file is written last, so a copy made in file order is never
+    newer in its version than in its files."""
+    root = os.path.realpath(root)
+    out = os.path.realpath(out)
+    if not os.path.isdir(root):
+        raise PromoterError("root %s: not a folder" % root)
+    snapshot = Snapshot.scan(root, Rules.load(root, default_ignores))
+    try:
+        os.makedirs(os.path.join(out, "files"), exist_ok=True)
+        for entry in snapshot.entries:
+            target = os.path.join(out, "files", entry.checksum)
+            if os.path.exists(target):
+                continue  # content addressed: the same name holds the same bytes
+            with open(os.path.join(root, entry.path), "rb") as f:
+                data = f.read()
+            if hashlib.sha1(data + entry.path.encode("utf-8")).hexdigest() != entry.checksum:
+                raise PromoterError("%s changed during the export; run it again" % entry.path)
+            write_atomic(target, data)
+        write_atomic(os.path.join(out, "files.json"), snapshot.body("files"))
+        write_atomic(os.path.join(out, "files.txt"), snapshot.body("files.txt"))
+        write_atomic(os.path.join(out, "nginx.conf"), nginx_conf(snapshot, out, port).encode())
+        write_atomic(os.path.join(out, "files", "version"), snapshot.body("version"))
+    except OSError as e:
+        raise PromoterError("export to %s: %s" % (out, e.strerror or e))
+    return snapshot
 
 
 # --- device module -------------------------------------------------------------
@@ -1374,6 +1611,11 @@ class OTAPromoter:
         except OSError as e:
             raise OTAError("switch interrupted (%r); it is finished on the next start" % e)
         self._say("now at version %s" % self._version())
+        if self.device_id:
+            try:  # tell the server which version this board runs now
+                self._get_body("/files/version")
+            except OTAError:
+                pass  # it hears it with the next request
         return True
 
     def _fetch_list(self, stream, new, have, local):
@@ -1663,6 +1905,9 @@ def build_parser():
                              "(network mounts, WSL, macOS)")
     parser.add_argument("--no-default-ignores", dest="default_ignores", action="store_false",
                         help="serve editor, VCS and cache files too")
+    parser.add_argument("--token", default=os.environ.get("PROMOTER_TOKEN"),
+                        help="require 'Authorization: Bearer TOKEN' on every request "
+                             "(default: $PROMOTER_TOKEN; browsers: any user name, TOKEN as password)")
     parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                         help="connections served at once; more get 503 (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
@@ -1670,6 +1915,15 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", metavar="[command]")
     client = commands.add_parser("client", help="write the device module (to stdout)")
     client.add_argument("-o", "--output", help="file to write, e.g. otapromoter.py")
+    export = commands.add_parser(
+        "export", help="write the API as static files for nginx, object storage or a CDN")
+    export.add_argument("out", help="folder to write")
+    # SUPPRESS: given after "export" they count; given before it, they are kept.
+    export.add_argument("--root", default=argparse.SUPPRESS, help="folder to export")
+    export.add_argument("--port", type=int, default=argparse.SUPPRESS,
+                        help="port of the nginx server block")
+    export.add_argument("--no-default-ignores", dest="default_ignores", action="store_false",
+                        default=argparse.SUPPRESS)
     return parser
 
 
@@ -1678,7 +1932,8 @@ def serve(args):
         raise PromoterError("--poll: must be a positive number of seconds")
     promoter = Promoter(args.root, args.default_ignores)
     try:
-        server = PromoterServer((args.host, args.port), promoter, args.max_connections)
+        server = PromoterServer((args.host, args.port), promoter, args.max_connections,
+                                token=args.token)
     except PermissionError:
         raise PromoterError("port %d: permission denied (ports below 1024 need root; "
                             "use --port 9090)" % args.port)
@@ -1693,6 +1948,8 @@ def serve(args):
     print("%d files, version %s, watching with %s" % (
         len(promoter.snapshot.entries), promoter.snapshot.version,
         type(getattr(watcher, "replacement", None) or watcher).__name__))
+    print("a token is required on every request" if args.token else
+          "no token: anyone on the network can read these files (see --token)")
     for url in lan_urls(args.host, port):
         print("boards use: %s" % url)
     sys.stdout.flush()
@@ -1727,6 +1984,15 @@ def write_client(args):
     return 0
 
 
+def export(args):
+    snapshot = export_static(args.root, args.out, args.port, args.default_ignores)
+    print("exported %d files, version %s, to %s" % (len(snapshot.entries), snapshot.version,
+                                                    os.path.realpath(args.out)))
+    print("serve it with nginx: include %s inside http {}" % os.path.join(
+        os.path.realpath(args.out), "nginx.conf"))
+    return 0
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
@@ -1735,6 +2001,8 @@ def main(argv=None):
     try:
         if args.command == "client":
             return write_client(args)
+        if args.command == "export":
+            return export(args)
         return serve(args)
     except PromoterError as e:
         print("promoter: %s" % e, file=sys.stderr)

@@ -68,6 +68,17 @@ def write(root, relpath, data):
         f.write(data)
 
 
+def http_request(port, path, method="GET", headers=None, timeout=10):
+    """(status, headers with lower-case names, body) of one request."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
 class LogCapture(logging.Handler):
     """Collects the promoter logger's records (the server's real output)."""
 
@@ -88,10 +99,10 @@ class LogCapture(logging.Handler):
 class Served:
     """A real promoter (index, watcher, ThreadingHTTPServer on port 0)."""
 
-    def __init__(self, root, poll=None, max_connections=64, idle_timeout=2.0):
+    def __init__(self, root, poll=None, max_connections=64, idle_timeout=2.0, token=None, port=0):
         self.promoter = promoter.Promoter(root)
-        self.server = promoter.PromoterServer(("127.0.0.1", 0), self.promoter,
-                                              max_connections, idle_timeout)
+        self.server = promoter.PromoterServer(("127.0.0.1", port), self.promoter,
+                                              max_connections, idle_timeout, token)
         self.port = self.server.server_address[1]
         self.url = "http://127.0.0.1:%d" % self.port
         self.watcher = promoter.start_watcher(self.promoter, poll)
@@ -107,13 +118,7 @@ class Served:
         self.thread.join()
 
     def request(self, path, method="GET", headers=None, timeout=10):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-        finally:
-            conn.close()
+        return http_request(self.port, path, method, headers, timeout)
 
     def get_json(self, path):
         status, _, body = self.request(path)
@@ -151,6 +156,13 @@ class PromoterTest(unittest.TestCase):
         served = Served(self.root, **kw)
         self.addCleanup(served.close)
         return served
+
+    def assert_usage_error(self, result, text):
+        """A CLI run that failed with exit code 2 and one clear line."""
+        self.assertEqual(result.returncode, 2, result)
+        self.assertIn(text, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertEqual(result.stdout, "")
 
     def assert_served_exactly(self, served, paths):
         """The API lists exactly `paths`, with checksums and version as defined."""
@@ -581,13 +593,7 @@ class CliProcess:
             return f.read()
 
     def get(self, path, method="GET", headers=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            conn.request(method, path, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, dict(resp.getheaders()), resp.read()
-        finally:
-            conn.close()
+        return http_request(self.port, path, method, headers)
 
     def paths(self):
         return [f["path"] for f in json.loads(self.get("/files")[2])["files"]]
@@ -615,12 +621,6 @@ class CliTest(PromoterTest):
             self.assertIn("1 files, version %s" % version, proc.stdout)
             self.assertEqual(proc.stop(sig), 0)
             self.assertNotIn("Traceback", proc.stderr)
-
-    def assert_usage_error(self, result, text):
-        self.assertEqual(result.returncode, 2, result)
-        self.assertIn(text, result.stderr)
-        self.assertNotIn("Traceback", result.stderr)
-        self.assertEqual(result.stdout, "")
 
     def test_root_missing_or_not_a_folder(self):
         self.assert_usage_error(run_cli(["--root", os.path.join(self.tmp, "nope")]),
@@ -1401,13 +1401,7 @@ class DeviceTest(PromoterTest):
         self.served.close()
         write(self.root, "main.py", "print('while away')\n")
         time.sleep(0.5)  # let the client notice the server is gone before it returns
-        restarted = Served.__new__(Served)
-        restarted.promoter = promoter.Promoter(self.root)
-        restarted.server = promoter.PromoterServer(("127.0.0.1", port), restarted.promoter)
-        restarted.watcher = promoter.start_watcher(restarted.promoter)
-        restarted.thread = threading.Thread(target=restarted.server.serve_forever, daemon=True)
-        restarted.thread.start()
-        self.addCleanup(restarted.close)
+        self.serve(port=port)
         wait_until(lambda: lines.count("UPDATED\n") == 3, timeout=20, message="update after restart")
         self.assertEqual(self.board.files()["main.py"], b"print('while away')\n")
 
@@ -1438,6 +1432,291 @@ class DeviceModuleSourceTest(unittest.TestCase):
             result = subprocess.run(["mpy-cross", src], capture_output=True, text=True)
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertGreater(os.path.getsize(os.path.join(tmp, "otapromoter.mpy")), 1000)
+
+
+# --- gateway and fleet ------------------------------------------------------------------
+
+
+class TokenTest(PromoterTest):
+    TOKEN = "s3cret-token"
+
+    def setUp(self):
+        super().setUp()
+        write(self.root, "main.py", "print('private')\n")
+        self.served = self.serve(token=self.TOKEN)
+
+    def test_every_endpoint_needs_the_token(self):
+        cs = self.served.promoter.snapshot.entries[0].checksum
+        basic = "Basic " + __import__("base64").b64encode(b"anyone:" + self.TOKEN.encode()).decode()
+        for path in ("/", "/status.json", "/files/version", "/files", "/files.txt",
+                     "/files/" + cs, "/file/" + cs, "/nothing"):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer"},
+                            {"Authorization": "Basic !!!"}, {"Authorization": self.TOKEN}):
+                status, answer_headers, body = self.served.request(path, headers=headers)
+                self.assertEqual(status, 401, (path, headers))
+                self.assertEqual(json.loads(body), {"error": "a valid token is required"})
+                self.assertIn("Basic", answer_headers["www-authenticate"])
+            for headers in ({"Authorization": "Bearer " + self.TOKEN}, {"Authorization": basic}):
+                status, _, _ = self.served.request(path, headers=headers)
+                self.assertEqual(status, 404 if path == "/nothing" else 200, (path, headers))
+
+    def test_client_with_and_without_the_token(self):
+        board = Board(self)
+        out = board.update(self.served.url, expect="error", verbose=False)
+        self.assertIn("HTTP 401", out)
+        self.assertEqual(board.files(), {})
+        board.update(self.served.url, token=self.TOKEN)
+        self.assertEqual(board.files(), {"main.py": b"print('private')\n"})
+
+    def test_cli_says_a_token_is_required_and_never_logs_it(self):
+        env = dict(os.environ, PROMOTER_TOKEN=self.TOKEN)
+        out_fd, out_path = tempfile.mkstemp(dir=self.tmp)
+        proc = subprocess.Popen([sys.executable, SCRIPT, "--root", self.root, "--port", "0", "-v"],
+                                stdout=out_fd, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL)
+        os.close(out_fd)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.terminate)
+        read = lambda: open(out_path).read()
+        line = wait_until(lambda: [l for l in read().splitlines() if l.startswith("boards use:")],
+                          message="start")[0]
+        port = int(line.rsplit(":", 1)[1])
+        self.assertIn("a token is required on every request", read())
+        for auth in ("Bearer " + self.TOKEN, "Bearer nope"):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/files", headers={"Authorization": auth, "X-Device-Id": "b1"})
+            conn.getresponse().read()
+            conn.close()
+        proc.terminate()
+        proc.wait()
+        self.assertIn('"GET /files HTTP/1.1" 200', read())
+        self.assertNotIn(self.TOKEN, read())
+
+
+class DeviceCheckInTest(PromoterTest):
+    def setUp(self):
+        super().setUp()
+        write(self.root, "main.py", "print(1)\n")
+        self.served = self.serve()
+
+    def devices(self):
+        return {d["id"]: d for d in self.served.get_json("/status.json")["devices"]}
+
+    def test_client_checks_in_with_id_version_and_last_error(self):
+        board = Board(self)
+        board.update(self.served.url, device_id="board-7")
+        device = self.devices()["board-7"]
+        self.assertEqual(device["version"], self.served.version())
+        self.assertTrue(device["up_to_date"])
+        self.assertEqual(device["address"], "127.0.0.1")
+        self.assertEqual(device["last_error"], "")
+        # A failed update: the reason arrives with the board's next request.
+        write(self.root, "main.py", "print(2)\n")
+        wait_until(lambda: not self.devices()["board-7"]["up_to_date"], message="behind")
+        proxy = FaultProxy(self, self.served.port,
+                           lambda path: "corrupt" if len(path) == 47 else None)
+        code = ("import sys, otapromoter\n"
+                "ota = otapromoter.OTAPromoter(sys.argv[1], sys.argv[2], device_id='board-7',"
+                " verbose=False)\n"
+                "try:\n    ota.check_and_update()\nexcept otapromoter.OTAError:\n    pass\n"
+                "ota.wait_for_change(0)\n")
+        result = board.python(code, proxy.url, board.dir)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        device = self.devices()["board-7"]
+        self.assertIn("main.py: download failed (checksum mismatch)", device["last_error"])
+        self.assertFalse(device["up_to_date"])
+        status = self.served.get_json("/status.json")
+        self.assertEqual(status["root"], os.path.realpath(self.root))
+        self.assertEqual([f["path"] for f in status["files"]], ["main.py"])
+
+    def test_header_values_are_bounded_and_the_table_too(self):
+        self.served.request("/files/version", headers={
+            "X-Device-Id": "x" * 500, "X-Device-Version": "v\x01\x02" + "9" * 100,
+            "X-Device-Error": "e" * 1000})
+        device = self.devices()["x" * 64]
+        self.assertEqual(device["version"], "v" + "9" * 39)
+        self.assertEqual(device["last_error"], "e" * 200)
+        for i in range(promoter.MAX_DEVICES + 5):
+            self.served.server.devices.check_in({"X-Device-Id": "dev%04d" % i}, "10.0.0.1")
+        ids = [d["id"] for d in self.served.server.devices.rows()]
+        self.assertEqual(len(ids), promoter.MAX_DEVICES)
+        self.assertEqual(ids[0], "dev%04d" % (promoter.MAX_DEVICES + 4))  # most recent first
+        self.assertNotIn("dev0000", ids)  # the oldest dropped out
+
+
+class WebDriver:
+    """Just enough of the W3C WebDriver protocol (chromedriver over HTTP) to
+    load a page in headless Chromium and read what it shows."""
+
+    def __init__(self, test):
+        self.port = free_port()
+        self.proc = subprocess.Popen(["chromedriver", "--port=%d" % self.port],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        test.addCleanup(self.proc.wait)
+        test.addCleanup(self.proc.terminate)
+        wait_until(lambda: self._ready(), timeout=20, message="chromedriver")
+        profile = tempfile.mkdtemp(dir=test.tmp)
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--user-data-dir=" + profile, "--window-size=1100,800"]
+        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": shutil.which("chromium"), "args": args}}}}
+        self.session = self.call("POST", "/session", caps)["sessionId"]
+        test.addCleanup(self.call, "DELETE", "/session/" + self.session)
+
+    def _ready(self):
+        try:
+            return self.call("GET", "/status")["ready"]
+        except OSError:
+            return False
+
+    def call(self, method, path, body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                         headers={"Content-Type": "application/json"})
+            answer = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+        value = answer.get("value")
+        if isinstance(value, dict) and "error" in value:
+            raise AssertionError("webdriver %s %s: %s" % (method, path, value))
+        return value
+
+    def open(self, url):
+        self.call("POST", "/session/%s/url" % self.session, {"url": url})
+
+    def script(self, source):
+        return self.call("POST", "/session/%s/execute/sync" % self.session,
+                         {"script": source, "args": []})
+
+    def screenshot(self, path):
+        import base64
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(self.call("GET", "/session/%s/screenshot" % self.session)))
+
+
+class StatusPageTest(PromoterTest):
+    def test_status_page_in_chromium_updates_itself_and_shows_header_text_as_text(self):
+        if not (shutil.which("chromium") and shutil.which("chromedriver")):
+            self.skipTest("chromium and chromedriver are not installed (Debian: chromium "
+                          "chromium-driver; .ci/run installs them)")
+        write(self.root, "main.py", "print(1)\n")
+        write(self.root, "lib/util.py", "X = 1\n")
+        served = self.serve()
+        browser = WebDriver(self)
+        browser.open(served.url + "/")
+        body = lambda: browser.script("return document.body.innerText")
+        wait_until(lambda: "lib/util.py" in body(), message="the file list")
+        self.assertIn(os.path.realpath(self.root), body())
+        self.assertIn("Boards (0)", body())
+        browser.script("window.notReloaded = true")
+        # A board checks in; the open page shows it without a reload.
+        Board(self).update(served.url, device_id="board-7")
+        wait_until(lambda: "board-7" in body(), message="the board on the page")
+        row = browser.script("return Array.from(document.querySelectorAll('#devices tr'))"
+                             ".map(function (r) { return r.innerText; })")
+        self.assertIn("up to date", row[0])
+        self.assertIn(served.version()[:12], row[0])
+        self.assertTrue(browser.script("return window.notReloaded === true"))
+        evil = "<script>document.title='x'</script><img src=x onerror=alert(1)>"  # 63 chars
+        served.request("/files/version", headers={"X-Device-Id": evil})
+        wait_until(lambda: evil in body(), message="the evil id shown as text")
+        self.assertEqual(browser.script("return document.querySelectorAll('#devices img, #devices "
+                                        "script').length"), 0)
+        self.assertEqual(browser.script("return document.title"), "promoter")  # no script ran
+        if os.environ.get("PROMOTER_SCREENSHOT"):
+            browser.screenshot(os.environ["PROMOTER_SCREENSHOT"])
+
+
+def start_nginx(test, out):
+    """A real nginx (master_process off) serving an export; its port."""
+    if not shutil.which("nginx"):
+        test.skipTest("nginx is not installed (Debian: nginx-light; .ci/run installs it)")
+    prefix = tempfile.mkdtemp(dir=test.tmp)
+    conf = os.path.join(prefix, "nginx.conf")
+    temp = os.path.join(prefix, "temp")
+    with open(conf, "w") as f:
+        f.write("daemon off;\nmaster_process off;\nerror_log %s/error.log;\npid %s/nginx.pid;\n"
+                "events {}\nhttp {\n    access_log %s/access.log;\n" % (prefix, prefix, prefix)
+                + "".join("    %s_temp_path %s;\n" % (kind, temp) for kind in
+                          ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+                + "    include %s/nginx.conf;\n}\n" % out)
+    proc = subprocess.Popen(["nginx", "-p", prefix, "-c", conf], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    test.addCleanup(proc.wait)
+    test.addCleanup(proc.terminate)
+    return os.path.join(prefix, "access.log")
+
+
+class ExportTest(PromoterTest):
+    def setUp(self):
+        super().setUp()
+        write(self.root, "main.py", "print('exported')\n")
+        write(self.root, "lib/util.py", "X = 1\n")
+        write(self.root, "assets/logo.bin", BINARY)
+        write(self.root, ".git/HEAD", "ref")
+        os.chmod(self.tmp, 0o755)  # nginx workers may run as another user
+        self.out = os.path.join(self.tmp, "out")
+
+    def export(self, port):
+        result = run_cli(["export", "--root", self.root, "--port", str(port), self.out])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result
+
+    def test_export_writes_the_api_as_files(self):
+        result = self.export(9090)
+        served = self.serve()
+        self.assertIn("exported 3 files, version %s" % served.version(), result.stdout)
+        for url_path, file_path in (("/files/version", "files/version"), ("/files", "files.json"),
+                                    ("/files.txt", "files.txt")):
+            with open(os.path.join(self.out, file_path), "rb") as f:
+                self.assertEqual(f.read(), served.request(url_path)[2], url_path)
+        for entry in served.files().values():
+            with open(os.path.join(self.out, "files", entry["checksum"]), "rb") as f:
+                self.assertEqual(f.read(), served.request("/files/" + entry["checksum"])[2])
+        self.assertEqual(len(os.listdir(os.path.join(self.out, "files"))), 4)  # 3 + version
+        self.assert_usage_error(run_cli(["export", "--root", os.path.join(self.tmp, "no"), self.out]),
+                                "not a folder")
+
+    def test_client_updates_from_nginx_and_watch_does_not_spin(self):
+        port = free_port()
+        self.export(port)
+        access_log = start_nginx(self, self.out)
+        url = "http://127.0.0.1:%d" % port
+        def up():
+            try:
+                return b" 200 " in raw_exchange(port, b"GET /files/version HTTP/1.0\r\n\r\n")
+            except OSError:
+                return False
+        wait_until(up, timeout=10, message="nginx to serve")
+        status, headers, body = http_request(port, "/file/" + checksum(BINARY, "assets/logo.bin"))
+        self.assertEqual((status, body), (200, BINARY))
+        self.assertEqual(headers["x-target-path"], "assets/logo.bin")
+        self.assertEqual(headers["content-disposition"], "attachment; filename=logo.bin")
+        board = Board(self)
+        board.update(url)
+        self.assertEqual(board.files(), tree_files(self.root))
+        board.update(url, expect=False)
+        # A new export is picked up by the next update.
+        write(self.root, "main.py", "print('exported again')\n")
+        self.export(port)
+        board.update(url)
+        self.assertEqual(board.files(), tree_files(self.root))
+        # nginx ignores ?wait and answers at once: watch must pace itself.
+        with open(access_log) as f:
+            before = len(f.readlines())
+        code = ("import sys, otapromoter\n"
+                "otapromoter.watch(sys.argv[1], sys.argv[2], interval=0.5, verbose=False)\n")
+        proc = subprocess.Popen([sys.executable, "-c", code, url, board.dir], cwd=board.lib)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        time.sleep(3)  # the quantity measured: requests made in 3 s
+        proc.kill()
+        with open(access_log) as f:
+            requests = len(f.readlines()) - before
+        self.assertGreater(requests, 2)
+        self.assertLessEqual(requests, 2 * (3 / 0.5) + 2)  # two requests a round at most
 
 
 # --- runner ----------------------------------------------------------------------------
