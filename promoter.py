@@ -261,11 +261,12 @@ class Snapshot:
     (two threads may build the same bytes once each; that is harmless).
     """
 
-    def __init__(self, entries):
+    def __init__(self, entries, by_path=None):
         self.entries = entries  # list of Entry in walk order
-        self.by_path = {e.path: e for e in entries}
-        self.by_checksum = {e.checksum: e for e in entries}
-        self.version = hashlib.sha1("".join(e.checksum for e in entries).encode()).hexdigest()
+        self.by_path = {e.path: e for e in entries} if by_path is None else by_path
+        checksums = [e.checksum for e in entries]
+        self.by_checksum = dict(zip(checksums, entries))
+        self.version = hashlib.sha1("".join(checksums).encode()).hexdigest()
         self._bodies = {}
 
     @classmethod
@@ -286,10 +287,11 @@ class Snapshot:
         re-read from disk; only those are hashed."""
         entries = dict(self.by_path)
         for relpath in paths:
-            entries.pop(relpath, None)
-            prefix = relpath + "/"
-            for gone in [p for p in entries if p.startswith(prefix)]:
-                del entries[gone]
+            if entries.pop(relpath, None) is None:
+                # Not a known file, so maybe a folder: drop what was under it.
+                prefix = relpath + "/"
+                for gone in [p for p in entries if p.startswith(prefix)]:
+                    del entries[gone]
             if rules.ignored(relpath):
                 continue
             kind, st = file_stat(root, relpath)
@@ -308,11 +310,12 @@ class Snapshot:
 
     @classmethod
     def _build(cls, entries, previous):
+        """A Snapshot of a {path: Entry} dict (which it keeps)."""
         if previous is not None and entries.keys() == previous.by_path.keys():
-            order = [e.path for e in previous.entries]  # same paths: no sort needed
+            ordered = [entries[e.path] for e in previous.entries]  # same paths: same order
         else:
-            order = sorted(entries, key=path_key)
-        return cls([entries[p] for p in order])
+            ordered = [entries[p] for p in sorted(entries, key=path_key)]
+        return cls(ordered, entries)
 
     def body(self, kind):
         """The response body for "version", "files" (JSON) or "files.txt"."""

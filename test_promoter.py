@@ -1753,14 +1753,15 @@ def p95(values):
 
 
 def make_tree(root, count, sizes=(1024, 1024), seed=1):
-    """`count` files in folders of 100, sizes log-uniform within `sizes`."""
-    import math
+    """`count` files in folders of 100, sizes from low to high, most of them
+    small (low * (high/low) ** u**1.7: 5,000 files of 1 KB to 256 KB are
+    about 150 MB)."""
     import random
     rng = random.Random(seed)
     low, high = sizes
     total = 0
     for i in range(count):
-        size = int(math.exp(rng.uniform(math.log(low), math.log(high))))
+        size = int(low * (high / low) ** (rng.random() ** 1.7))
         write(root, "d%03d/f%05d.py" % (i // 100, i), os.urandom(size))
         total += size
     return total
