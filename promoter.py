@@ -352,9 +352,11 @@ def _index_file(root, relpath, st, known):
         return known
     try:
         result = hash_file(root, relpath, sig)
+    except FileNotFoundError:
+        log.warning("%s: vanished while being read; not served", relpath)
+        return None
     except OSError as e:
-        if e.errno != errno.ENOENT:
-            log.warning("%s: cannot read (%s); not served", relpath, e.strerror)
+        log.warning("%s: cannot read (%s); not served", relpath, e.strerror)
         return None
     if result is None:
         log.info("%s: changed while being read; will be read again", relpath)
@@ -836,13 +838,18 @@ class InotifyWatcher:
 def start_watcher(promoter, poll=None):
     """Start the inotify watcher, or the polling one if `poll` (seconds) is
     given or inotify cannot be used here. Returns it (call .stop())."""
+    watcher = None
     if poll is None:
         try:
-            return InotifyWatcher(promoter).start()
+            watcher = InotifyWatcher(promoter)
         except WatchUnavailable as e:
             log.warning("%s; polling every 1s instead", e)
             poll = 1.0
-    return PollingWatcher(promoter, poll).start()
+    watcher = watcher or PollingWatcher(promoter, poll)
+    # The index was built before the watch began: look once more, so a file
+    # saved in between is not missed (unchanged files are not read again).
+    promoter.rescan()
+    return watcher.start()
 
 
 # --- HTTP ----------------------------------------------------------------------

@@ -385,6 +385,14 @@ class WatchTests:
         self.settle(served)
         self.assertEqual(len(self.new_versions()), 2, self.new_versions())
 
+    def test_a_change_between_indexing_and_watching_is_not_missed(self):
+        write(self.root, "main.py", "v1\n")
+        index = promoter.Promoter(self.root)
+        write(self.root, "main.py", "v2\n")  # no watch exists yet: no event will come
+        watcher = promoter.start_watcher(index, self.POLL)
+        self.addCleanup(watcher.stop)
+        self.assertEqual(index.snapshot.by_path["main.py"].checksum, checksum(b"v2\n", "main.py"))
+
     def test_touch_changes_nothing(self):
         served = self.start()
         version = served.version()
