@@ -415,6 +415,7 @@ class Promoter:
         self.cache = ContentCache()
         self._changed = threading.Condition()
         self._closed = False
+        self.waiting = 0  # requests held in wait_for_change now
 
     def reload_rules(self):
         self.rules = Rules.load(self.root, self.default_ignores)
@@ -446,8 +447,12 @@ class Promoter:
         """Block until the version differs from `version`, the timeout runs
         out or the server closes; return the snapshot then current."""
         with self._changed:
-            self._changed.wait_for(
-                lambda: self._closed or self.snapshot.version != version, timeout)
+            self.waiting += 1
+            try:
+                self._changed.wait_for(
+                    lambda: self._closed or self.snapshot.version != version, timeout)
+            finally:
+                self.waiting -= 1
             return self.snapshot
 
     def close(self):
@@ -1125,6 +1130,7 @@ class PromoterServer(ThreadingHTTPServer):
             "version": snapshot.version,
             "changed_at": self.promoter.changed_at,
             "token_required": bool(self.token),
+            "waiting_requests": self.promoter.waiting,
             "files": [{"path": e.path, "size": e.size, "checksum": e.checksum}
                       for e in snapshot.entries],
             "devices": devices,

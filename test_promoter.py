@@ -136,6 +136,19 @@ class Served:
         return wait_until(lambda: condition(self.files()), timeout, message)
 
 
+def hold_waiting_requests(served, count, wait):
+    """Open `count` connections whose waiting request is held by the server."""
+    version = served.version()
+    held = []
+    for _ in range(count):
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=wait + 20)
+        conn.request("GET", "/files/version?wait=%d" % wait,
+                     headers={"If-None-Match": '"%s"' % version})
+        held.append(conn)
+    wait_until(lambda: served.promoter.waiting == count, message="%d waiting requests" % count)
+    return version, held
+
+
 class PromoterTest(unittest.TestCase):
     """Gives each test a scratch folder (outside /tmp), a log capture, and
     servers that are closed at the end."""
@@ -528,7 +541,7 @@ class SnapshotTest(PromoterTest):
         for n in range(1, 15):
             for i in range(30):
                 write(self.root, "f%02d.py" % i, str(n))
-            time.sleep(0.01)
+            time.sleep(0.01)  # spread the writes, so the readers overlap many versions
         served.wait_for(lambda f: all(e["checksum"] == checksum(b"14", p) for p, e in f.items()))
         stop.set()
         for t in readers:
@@ -796,8 +809,7 @@ class HttpTest(PromoterTest):
 
         thread = threading.Thread(target=waiter)
         thread.start()
-        time.sleep(0.2)  # let the request reach the server and start waiting
-        self.assertTrue(thread.is_alive(), "the request did not wait")
+        wait_until(lambda: self.served.promoter.waiting == 1, message="the request to wait")
         write(self.root, "main.py", "print('changed')\n")
         thread.join(10)
         status, headers, body = result["response"]
@@ -824,14 +836,9 @@ class HttpTest(PromoterTest):
             self.assertEqual(self.served.request("/files/version?wait=" + bad)[0], 400, bad)
 
     def test_waiting_requests_never_block_others(self):
-        version = self.served.version()
-        waiters = []
-        for _ in range(20):
-            conn = http.client.HTTPConnection("127.0.0.1", self.served.port, timeout=30)
-            conn.request("GET", "/files/version?wait=20", headers={"If-None-Match": '"%s"' % version})
-            waiters.append(conn)
+        version, waiters = hold_waiting_requests(self.served, 20, wait=20)
         self.addCleanup(lambda: [c.close() for c in waiters])
-        time.sleep(0.1)
+        self.assertEqual(self.served.get_json("/status.json")["waiting_requests"], 20)
         start = time.monotonic()
         for _ in range(10):
             self.assertEqual(self.served.request("/files")[0], 200)
@@ -948,13 +955,7 @@ class BadInputTest(PromoterTest):
         self.assertLess(time.monotonic() - start, 5)
 
     def test_connections_past_the_bound_get_503(self):
-        version = self.served.version()
-        held = []
-        for _ in range(8):
-            conn = http.client.HTTPConnection("127.0.0.1", self.served.port, timeout=30)
-            conn.request("GET", "/files/version?wait=10", headers={"If-None-Match": '"%s"' % version})
-            held.append(conn)
-        wait_until(lambda: self.served.server._slots._value == 0, message="8 slots taken")
+        _, held = hold_waiting_requests(self.served, 8, wait=10)
         answer = raw_exchange(self.served.port, b"GET /files HTTP/1.1\r\n\r\n")
         self.assertEqual(self.status_of(answer), 503)
         self.assertIn(b'"error"', answer)
@@ -962,7 +963,8 @@ class BadInputTest(PromoterTest):
         for conn in held:
             self.assertEqual(conn.getresponse().status, 200)
             conn.close()
-        wait_until(lambda: self.served.server._slots._value == 8, message="slots released")
+        wait_until(lambda: self.status_of(raw_exchange(self.served.port, b"GET /files HTTP/1.0\r\n\r\n"))
+                   == 200, message="connections served again")
 
 
 # --- the device module ----------------------------------------------------------------
@@ -1390,7 +1392,7 @@ class DeviceTest(PromoterTest):
                 "def updated():\n"
                 "    print('UPDATED', flush=True)\n"
                 "otapromoter.watch(sys.argv[1], sys.argv[2], on_update=updated, wait=5,"
-                " interval=0.2, verbose=False)\n")
+                " interval=0.2)\n")
         proc = subprocess.Popen([sys.executable, "-c", code, self.served.url, self.board.dir],
                                 cwd=self.board.lib, stdout=subprocess.PIPE, text=True)
         self.addCleanup(proc.wait)
@@ -1408,7 +1410,7 @@ class DeviceTest(PromoterTest):
         port = self.served.port
         self.served.close()
         write(self.root, "main.py", "print('while away')\n")
-        time.sleep(0.5)  # let the client notice the server is gone before it returns
+        wait_until(lambda: any("retrying in" in line for line in lines), message="a retry")
         self.serve(port=port)
         wait_until(lambda: lines.count("UPDATED\n") == 3, timeout=20, message="update after restart")
         self.assertEqual(self.board.files()["main.py"], b"print('while away')\n")
