@@ -6,6 +6,7 @@ moment later, verified, and switched in crash-safely.
 
     python3 promoter.py --root . --port 9090      # serve and watch a folder
     python3 promoter.py client -o otapromoter.py  # write the device module
+    python3 promoter.py export --root . OUT       # the API as static files
 
 The protocol (JSON is compact; every file response is immutable):
 
@@ -13,6 +14,9 @@ The protocol (JSON is compact; every file response is immutable):
     GET /files              {"files":[{"path","checksum","size"}...],"version":...}
     GET /files.txt          "<version>\\n" then "<checksum> <size> <path>\\n" per file
     GET /files/<checksum>   the bytes; Content-Disposition, X-Target-Path, ETag
+    GET /, /status.json     the status page: files and boards (X-Device-* headers)
+
+With --token, every request needs "Authorization: Bearer TOKEN".
 
 checksum = SHA-1 hex of (file bytes + relative path in UTF-8);
 version  = SHA-1 hex of the checksums concatenated in walk order
@@ -940,10 +944,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         super().setup()
 
     def do_GET(self):
-        self.route(send_body=True)
+        self.route()
 
-    def do_HEAD(self):
-        self.route(send_body=False)
+    do_HEAD = do_GET  # send_bytes leaves the body out
 
     def not_allowed(self):
         self.send_json(HTTPStatus.METHOD_NOT_ALLOWED,
@@ -952,8 +955,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = not_allowed
 
-    def route(self, send_body):
-        self.send_body = send_body
+    def route(self):
         if len(self.path) > MAX_URL:
             return self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long")
         url = urlsplit(self.path)
@@ -1049,7 +1051,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             return self.send_bytes(HTTPStatus.NOT_MODIFIED, None, None, headers)
         content_type = mimetypes.guess_type(entry.path)[0] or "application/octet-stream"
         self.send_bytes(HTTPStatus.OK, data, content_type, headers)
-        if self.send_body:
+        if self.command == "GET":
             log.info("%s downloaded %s", self.client_address[0], entry.path)
 
     def send_json(self, status, obj, extra=None):
@@ -1065,7 +1067,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         if status != HTTPStatus.NOT_MODIFIED:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if body and getattr(self, "send_body", True) and self.command != "HEAD":
+        if body and self.command != "HEAD":
             self.wfile.write(body)
 
     def send_error(self, code, message=None, explain=None):
