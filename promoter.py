@@ -1902,6 +1902,26 @@ def lan_urls(host, port):
     return ["http://%s:%d" % (a, port) for a in lan] or ["http://%s:%d" % (socket.gethostname(), port)]
 
 
+def port_number(text):
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError(text)
+    return port
+
+
+port_number.__name__ = "port"  # argparse says "invalid port value: '70000'"
+
+
+def positive_int(text):
+    number = int(text)
+    if number < 1:
+        raise ValueError(text)
+    return number
+
+
+positive_int.__name__ = "positive number"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="promoter.py",
@@ -1916,7 +1936,8 @@ def build_parser():
                         help="folder to serve (default: %(default)s)")
     parser.add_argument("--host", default="",
                         help="address to listen on (default: all interfaces)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PROMOTER_PORT", DEFAULT_PORT)),
+    parser.add_argument("--port", type=port_number,
+                        default=int(os.environ.get("PROMOTER_PORT", DEFAULT_PORT)),
                         help="TCP port (default: %(default)s)")
     parser.add_argument("--poll", type=float, metavar="SECONDS",
                         help="watch by polling every SECONDS instead of inotify "
@@ -1926,7 +1947,7 @@ def build_parser():
     parser.add_argument("--token", default=os.environ.get("PROMOTER_TOKEN"),
                         help="require 'Authorization: Bearer TOKEN' on every request "
                              "(default: $PROMOTER_TOKEN; browsers: any user name, TOKEN as password)")
-    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+    parser.add_argument("--max-connections", type=positive_int, default=MAX_CONNECTIONS,
                         help="connections served at once; more get 503 (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
@@ -1938,7 +1959,7 @@ def build_parser():
     export.add_argument("out", help="folder to write")
     # SUPPRESS: given after "export" they count; given before it, they are kept.
     export.add_argument("--root", default=argparse.SUPPRESS, help="folder to export")
-    export.add_argument("--port", type=int, default=argparse.SUPPRESS,
+    export.add_argument("--port", type=port_number, default=argparse.SUPPRESS,
                         help="port of the nginx server block")
     export.add_argument("--no-default-ignores", dest="default_ignores", action="store_false",
                         default=argparse.SUPPRESS)
@@ -1948,6 +1969,11 @@ def build_parser():
 def serve(args):
     if args.poll is not None and not args.poll > 0:
         raise PromoterError("--poll: must be a positive number of seconds")
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)  # stop as cleanly as on Ctrl-C
     promoter = Promoter(args.root, args.default_ignores)
     try:
         server = PromoterServer((args.host, args.port), promoter, args.max_connections,
@@ -1971,11 +1997,6 @@ def serve(args):
     for url in lan_urls(args.host, port):
         print("boards use: %s" % url)
     sys.stdout.flush()
-
-    def terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
@@ -2025,6 +2046,8 @@ def main(argv=None):
     except PromoterError as e:
         print("promoter: %s" % e, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # stopped while starting up
+        return 0
 
 
 if __name__ == "__main__":

@@ -670,8 +670,12 @@ class CliTest(PromoterTest):
         self.assert_usage_error(result, "promoter: port 80: permission denied")
 
     def test_bad_arguments(self):
-        self.assert_usage_error(run_cli(["--port", "abc"]), "invalid int value")
+        self.assert_usage_error(run_cli(["--port", "abc"]), "invalid port value")
         self.assert_usage_error(run_cli(["--frobnicate"]), "unrecognized arguments")
+        self.assert_usage_error(run_cli(["--port", "70000"]), "invalid port value: '70000'")
+        self.assert_usage_error(run_cli(["--max-connections", "0"]), "invalid positive number")
+        self.assert_usage_error(run_cli(["--host", "no.such.host.invalid", "--root", self.root]),
+                                "promoter: cannot listen on no.such.host.invalid")
         self.assert_usage_error(run_cli(["--root", self.root, "--poll", "0"]),
                                 "--poll: must be a positive number")
 
