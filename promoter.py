@@ -1376,11 +1376,9 @@ def _exists(path):
 
 
 def _mkdir(path):
-    try:
+    # Check first: on a board, mkdir of a mount point ("/") can fail otherwise.
+    if not _isdir(path):
         os.mkdir(path)
-    except OSError as e:
-        if e.args[0] != errno.EEXIST:
-            raise
 
 
 def _remove(path):
