@@ -206,8 +206,9 @@ def hash_file(root, relpath, sig_before):
 def file_stat(root, relpath):
     """lstat a path, following a symlink only to a file inside root.
 
-    Returns (kind, stat) with kind "file", "dir" or None (skip); None, None
-    when the path does not exist.
+    Returns (kind, stat) with kind "file", "dir", "link" (a symlink to a file
+    inside the root; stat is the target's) or None (skip); None, None when
+    the path does not exist.
     """
     path = os.path.join(root, relpath)
     try:
@@ -224,7 +225,7 @@ def file_stat(root, relpath):
         except OSError:
             return None, st
         # Symlinked folders are not walked: they could loop or duplicate.
-        return ("file" if stat.S_ISREG(st.st_mode) else None), st
+        return ("link" if stat.S_ISREG(st.st_mode) else None), st
     if stat.S_ISDIR(st.st_mode):
         return "dir", st
     if stat.S_ISREG(st.st_mode):
@@ -265,9 +266,11 @@ class Snapshot:
     (two threads may build the same bytes once each; that is harmless).
     """
 
-    def __init__(self, entries, by_path=None):
+    def __init__(self, entries, by_path=None, links=frozenset()):
         self.entries = entries  # list of Entry in walk order
         self.by_path = {e.path: e for e in entries} if by_path is None else by_path
+        # Served symlinks: their target's events name the target, not them.
+        self.links = links
         checksums = [e.checksum for e in entries]
         self.by_checksum = dict(zip(checksums, entries))
         self.version = hashlib.sha1("".join(checksums).encode()).hexdigest()
@@ -278,19 +281,25 @@ class Snapshot:
         """Index the whole tree; files whose stat is unchanged since
         `previous` keep their checksum without being read again."""
         known = previous.by_path if previous else {}
-        entries = {}
+        entries, links = {}, set()
         for relpath, kind, st in walk(root, rules):
-            if kind == "file":
+            if kind in ("file", "link"):
                 entry = _index_file(root, relpath, st, known.get(relpath))
                 if entry:
                     entries[relpath] = entry
-        return cls._build(entries, previous)
+                    if kind == "link":
+                        links.add(relpath)
+        return cls._build(entries, previous, links)
 
     def updated(self, root, rules, paths):
         """Return a new Snapshot with `paths` (files or folders, relative)
-        re-read from disk; only those are hashed."""
+        re-read from disk, and the served symlinks checked again (a link
+        whose target's stat is unchanged is not read)."""
         entries = dict(self.by_path)
-        for relpath in paths:
+        links = set(self.links)
+        reported = set(paths)
+        for relpath in sorted(reported | self.links):
+            links.discard(relpath)
             if entries.pop(relpath, None) is None:
                 # Not a known file, so maybe a folder: drop what was under it.
                 prefix = relpath + "/"
@@ -299,27 +308,32 @@ class Snapshot:
             if rules.ignored(relpath):
                 continue
             kind, st = file_stat(root, relpath)
-            if kind == "file":
-                if valid_relpath(relpath):
-                    entry = _index_file(root, relpath, st, None)
+            if kind == "dir":
+                found = walk(root, rules, relpath)
+            elif kind and valid_relpath(relpath):
+                found = [(relpath, kind, st)]
+            else:
+                found = []
+            for sub, sub_kind, sub_st in found:
+                if sub_kind in ("file", "link"):
+                    # A reported path is always read: a rewrite of the same size
+                    # within one coarse mtime tick would keep its stat.
+                    known = None if sub in reported else self.by_path.get(sub)
+                    entry = _index_file(root, sub, sub_st, known)
                     if entry:
-                        entries[relpath] = entry
-            elif kind == "dir":
-                for sub, sub_kind, sub_st in walk(root, rules, relpath):
-                    if sub_kind == "file":
-                        entry = _index_file(root, sub, sub_st, self.by_path.get(sub))
-                        if entry:
-                            entries[sub] = entry
-        return self._build(entries, self)
+                        entries[sub] = entry
+                        if sub_kind == "link":
+                            links.add(sub)
+        return self._build(entries, self, links)
 
     @classmethod
-    def _build(cls, entries, previous):
+    def _build(cls, entries, previous, links):
         """A Snapshot of a {path: Entry} dict (which it keeps)."""
         if previous is not None and entries.keys() == previous.by_path.keys():
             ordered = [entries[e.path] for e in previous.entries]  # same paths: same order
         else:
             ordered = [entries[p] for p in sorted(entries, key=path_key)]
-        return cls(ordered, entries)
+        return cls(ordered, entries, frozenset(links))
 
     def body(self, kind):
         """The response body for "version", "files" (JSON) or "files.txt"."""
@@ -569,7 +583,7 @@ class PollingWatcher:
         except OSError:
             pass
         for relpath, kind, st in walk(self.promoter.root, self.promoter.rules):
-            tree[relpath] = stat_sig(st) if kind == "file" else kind
+            tree[relpath] = kind if kind == "dir" else stat_sig(st)
         return tree
 
     def start(self):
@@ -788,8 +802,9 @@ class InotifyWatcher:
         except WatchUnavailable as e:
             log.warning("%s; switching to polling every %gs", e, self.poll_interval)
             self._forget("")
-            self.replacement = PollingWatcher(self.promoter, self.poll_interval).start()
-            self.promoter.rescan()
+            replacement = PollingWatcher(self.promoter, self.poll_interval)
+            self.promoter.rescan()  # before the poller starts: one writer at a time
+            self.replacement = replacement.start()
         except Exception:  # noqa: report a bug instead of dying silently
             log.exception("the inotify watcher stopped; restart promoter")
 

@@ -417,6 +417,14 @@ class WatchTests:
         self.addCleanup(watcher.stop)
         self.assertEqual(index.snapshot.by_path["main.py"].checksum, checksum(b"v2\n", "main.py"))
 
+    def test_a_symlinked_file_follows_its_target(self):
+        served = self.start()
+        os.symlink("main.py", os.path.join(self.root, "alias.py"))
+        served.wait_for(lambda f: "alias.py" in f, message="alias.py")
+        write(self.root, "main.py", "print('through the link')\n")
+        self.wait_content(served, "alias.py", b"print('through the link')\n")
+        self.assert_served_exactly(served, ["main.py", "lib/util.py", "alias.py"])
+
     def test_touch_changes_nothing(self):
         served = self.start()
         version = served.version()
