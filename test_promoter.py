@@ -505,23 +505,44 @@ class InotifyWatchTest(WatchTests, PromoterTest):
         self.assertIn("inotify queue overflowed; rescanning the whole tree", proc.stderr)
         self.assertEqual(proc.paths(), sorted(names + ["main.py"]))
 
-    @unittest.skipUnless(shutil.which("unshare"), "unshare is not installed")
-    def test_watch_limit_falls_back_to_polling_with_advice(self):
-        for d in ("a", "b", "c", "d", "e"):
-            write(self.root, d + "/x.py", d)
+    def run_with_watch_limit(self, limit):
+        """promoter.py in a user namespace of its own that allows `limit` watches."""
         probe = subprocess.run(["unshare", "-U", "-r", "true"], capture_output=True)
         if probe.returncode:
             self.skipTest("user namespaces are not available")
-        # In a user namespace of our own, allow 3 watches: the tree needs 6.
-        cmd = ("echo 3 > /proc/sys/user/max_inotify_watches && exec %s %s --root %s --port 0"
-               % (sys.executable, SCRIPT, self.root))
-        proc = CliProcess(self, ["--root", self.root], argv=["unshare", "-U", "-r", "sh", "-c", cmd])
+        cmd = ("echo %d > /proc/sys/user/max_inotify_watches && exec %s %s --root %s --port 0"
+               % (limit, sys.executable, SCRIPT, self.root))
+        return CliProcess(self, [], argv=["unshare", "-U", "-r", "sh", "-c", cmd])
+
+    def assert_polling_advice(self, proc):
+        proc.stop()
+        self.assertIn("inotify watch limit reached (fs.inotify.max_user_watches = ", proc.stderr)
+        self.assertIn("sudo sysctl fs.inotify.max_user_watches=524288", proc.stderr)
+        self.assertIn("polling", proc.stderr)
+
+    @unittest.skipUnless(shutil.which("unshare"), "unshare is not installed")
+    def test_watch_limit_at_start_falls_back_to_polling_with_advice(self):
+        for d in ("a", "b", "c", "d", "e"):
+            write(self.root, d + "/x.py", d)
+        proc = self.run_with_watch_limit(3)  # the tree needs 6
+        self.assertIn("watching with PollingWatcher", proc.stdout)
         write(self.root, "f/new.py", "new")
         wait_until(lambda: "f/new.py" in proc.paths(), timeout=10, message="f/new.py by polling")
-        proc.stop()
-        self.assertIn("max_user_watches", proc.stderr)
-        self.assertIn("sysctl fs.inotify.max_user_watches", proc.stderr)
-        self.assertIn("polling", proc.stderr)
+        self.assert_polling_advice(proc)
+
+    @unittest.skipUnless(shutil.which("unshare"), "unshare is not installed")
+    def test_watch_limit_while_running_falls_back_to_polling(self):
+        write(self.root, "a/x.py", "a")
+        proc = self.run_with_watch_limit(4)  # the tree needs 2
+        self.assertIn("watching with InotifyWatcher", proc.stdout)
+        for d in ("b", "c", "d", "e"):
+            write(self.root, d + "/x.py", d)
+        wait_until(lambda: "watch limit reached" in proc.stderr, message="the limit")
+        write(self.root, "e/late.py", "written after the switch")
+        wait_until(lambda: "e/late.py" in proc.paths(), timeout=10, message="e/late.py by polling")
+        self.assertEqual(proc.paths(), ["a/x.py", "b/x.py", "c/x.py", "d/x.py", "e/late.py",
+                                        "e/x.py"])
+        self.assert_polling_advice(proc)
 
 
 class PollingWatchTest(WatchTests, PromoterTest):
