@@ -10,6 +10,7 @@ The last line is "N passed, N failed, N skipped"; the exit code is non-zero
 on any failure.
 """
 
+import base64
 import hashlib
 import http.client
 import json
@@ -849,7 +850,7 @@ class HttpTest(PromoterTest):
         def waiter():
             result["response"] = self.served.request(
                 "/files/version?wait=30", headers={"If-None-Match": '"%s"' % version})
-            result["at"] = time.monotonic()
+            result["at"] = time.time()
 
         thread = threading.Thread(target=waiter)
         thread.start()
@@ -863,7 +864,7 @@ class HttpTest(PromoterTest):
         self.assertEqual(new, self.served.version())
         published = [r.created for r in self.log.records if r.getMessage().startswith("version ")][-1]
         # Loose bound for a loaded CI machine; the benchmarks measure the real figure.
-        self.assertLess(time.time() - (time.monotonic() - result["at"]) - published, 0.5)
+        self.assertLess(result["at"] - published, 0.5)
 
     def test_waiting_request_gives_304_when_time_runs_out(self):
         version = self.served.version()
@@ -1603,7 +1604,7 @@ class TokenTest(PromoterTest):
 
     def test_every_endpoint_needs_the_token(self):
         cs = self.served.promoter.snapshot.entries[0].checksum
-        basic = "Basic " + __import__("base64").b64encode(b"anyone:" + self.TOKEN.encode()).decode()
+        basic = "Basic " + base64.b64encode(b"anyone:" + self.TOKEN.encode()).decode()
         for path in ("/", "/status.json", "/files/version", "/files", "/files.txt",
                      "/files/" + cs, "/file/" + cs, "/nothing"):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer"},
@@ -1747,7 +1748,6 @@ class WebDriver:
                          {"script": source, "args": []})
 
     def screenshot(self, path):
-        import base64
         with open(path, "wb") as f:
             f.write(base64.b64decode(self.call("GET", "/session/%s/screenshot" % self.session)))
 
