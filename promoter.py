@@ -1097,7 +1097,9 @@ class RequestHandler(BaseHTTPRequestHandler):
                        extra={"Connection": "close"})
 
     def log_request(self, code="-", size="-"):
-        log.debug('%s "%s" %s', self.client_address[0], self.requestline, code)
+        # int(): Python < 3.11 formats HTTPStatus.OK as "HTTPStatus.OK"
+        log.debug('%s "%s" %s', self.client_address[0], self.requestline,
+                  int(code) if isinstance(code, int) else code)
 
     def log_message(self, fmt, *args):
         log.debug("%s %s", self.client_address[0], fmt % args)
