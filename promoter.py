@@ -86,7 +86,7 @@ MAX_WAIT = 300  # s, cap of ?wait=N
 MAX_URL = 2048
 IDLE_TIMEOUT = 10  # s a connection may sit without sending a request
 MAX_CONNECTIONS = 256
-CACHE_BYTES = 32 << 20  # verified file bodies kept in memory
+CACHE_BYTES = 16 << 20  # verified file bodies kept in memory (LRU)
 CACHE_MAX_FILE = 4 << 20
 MAX_DEVICES = 1000  # boards remembered for the status page
 STATUS_REFRESH = 2  # s between refreshes of the status page
