@@ -2237,6 +2237,44 @@ def bench_client(scratch, runs):
     return rows
 
 
+def bench_micropython_heap(scratch):
+    """The smallest heap (in KB, and the bytes free after import) with which
+    MicroPython's Unix port installs 49 modules and a 256 KB file, importing
+    the module precompiled by mpy-cross; None without those tools."""
+    mpy_cross = find_tool("mpy-cross")
+    if not (MICROPYTHON and mpy_cross):
+        return None
+    root = os.path.join(scratch, "mproot")
+    for i in range(49):
+        write(root, "lib/mod_%02d.py" % i, "VALUE = %d  # a module of the project\n" % i)
+    write(root, "big.bin", os.urandom(256 * 1024))
+    lib = os.path.join(scratch, "mplib")
+    os.makedirs(lib)
+    with open(os.path.join(lib, "otapromoter.py"), "w") as f:
+        f.write(promoter.DEVICE_CLIENT)
+    subprocess.run([mpy_cross, "otapromoter.py"], cwd=lib, check=True)
+    os.remove(os.path.join(lib, "otapromoter.py"))
+    server = start_promoter(root)
+    code = ("import gc, sys\nimport otapromoter\ngc.collect()\nprint(gc.mem_free())\n"
+            "otapromoter.update(sys.argv[1], sys.argv[2], verbose=False)\nprint('OK')\n")
+    smallest = None
+    try:
+        for heap in range(32, 12, -1):
+            board = os.path.join(scratch, "mpboard")
+            shutil.rmtree(board, ignore_errors=True)
+            os.makedirs(board)
+            out = subprocess.run([MICROPYTHON, "-X", "heapsize=%dk" % heap, "-c", code,
+                                  "http://127.0.0.1:%d" % server.port, board],
+                                 cwd=lib, capture_output=True, text=True).stdout.split()
+            if out[-1:] != ["OK"]:
+                break
+            smallest = (heap, int(out[0]))
+    finally:
+        server.close()
+        shutil.rmtree(root)
+    return smallest
+
+
 WATCH_BENCH = r"""
 import sys, time, otapromoter
 def updated():
@@ -2328,6 +2366,12 @@ def bench(quick=False):
         med, top = bench_save_to_board(scratch, 5 if quick else 15)
         print("   watch: save -> file on the board and on_update called: median %s, p95 %s"
               % (ms(med), ms(top)))
+        smallest = bench_micropython_heap(scratch)
+        if smallest:
+            print("   MicroPython (Unix port, .mpy): 49 modules + a 256 KB file install in a %d KB"
+                  " heap, %.1f KB free after import" % (smallest[0], smallest[1] / 1024))
+        else:
+            print("   MicroPython: skipped (needs micropython and mpy-cross)")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
