@@ -1130,6 +1130,25 @@ class Board:
                               cwd=self.lib, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
 
+    WATCH = ("import sys, otapromoter\n"
+             "def updated():\n"
+             "    print('UPDATED')\n"
+             "otapromoter.watch(sys.argv[1], sys.argv[2], on_update=updated, wait=5,"
+             " interval=0.2)\n")
+
+    def watch(self, url, python=sys.executable):
+        """Start `watch` in its own process; return the list its output
+        lines are appended to (it is killed at the end of the test)."""
+        proc = subprocess.Popen([python, "-c", self.WATCH, url, self.dir], cwd=self.lib,
+                                stdout=subprocess.PIPE, text=True,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.test.addCleanup(proc.wait)
+        self.test.addCleanup(proc.kill)
+        lines = []
+        threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
+                         daemon=True).start()
+        return lines
+
     def update(self, url, expect=True, prelude="", **kw):
         """Run one update; return its stdout. `expect` is the result (True,
         False) or "error" for an OTAError."""
@@ -1470,19 +1489,7 @@ class DeviceTest(BoardTest):
         self.assertEqual(self.board.files(), self.expected())
 
     def test_watch_updates_on_save_and_survives_a_server_restart(self):
-        code = ("import sys, otapromoter\n"
-                "def updated():\n"
-                "    print('UPDATED', flush=True)\n"
-                "otapromoter.watch(sys.argv[1], sys.argv[2], on_update=updated, wait=5,"
-                " interval=0.2)\n")
-        proc = subprocess.Popen([sys.executable, "-c", code, self.served.url, self.board.dir],
-                                cwd=self.board.lib, stdout=subprocess.PIPE, text=True)
-        self.addCleanup(proc.wait)
-        self.addCleanup(proc.kill)
-        lines = []
-        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
-                                  daemon=True)
-        reader.start()
+        lines = self.board.watch(self.served.url)
         wait_until(lambda: lines.count("UPDATED\n") == 1, message="first install")
         self.assertEqual(self.board.files(), self.expected())
         write(self.root, "main.py", "print('saved')\n")
@@ -1582,18 +1589,7 @@ class MicroPythonTest(BoardTest):
         self.assertEqual(self.board.files(), self.expected())
 
     def test_watch_on_micropython(self):
-        code = ("import sys, otapromoter\n"
-                "def updated():\n"
-                "    print('UPDATED')\n"
-                "otapromoter.watch(sys.argv[1], sys.argv[2], on_update=updated, wait=5,"
-                " interval=0.2, verbose=False)\n")
-        proc = subprocess.Popen([MICROPYTHON, "-c", code, self.served.url, self.board.dir],
-                                cwd=self.board.lib, stdout=subprocess.PIPE, text=True)
-        self.addCleanup(proc.wait)
-        self.addCleanup(proc.kill)
-        lines = []
-        threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
-                         daemon=True).start()
+        lines = self.board.watch(self.served.url, python=MICROPYTHON)
         wait_until(lambda: lines.count("UPDATED\n") == 1, message="first install")
         write(self.root, "main.py", "print('saved')\n")
         wait_until(lambda: lines.count("UPDATED\n") == 2, message="update after a save")
