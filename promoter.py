@@ -77,7 +77,7 @@ DEFAULT_IGNORES = (
     r"(.*/)?\.DS_Store",
 )
 
-DEBOUNCE_QUIET = 0.03  # s of silence that ends a burst of events
+DEBOUNCE_QUIET = 0.05  # s of silence that ends a burst of events (an editor's save)
 WRITE_SETTLE = 1.0  # s to wait for CLOSE_WRITE after a bare MODIFY/CREATE
 POLL_SETTLE = 0.25  # s a polled change must stay still before it is published
 DEBOUNCE_CAP = 2.0  # s: a file rewritten without pause is published anyway
