@@ -362,6 +362,19 @@ class Snapshot:
         return changed, added, removed
 
 
+def read_entry(root, entry):
+    """The bytes of an indexed file if they still hash to its checksum, else
+    None (changed, gone or unreadable)."""
+    try:
+        with open(os.path.join(root, entry.path), "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    h = hashlib.sha1(data)
+    h.update(entry.path.encode("utf-8"))
+    return data if h.hexdigest() == entry.checksum else None
+
+
 def _index_file(root, relpath, st, known):
     """An Entry for a file, reusing `known` when its stat is unchanged;
     None (with a warning) if it cannot be read or is still being written."""
@@ -481,18 +494,10 @@ class Promoter:
     def read_verified(self, entry):
         """The bytes of `entry` if they still hash to its checksum, else None."""
         data = self.cache.get(entry.checksum)
-        if data is not None:
-            return data
-        try:
-            with open(os.path.join(self.root, entry.path), "rb") as f:
-                data = f.read()
-        except OSError:
-            return None
-        h = hashlib.sha1(data)
-        h.update(entry.path.encode("utf-8"))
-        if h.hexdigest() != entry.checksum:
-            return None
-        self.cache.put(entry.checksum, data)
+        if data is None:
+            data = read_entry(self.root, entry)
+            if data is not None:
+                self.cache.put(entry.checksum, data)
         return data
 
 
@@ -514,18 +519,19 @@ class Debouncer:
         self.rescan = False
         self.first = self.last = 0.0
 
-    def add(self, path, writing=False, now=None):
-        now = time.monotonic() if now is None else now
+    def _event(self):
+        now = time.monotonic()
         if not self.pending and not self.rescan:
             self.first = now
         self.last = now
+        return now
+
+    def add(self, path, writing=False):
+        now = self._event()
         self.pending[path] = now if writing else None
 
-    def request_rescan(self, now=None):
-        now = time.monotonic() if now is None else now
-        if not self.pending and not self.rescan:
-            self.first = now
-        self.last = now
+    def request_rescan(self):
+        self._event()
         self.rescan = True
 
     def due_time(self):
@@ -538,26 +544,30 @@ class Debouncer:
                 due = max(due, started + self.settle)
         return min(due, self.first + self.cap)
 
-    def take(self, now=None):
+    def take(self):
         """Return (paths, rescan) if the batch is due, else None."""
         due = self.due_time()
-        now = time.monotonic() if now is None else now
-        if due is None or now < due:
+        if due is None or time.monotonic() < due:
             return None
         batch = (sorted(self.pending), self.rescan)
         self.pending, self.rescan = {}, False
         return batch
 
 
-def publish_batch(promoter, paths, rescan):
+def publish_batch(promoter, paths, rescan, rules_changed=None):
     """Hand a due batch to the index; a change of the ignore file reloads the
-    rules and rescans. Errors are logged: the watcher must keep running."""
+    rules, calls `rules_changed` (the inotify watcher re-syncs its watches)
+    and rescans. Errors are logged: the watcher must keep running."""
     try:
         if rescan or IGNORE_FILE in paths:
             promoter.reload_rules()
+            if rules_changed:
+                rules_changed()
             promoter.rescan()
         elif paths:
             promoter.apply(paths)
+    except WatchUnavailable:
+        raise  # the inotify watcher hands over to polling
     except Exception:  # noqa: a bug here must not stop the watch
         log.exception("updating the index failed")
 
@@ -766,22 +776,19 @@ class InotifyWatcher:
 
     def _watch_tree(self, relpath):
         """Watch a folder and every folder below it (each watched before it
-        is listed, so files created meanwhile are caught by the index walk)."""
+        is listed, so files created meanwhile are caught by the index walk);
+        return the folders now watched."""
         if not self._add_watch(relpath):
-            return
+            return set()
+        watched = {relpath}
         for sub, kind, _ in walk(self.promoter.root, self.promoter.rules, relpath):
-            if kind == "dir":
-                self._add_watch(sub)
+            if kind == "dir" and self._add_watch(sub):
+                watched.add(sub)
+        return watched
 
     def _sync_watches(self):
         """Make the watches match the tree under the current rules."""
-        self._add_watch("")
-        wanted = {""}
-        for relpath, kind, _ in walk(self.promoter.root, self.promoter.rules):
-            if kind == "dir":
-                wanted.add(relpath)
-                if relpath not in self._path_wd:
-                    self._add_watch(relpath)
+        wanted = self._watch_tree("")
         for relpath in [p for p in self._path_wd if p not in wanted]:
             self._forget(relpath)
 
@@ -798,7 +805,7 @@ class InotifyWatcher:
                         self._read_events()
                 batch = self._debounce.take()
                 if batch:
-                    self._flush(*batch)
+                    publish_batch(self.promoter, *batch, rules_changed=self._sync_watches)
         except WatchUnavailable as e:
             log.warning("%s; switching to polling every %gs", e, self.poll_interval)
             self._forget("")
@@ -807,13 +814,6 @@ class InotifyWatcher:
             self.replacement = replacement.start()
         except Exception:  # noqa: report a bug instead of dying silently
             log.exception("the inotify watcher stopped; restart promoter")
-
-    def _flush(self, paths, rescan):
-        if rescan or IGNORE_FILE in paths:
-            self.promoter.reload_rules()
-            self._sync_watches()
-            rescan = True
-        publish_batch(self.promoter, paths, rescan)
 
     def _read_events(self):
         while True:
@@ -1051,11 +1051,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             return self.send_json(HTTPStatus.BAD_REQUEST,
                                   {"error": "a checksum is 40 hexadecimal digits"})
         entry = snapshot.by_checksum.get(checksum)
-        data = self.server.promoter.read_verified(entry) if entry else None
-        if data is None:
-            return self.send_json(HTTPStatus.NOT_FOUND, {
-                "error": "checksum %s is not served (the file changed or was removed); "
-                         "re-read /files" % checksum})
+        gone = {"error": "checksum %s is not served (the file changed or was removed); "
+                         "re-read /files" % checksum}
+        if entry is None:
+            return self.send_json(HTTPStatus.NOT_FOUND, gone)
         headers = {
             "ETag": '"%s"' % checksum,
             "Cache-Control": "public, max-age=31536000, immutable",
@@ -1063,7 +1062,11 @@ class RequestHandler(BaseHTTPRequestHandler):
             "X-Target-Path": header_text(entry.path),
         }
         if checksum in parse_etags(self.headers.get("If-None-Match")):
+            # The client holds these very bytes: no need to read them.
             return self.send_bytes(HTTPStatus.NOT_MODIFIED, None, None, headers)
+        data = self.server.promoter.read_verified(entry)
+        if data is None:
+            return self.send_json(HTTPStatus.NOT_FOUND, gone)
         content_type = mimetypes.guess_type(entry.path)[0] or "application/octet-stream"
         self.send_bytes(HTTPStatus.OK, data, content_type, headers)
         if self.command == "GET":
@@ -1306,9 +1309,8 @@ def export_static(root, out, port=DEFAULT_PORT, default_ignores=True):
             target = os.path.join(out, "files", entry.checksum)
             if os.path.exists(target):
                 continue  # content addressed: the same name holds the same bytes
-            with open(os.path.join(root, entry.path), "rb") as f:
-                data = f.read()
-            if hashlib.sha1(data + entry.path.encode("utf-8")).hexdigest() != entry.checksum:
+            data = read_entry(root, entry)
+            if data is None:
                 raise PromoterError("%s changed during the export; run it again" % entry.path)
             write_atomic(target, data)
         write_atomic(os.path.join(out, "files.json"), snapshot.body("files"))
@@ -1454,8 +1456,13 @@ def _header_value(text):
     return text[:120].replace("\r", " ").replace("\n", " ")
 
 
-def _hexdigest(h):
-    return binascii.hexlify(h.digest()).decode()
+def _sums_to(h, path, cs):
+    # Finish a checksum as the server defines it (SHA-1 of the bytes, then the
+    # path) and compare; without sha1 (h is None) the size check stands alone.
+    if h is None:
+        return True
+    h.update(path.encode())
+    return binascii.hexlify(h.digest()).decode() == cs
 
 
 def _free_bytes(path):
@@ -1717,9 +1724,7 @@ class OTAPromoter:
             finally:
                 self._close(sock, stream)
             if got == size:
-                if h:
-                    h.update(path.encode())
-                if not h or _hexdigest(h) == cs:
+                if _sums_to(h, path, cs):
                     _rename(part, dest)
                     self._say("got %s (%d bytes)" % (path, size))
                     return
@@ -1752,9 +1757,7 @@ class OTAPromoter:
                 if h:
                     h.update(mv[:n])
                 got += n
-        if h:
-            h.update(path.encode())
-        return got == size and (not h or _hexdigest(h) == cs)
+        return got == size and _sums_to(h, path, cs)
 
     def _write_journal(self, new, old, have):
         # Moves for every staged file, deletions for promoted paths that are
