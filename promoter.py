@@ -30,7 +30,6 @@ import argparse
 import base64
 import collections
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import hmac
@@ -47,6 +46,7 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -78,9 +78,14 @@ DEFAULT_IGNORES = (
 )
 
 DEBOUNCE_QUIET = 0.05  # s of silence that ends a burst of events (an editor's save)
-WRITE_SETTLE = 1.0  # s to wait for CLOSE_WRITE after a bare MODIFY/CREATE
+WRITE_SETTLE = 1.0  # s a file written without a close must stay still to be published
 POLL_SETTLE = 0.25  # s a polled change must stay still before it is published
-DEBOUNCE_CAP = 2.0  # s: a file rewritten without pause is published anyway
+DEBOUNCE_CAP = 2.0  # s: other changes of a burst wait no longer for a file still written
+ROOT_CHECK = 0.5  # s between checks that the watched folder is still at the root path
+MAX_DEPTH = 128  # folders deeper than this are skipped (with a warning)
+PATH_MAX = 4096  # bytes, Linux's limit: longer paths are skipped (with a warning)
+RULE_DEADLINE = 0.5  # s an ignore rule may take on its probe names before it is rejected
+HASH_WORKERS = 4  # threads hashing a large batch (hashlib releases the GIL on big buffers)
 HASH_CHUNK = 1 << 20
 MAX_WAIT = 300  # s, cap of ?wait=N
 MAX_URL = 2048
@@ -114,16 +119,19 @@ class Rules:
 
     @classmethod
     def load(cls, root, defaults=True):
-        """Read root/.promoterignore; a bad line is logged and skipped."""
+        """Read root/.promoterignore; a line that is not a valid expression,
+        or that takes too long to match (see probe_rules), is logged and
+        skipped: the other rules still apply."""
         patterns = list(DEFAULT_IGNORES) if defaults else []
         try:
             with open(os.path.join(root, IGNORE_FILE), encoding="utf-8") as f:
                 lines = f.read().splitlines()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             lines = []
         except (OSError, UnicodeDecodeError) as e:
             log.warning("%s: cannot read (%s); using the defaults only", IGNORE_FILE, e)
             lines = []
+        own = []  # (line number, rule)
         for number, line in enumerate(lines, 1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -134,7 +142,14 @@ class Rules:
                 log.warning("%s line %d: %r is not a valid regular expression (%s); skipped",
                             IGNORE_FILE, number, line, e)
                 continue
-            patterns.append(line)
+            own.append((number, line))
+        slow = probe_rules([line for _, line in own])
+        for number, line in own:
+            if line in slow:
+                log.warning("%s line %d: %r takes too long to match (nested repetition such as "
+                            "(a+)+ backtracks without end); skipped", IGNORE_FILE, number, line)
+            else:
+                patterns.append(line)
         return cls(patterns)
 
     def matches(self, relpath, is_dir=False):
@@ -155,10 +170,91 @@ class Rules:
         return self.matches(relpath)
 
 
+# A rule is tried in a child process on names made to trigger catastrophic
+# backtracking (runs of the characters it names, ending in a character that
+# makes the match fail). Python's re holds the GIL and cannot be interrupted,
+# so a rule that hangs on such a name here would freeze the whole server.
+RULE_PROBE = r"""
+import re, sys
+def probes(rule):
+    units = sorted(set(c for c in rule if c.isalnum() or c in "._-/ ") | set("aA0._-/ "))
+    units += re.findall(r"[A-Za-z0-9_]{2,}", rule)
+    for unit in units:
+        for length in (32, 1000):
+            for end in ("", "!", "/", "\x01"):
+                yield unit * (length // len(unit)) + end
+sys.stdout.write("ready\n")
+sys.stdout.flush()
+for line in sys.stdin.buffer:
+    rule = line.decode("utf-8").rstrip("\n")
+    pattern = re.compile(rule)
+    for name in probes(rule):
+        pattern.fullmatch(name)
+    sys.stdout.write("ok\n")
+    sys.stdout.flush()
+"""
+_slow_rules = {}  # rule -> True if it is too slow (each rule is probed once per process)
+
+
+def probe_rules(rules, deadline=RULE_DEADLINE):
+    """The rules that take longer than `deadline` seconds on their probe names."""
+    todo = [r for r in dict.fromkeys(rules) if r not in _slow_rules]
+    while todo:
+        import subprocess  # only when there are rules of the user's own to check
+        try:
+            child = subprocess.Popen([sys.executable, "-I", "-S", "-c", RULE_PROBE],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
+        except (OSError, ValueError) as e:
+            log.warning("cannot check the ignore rules for slow matching (%s)", e)
+            break
+        try:
+            if not _answer(child, 10.0):  # the interpreter starting up
+                log.warning("cannot check the ignore rules for slow matching (no answer)")
+                break
+            while todo:
+                rule = todo.pop(0)
+                child.stdin.write(rule.encode("utf-8") + b"\n")
+                child.stdin.flush()
+                _slow_rules[rule] = not _answer(child, deadline)
+                if _slow_rules[rule]:
+                    break  # the child is stuck in it: start another for the rest
+        except OSError:
+            pass
+        finally:
+            child.kill()
+            child.wait()
+            for pipe in (child.stdin, child.stdout):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+    return {r for r in rules if _slow_rules.get(r)}
+
+
+def _answer(child, timeout):
+    ready, _, _ = select.select([child.stdout], [], [], timeout)
+    return bool(ready) and child.stdout.readline() in (b"ok\n", b"ready\n")
+
+
 # --- index -------------------------------------------------------------------
 
 Entry = collections.namedtuple("Entry", "path checksum size sig")
 Entry.__doc__ = "One served file; sig is the (ino, size, mtime_ns, ctime_ns) it was hashed at."
+
+UNSETTLED = "unsettled"  # a read disturbed by a write: keep the last entry, try again
+GONE = "gone"  # not there (a fresh lstat, through no symlinked folder, says so)
+ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# O_PATH: a folder passed through needs no read permission. O_NOFOLLOW with
+# O_DIRECTORY fails on a symlink: no folder below the root is reached through one.
+PASS_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO at a served path must not block the open; fstat then rejects it.
+FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class RootMissing(Exception):
+    """The root folder is not there (moved, deleted, unmounted)."""
 
 
 def stat_sig(st):
@@ -171,91 +267,302 @@ def path_key(relpath):
     return relpath.split("/")
 
 
-def valid_relpath(relpath):
-    """A path we can serve: UTF-8 encodable, no control characters
-    (it travels in a header and a text line)."""
+def root_identity(root):
+    """(device, inode) of the folder at the root path, or None if there is none."""
     try:
-        relpath.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return not any(ord(c) < 32 or ord(c) == 127 for c in relpath)
-
-
-def hash_file(root, relpath, sig_before):
-    """Return (checksum, size) of a file, or None if it changed while read.
-
-    checksum = SHA-1 of the bytes followed by the UTF-8 relative path.
-    Raises OSError if it cannot be read.
-    """
-    h = hashlib.sha1()
-    with open(os.path.join(root, relpath), "rb") as f:
-        size = 0
-        while True:
-            chunk = f.read(HASH_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-            size += len(chunk)
-        after = stat_sig(os.fstat(f.fileno()))
-    if after[1:3] != sig_before[1:3] or size != after[1]:
+        st = os.stat(root)
+    except OSError:
         return None
-    h.update(relpath.encode("utf-8"))
-    return h.hexdigest(), size
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
-def file_stat(root, relpath):
-    """lstat a path, following a symlink only to a file inside root.
-
-    Returns (kind, stat) with kind "file", "dir", "link" (a symlink to a file
-    inside the root; stat is the target's) or None (skip); None, None when
-    the path does not exist.
-    """
-    path = os.path.join(root, relpath)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None, None
-    if stat.S_ISLNK(st.st_mode):
-        target = os.path.realpath(path)
-        if os.path.commonpath([root, target]) != root:
-            log.debug("%s: symlink leads outside the root; skipped", relpath)
-            return None, st
+def path_problem(root, relpath):
+    """Why a path cannot be served, or None. Names travel in a header and a
+    text line, so no control, format or line separator characters."""
+    if relpath.isascii():
+        if ASCII_CONTROL.search(relpath):
+            return "name has control characters"
+    else:
         try:
-            st = os.stat(target)
-        except OSError:
-            return None, st
-        # Symlinked folders are not walked: they could loop or duplicate.
-        return ("link" if stat.S_ISREG(st.st_mode) else None), st
+            relpath.encode("utf-8")
+        except UnicodeEncodeError:
+            return "name is not UTF-8"
+        if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in relpath):
+            return "name has control, format or line separator characters"
+    if relpath.count("/") >= MAX_DEPTH:
+        return "more than %d folders deep" % MAX_DEPTH
+    if len(os.fsencode(root)) + 1 + len(os.fsencode(relpath)) >= PATH_MAX:
+        return "path longer than the system allows (%d bytes)" % PATH_MAX
+    return None
+
+
+class Notices:
+    """Warnings about paths, each said once per path and reason (a name
+    skipped at every walk is not reported at every walk)."""
+
+    LIMIT = 10000
+
+    def __init__(self):
+        self._said = set()
+        self._lock = threading.Lock()
+
+    def warn(self, relpath, reason):
+        with self._lock:
+            if (relpath, reason) in self._said:
+                return
+            if len(self._said) >= self.LIMIT:
+                self._said.clear()
+            self._said.add((relpath, reason))
+        shown = relpath if path_problem("", relpath) is None else ascii(relpath)
+        log.warning("%s: %s", shown, reason)
+
+
+def open_dir(root, relpath, flags=PASS_FLAGS):
+    """A descriptor of the folder root/relpath, reached without following a
+    symlink below the root."""
+    fd = os.open(root, (flags if not relpath else PASS_FLAGS) & ~os.O_NOFOLLOW)
+    try:
+        parts = relpath.split("/") if relpath else []
+        for i, part in enumerate(parts):
+            sub = os.open(part, flags if i == len(parts) - 1 else PASS_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def lstat_beneath(root, relpath):
+    """lstat of root/relpath through no symlinked folder, or None if there
+    is nothing there (a symlinked folder on the way counts as nothing)."""
+    folder, _, name = relpath.rpartition("/")
+    try:
+        fd = open_dir(root, folder)
+        try:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
+
+
+def link_target(root, relpath):
+    """The root-relative path a symlink leads to, or None if it leads outside
+    the root."""
+    target = os.path.realpath(os.path.join(root, relpath))
+    prefix = root.rstrip(os.sep) + os.sep
+    return target[len(prefix):] if target.startswith(prefix) else None
+
+
+def classify(root, relpath, st):
+    """(kind, stat) of an lstat result: "dir", "file", "link" (a symlink to a
+    file inside the root, with the target's stat), "special" (FIFO, socket,
+    device) or None (a symlink to skip)."""
     if stat.S_ISDIR(st.st_mode):
         return "dir", st
     if stat.S_ISREG(st.st_mode):
         return "file", st
-    return None, st
+    if stat.S_ISLNK(st.st_mode):
+        # Symlinked folders are not walked: they could loop or duplicate.
+        inner = link_target(root, relpath)
+        target = inner and lstat_beneath(root, inner)
+        if target and stat.S_ISREG(target.st_mode):
+            return "link", target
+        return None, st
+    return "special", st
 
 
-def walk(root, rules, top=""):
-    """Yield (relpath, kind, stat) depth first in walk order, pruning ignored
-    folders. A folder is yielded before its contents are listed, so a caller
-    can watch it first and miss nothing created meanwhile."""
+def open_file(root, relpath, dir_fd=None):
+    """(fd, fstat) of the regular file at root/relpath, opened without
+    blocking and through no symlinked folder; a symlink as its last part is
+    followed only to a file inside the root. `dir_fd`: its folder, already
+    open. Raises OSError; ENXIO if it is not a regular file."""
+    folder, _, name = relpath.rpartition("/")
+    own = dir_fd is None
+    fd = open_dir(root, folder) if own else dir_fd
     try:
-        names = sorted(os.listdir(os.path.join(root, top) if top else root),
-                       key=os.fsencode)
+        try:
+            file_fd = os.open(name, FILE_FLAGS, dir_fd=fd)
+        except OSError as e:
+            inner = link_target(root, relpath) if e.errno == errno.ELOOP else None
+            if inner is None:
+                raise
+            folder, _, name = inner.rpartition("/")
+            if own:
+                os.close(fd)
+            own, fd = True, open_dir(root, folder)
+            file_fd = os.open(name, FILE_FLAGS, dir_fd=fd)  # no second symlink
+    finally:
+        if own:
+            os.close(fd)
+    st = os.fstat(file_fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(file_fd)
+        raise OSError(errno.ENXIO, "not a regular file")
+    return file_fd, st
+
+
+def read_whole(fd, size_hint, sink):
+    """Feed a file's bytes to `sink` (in chunks); return how many there were."""
+    total = 0
+    want = min(HASH_CHUNK, size_hint + 1)
+    while True:
+        chunk = os.read(fd, want)
+        if not chunk:
+            return total
+        sink(chunk)
+        total += len(chunk)
+        want = HASH_CHUNK
+
+
+def hash_file(root, relpath, known=None, min_age=0.0, dir_fd=None):
+    """An Entry for the file at relpath, GONE, UNSETTLED, or a reason to skip
+    it (str). `known` (the last Entry) is returned as it is when the file's
+    stat has not changed. A file read while it changed, or changed less than
+    `min_age` seconds ago, is UNSETTLED: its bytes are not a state that was
+    on disk as a whole."""
+    try:
+        fd, before = open_file(root, relpath, dir_fd)
     except OSError as e:
-        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
-            log.warning("%s: cannot list (%s); skipped", top or ".", e.strerror)
-        return
-    for name in names:
-        relpath = top + "/" + name if top else name
-        kind, st = file_stat(root, relpath)
-        if kind is None or rules.matches(relpath, is_dir=(kind == "dir")):
+        if e.errno == errno.ENXIO:
+            return "not a regular file; skipped"
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return "cannot read (%s); not served" % e.strerror
+        # Gone only if it is really gone: a rename over it may be under way.
+        return GONE if lstat_beneath(root, relpath) is None else UNSETTLED
+    try:
+        sig = stat_sig(before)
+        if known is not None and known.sig == sig:
+            return known
+        if min_age and time.time() - before.st_ctime < min_age:
+            return UNSETTLED
+        h = hashlib.sha1()
+        size = read_whole(fd, before.st_size, h.update)
+        after = os.fstat(fd)
+    except OSError as e:
+        return "cannot read (%s); not served" % e.strerror
+    finally:
+        os.close(fd)
+    if stat_sig(after) != sig or size != after.st_size:
+        return UNSETTLED
+    h.update(relpath.encode("utf-8"))
+    return Entry(relpath, h.hexdigest(), size, sig)
+
+
+def walk(root, rules, top="", on_dir=None, notices=None):
+    """Yield (relpath, kind, stat) below `top`, depth first in walk order,
+    pruning ignored folders and never passing through a symlinked folder.
+    `on_dir(relpath)` is called for each folder (`top` too) just before it
+    is listed, so a watcher that watches it there misses nothing created
+    meanwhile. Raises RootMissing if the root itself cannot be listed."""
+    notices = notices or Notices()
+    stack = [iter(_listing(root, rules, top, on_dir, notices))]
+    while stack:  # iterative: a tree of any depth
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
             continue
-        if not valid_relpath(relpath):
-            log.warning("%r: name is not UTF-8 or has control characters; skipped", relpath)
-            continue
-        yield relpath, kind, st
-        if kind == "dir":
-            for item in walk(root, rules, relpath):
-                yield item
+        yield item
+        if item[1] == "dir":
+            stack.append(iter(_listing(root, rules, item[0], on_dir, notices)))
+
+
+def _listing(root, rules, top, on_dir, notices):
+    """The servable entries of one folder, sorted: [(relpath, kind, stat)]."""
+    if on_dir:
+        on_dir(top)
+    items = []
+    try:
+        fd = open_dir(root, top, LIST_FLAGS)
+    except OSError as e:
+        if not top:
+            raise RootMissing()
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            notices.warn(top, "cannot list (%s); skipped" % e.strerror)
+        return items
+    try:
+        for name in sorted(os.listdir(fd), key=os.fsencode):
+            relpath = top + "/" + name if top else name
+            try:
+                kind, st = classify(root, relpath, os.stat(name, dir_fd=fd, follow_symlinks=False))
+            except OSError:
+                continue  # gone meanwhile
+            if kind is None or rules.matches(relpath, is_dir=(kind == "dir")):
+                continue
+            problem = "not a regular file" if kind == "special" else path_problem(root, relpath)
+            if problem:
+                notices.warn(relpath, problem + "; skipped")
+                continue
+            items.append((relpath, kind, st))
+    except OSError as e:
+        notices.warn(top or ".", "cannot list (%s); skipped" % e.strerror)
+    finally:
+        os.close(fd)
+    return items
+
+
+def parallel(function, items, workers=HASH_WORKERS):
+    """[function(item) for item in items], on up to `workers` threads."""
+    if workers < 2 or len(items) < 2:
+        return [function(item) for item in items]
+    results = [None] * len(items)
+    todo = iter(enumerate(items))
+    lock = threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                task = next(todo, None)
+            if task is None:
+                return
+            results[task[0]] = function(task[1])
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(workers - 1)]
+    for thread in threads:
+        thread.start()
+    work()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def hash_files(root, files, known, min_age=0.0):
+    """{relpath: hash_file result} for [(relpath, kind, stat)]. Files of one
+    folder are read through one open descriptor of it; large batches are
+    hashed on several threads."""
+    groups = collections.OrderedDict()
+    for relpath, kind, _ in files:
+        groups.setdefault(relpath.rpartition("/")[0] if kind == "file" else None, []).append(relpath)
+    tasks = [(folder, paths[i:i + 64]) for folder, paths in groups.items()
+             for i in range(0, len(paths), 64)]
+
+    def run(task):
+        folder, paths = task
+        try:
+            fd = None if folder is None else open_dir(root, folder)
+        except OSError:
+            fd = None  # each file then says for itself what is wrong
+        try:
+            return [(p, hash_file(root, p, known.get(p), min_age, fd)) for p in paths]
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    workers = HASH_WORKERS if len(files) > 16 else 1
+    return dict(result for chunk in parallel(run, tasks, workers) for result in chunk)
+
+
+def under(path, folders):
+    """True if one of the folders above `path` is in `folders`."""
+    i = path.find("/")
+    while i != -1:
+        if path[:i] in folders:
+            return True
+        i = path.find("/", i + 1)
+    return False
 
 
 class Snapshot:
@@ -277,54 +584,93 @@ class Snapshot:
         self._bodies = {}
 
     @classmethod
-    def scan(cls, root, rules, previous=None):
-        """Index the whole tree; files whose stat is unchanged since
-        `previous` keep their checksum without being read again."""
-        known = previous.by_path if previous else {}
-        entries, links = {}, set()
-        for relpath, kind, st in walk(root, rules):
-            if kind in ("file", "link"):
-                entry = _index_file(root, relpath, st, known.get(relpath))
-                if entry:
-                    entries[relpath] = entry
-                    if kind == "link":
-                        links.add(relpath)
-        return cls._build(entries, previous, links)
+    def scan(cls, root, rules, previous=None, hold=frozenset(), min_age=0.0, on_dir=None,
+             notices=None):
+        """Index the whole tree: (Snapshot, paths to read again). See `updated`."""
+        return (previous or cls([])).updated(root, rules, None, hold, min_age, on_dir, notices)
 
-    def updated(self, root, rules, paths):
-        """Return a new Snapshot with `paths` (files or folders, relative)
-        re-read from disk, and the served symlinks checked again (a link
-        whose target's stat is unchanged is not read)."""
-        entries = dict(self.by_path)
-        links = set(self.links)
-        reported = set(paths)
-        for relpath in sorted(reported | self.links):
-            links.discard(relpath)
-            if entries.pop(relpath, None) is None:
-                # Not a known file, so maybe a folder: drop what was under it.
-                prefix = relpath + "/"
-                for gone in [p for p in entries if p.startswith(prefix)]:
+    def updated(self, root, rules, paths, hold=frozenset(), min_age=0.0, on_dir=None,
+                notices=None):
+        """(new Snapshot, paths to read again) with `paths` (files or folders,
+        relative; None: the whole tree) re-read from disk, and the served
+        symlinks checked again. Files whose stat is unchanged keep their
+        entry unread, unless they are among `paths`. A file in `hold` (still
+        being written) or whose read was disturbed keeps its last entry, and
+        the disturbed ones are returned to be read again. Raises RootMissing.
+
+        The cost is linear in the changed paths plus the tree, never their
+        product."""
+        notices = notices or Notices()
+        if paths is None:
+            reported, entries = {""}, {}
+        else:
+            reported = set(paths) | self.links
+            entries = dict(self.by_path)
+            # A reported path that is not a known file may have been a folder:
+            # drop what was under it (one pass), the walk below adds it back.
+            folders = {p for p in reported if p not in entries}
+            if folders:
+                for gone in [p for p in entries if under(p, folders)]:
                     del entries[gone]
+        found = []  # (relpath, kind, stat) of the files to read
+        for relpath in sorted(reported, key=path_key):
+            entries.pop(relpath, None)
+            if relpath == "":
+                found.extend(item for item in walk(root, rules, "", on_dir, notices)
+                             if item[1] != "dir")
+                continue
             if rules.ignored(relpath):
                 continue
-            kind, st = file_stat(root, relpath)
+            st = lstat_beneath(root, relpath)
+            kind, st = classify(root, relpath, st) if st else (None, None)
             if kind == "dir":
-                found = walk(root, rules, relpath)
-            elif kind and valid_relpath(relpath):
-                found = [(relpath, kind, st)]
+                found.extend(item for item in walk(root, rules, relpath, on_dir, notices)
+                             if item[1] != "dir")
+            elif kind in ("file", "link"):
+                problem = path_problem(root, relpath)
+                if problem:
+                    notices.warn(relpath, problem + "; skipped")
+                else:
+                    found.append((relpath, kind, st))
+            elif kind == "special":
+                notices.warn(relpath, "not a regular file; skipped")
+        explicit = set(paths or ())
+        # A reported path is always read: a rewrite of the same size within
+        # one coarse mtime tick would keep its stat.
+        known = {p: e for p, e in self.by_path.items() if p not in explicit}
+        reading = [item for item in found if item[0] not in hold]
+        results = hash_files(root, reading, known, min_age)
+        links, retry = set(), set()
+        for relpath, kind, _ in found:
+            result = results.get(relpath, UNSETTLED)  # held: as if disturbed
+            if isinstance(result, Entry):
+                entries[relpath] = result
+                if kind == "link":
+                    links.add(relpath)
+                continue
+            if result == UNSETTLED:
+                if relpath not in hold:
+                    retry.add(relpath)
+                if relpath in self.by_path:
+                    entries[relpath] = self.by_path[relpath]
+                    if relpath in self.links:
+                        links.add(relpath)
+            elif result != GONE:
+                notices.warn(relpath, result)
+        return self._build(entries, self, links), retry
+
+    def restored(self, older, paths):
+        """This snapshot with `paths` put back as they are in `older`."""
+        touched = [p for p in paths if self.by_path.get(p) is not older.by_path.get(p)]
+        if not touched:
+            return self
+        entries = dict(self.by_path)
+        for p in touched:
+            if p in older.by_path:
+                entries[p] = older.by_path[p]
             else:
-                found = []
-            for sub, sub_kind, sub_st in found:
-                if sub_kind in ("file", "link"):
-                    # A reported path is always read: a rewrite of the same size
-                    # within one coarse mtime tick would keep its stat.
-                    known = None if sub in reported else self.by_path.get(sub)
-                    entry = _index_file(root, sub, sub_st, known)
-                    if entry:
-                        entries[sub] = entry
-                        if sub_kind == "link":
-                            links.add(sub)
-        return self._build(entries, self, links)
+                del entries[p]
+        return self._build(entries, self, (self.links | older.links) & entries.keys())
 
     @classmethod
     def _build(cls, entries, previous, links):
@@ -364,35 +710,23 @@ class Snapshot:
 
 def read_entry(root, entry):
     """The bytes of an indexed file if they still hash to its checksum, else
-    None (changed, gone or unreadable)."""
+    None (changed, gone, unreadable, or no longer a regular file inside the
+    root)."""
     try:
-        with open(os.path.join(root, entry.path), "rb") as f:
-            data = f.read()
+        fd, st = open_file(root, entry.path)
     except OSError:
         return None
+    chunks = []
+    try:
+        read_whole(fd, st.st_size, chunks.append)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
     h = hashlib.sha1(data)
     h.update(entry.path.encode("utf-8"))
     return data if h.hexdigest() == entry.checksum else None
-
-
-def _index_file(root, relpath, st, known):
-    """An Entry for a file, reusing `known` when its stat is unchanged;
-    None (with a warning) if it cannot be read or is still being written."""
-    sig = stat_sig(st)
-    if known is not None and known.sig == sig:
-        return known
-    try:
-        result = hash_file(root, relpath, sig)
-    except FileNotFoundError:
-        log.warning("%s: vanished while being read; not served", relpath)
-        return None
-    except OSError as e:
-        log.warning("%s: cannot read (%s); not served", relpath, e.strerror)
-        return None
-    if result is None:
-        log.info("%s: changed while being read; will be read again", relpath)
-        return None
-    return Entry(relpath, result[0], result[1], sig)
 
 
 class ContentCache:
@@ -428,20 +762,31 @@ class ContentCache:
                 self._size -= len(old)
 
 
+def summary(paths, limit=10):
+    shown = ", ".join(paths[:limit])
+    return shown + (" and %d more" % (len(paths) - limit) if len(paths) > limit else "")
+
+
 class Promoter:
     """The served state: root, ignore rules and the current snapshot.
 
-    The watcher thread is the only writer (apply/rescan/reload_rules);
-    request threads read `snapshot` and may block in `wait_for_change`.
+    The watcher thread is the only writer (refresh, reload_rules); request
+    threads read `snapshot` and may block in `wait_for_change`. The root is
+    a precondition, not data: while no folder is at the root path, the last
+    snapshot stays published.
     """
 
     def __init__(self, root, default_ignores=True):
         self.root = os.path.realpath(root)
-        if not os.path.isdir(self.root):
+        if root_identity(self.root) is None:
             raise PromoterError("root %s: not a folder" % root)
         self.default_ignores = default_ignores
         self.rules = Rules.load(self.root, default_ignores)
-        self.snapshot = Snapshot.scan(self.root, self.rules)
+        self.notices = Notices()
+        self.snapshot = Snapshot([])  # until the watcher's first scan
+        self._published = False  # the first scan is not logged as a change
+        self.root_id = None  # (device, inode) of the folder indexed
+        self.root_missing = False
         self.changed_at = time.time()
         self.cache = ContentCache()
         self._changed = threading.Condition()
@@ -452,23 +797,62 @@ class Promoter:
         self.rules = Rules.load(self.root, self.default_ignores)
         log.info("%s reloaded (%d rules)", IGNORE_FILE, len(self.rules.patterns))
 
-    def apply(self, paths):
-        """Re-read the given relative paths and publish the result."""
-        self._publish(self.snapshot.updated(self.root, self.rules, paths))
+    def refresh(self, paths=None, hold=frozenset(), min_age=0.0, on_dir=None, recheck=None):
+        """Re-read `paths` (None: the whole tree, as when the folder at the
+        root path is another one) and publish the result. `hold`: paths still
+        being written, kept as they are. `recheck()`, called after reading,
+        returns the paths changed meanwhile: they are kept as they were too.
+        Returns the paths whose read was disturbed, to be read again."""
+        for _ in range(3):
+            identity = root_identity(self.root)
+            if identity is None:
+                self._root_lost()
+                return set()
+            full = paths is None or identity != self.root_id
+            old = self.snapshot
+            try:
+                if full:
+                    new, retry = Snapshot.scan(self.root, self.rules, old, hold, min_age, on_dir,
+                                               self.notices)
+                else:
+                    new, retry = old.updated(self.root, self.rules, paths, hold, min_age, on_dir,
+                                             self.notices)
+            except RootMissing:
+                continue
+            if recheck:
+                new = new.restored(old, recheck())
+            if root_identity(self.root) != identity:
+                continue  # the root was moved or replaced while it was read
+            if self.root_missing:
+                self.root_missing = False
+                log.warning("root %s is back; indexed it again", self.root)
+            self.root_id = identity
+            self._publish(new)
+            return retry
+        self._root_lost()
+        return set()
 
-    def rescan(self):
-        """Walk the whole tree again (hashing only files whose stat changed)."""
-        self._publish(Snapshot.scan(self.root, self.rules, self.snapshot))
+    def _root_lost(self):
+        if not self.root_missing:
+            self.root_missing = True
+            log.warning("root %s is gone (moved, deleted or unmounted); still serving the "
+                        "last version (%d files) until a folder is back at that path",
+                        self.root, len(self.snapshot.entries))
 
     def _publish(self, new):
         old = self.snapshot
         if new.version == old.version:
             return
-        changed, added, removed = new.diff(old)
-        parts = ["%s %s" % (label, ", ".join(paths)) for label, paths in
-                 (("changed", changed), ("added", added), ("removed", removed)) if paths]
-        log.info("version %s (%d files): %s", new.version[:12], len(new.entries),
-                 "; ".join(parts) or "order changed")
+        if self._published:
+            changed, added, removed = new.diff(old)
+            parts = ["%s %s" % (label, summary(paths)) for label, paths in
+                     (("changed", changed), ("added", added), ("removed", removed)) if paths]
+            log.info("version %s (%d files): %s", new.version[:12], len(new.entries),
+                     "; ".join(parts) or "order changed")
+            if old.entries and not new.entries:
+                log.warning("version %s has no files (it had %d): boards will remove the files "
+                            "they were given", new.version[:12], len(old.entries))
+        self._published = True
         with self._changed:
             self.snapshot = new
             self.changed_at = time.time()
@@ -508,14 +892,17 @@ class Debouncer:
     """Collects changed paths and says when a batch is due: the one place
     for timing rules, used by both watchers.
 
-    A batch is due DEBOUNCE_QUIET after the last event, later while a path
-    has only been created or modified (not yet closed, WRITE_SETTLE), and
-    never later than DEBOUNCE_CAP after the first event.
+    A batch is due `quiet` after the last event, and no later than `cap`
+    after the first. A path still being written (a write event not yet
+    followed by its close; for the poller, any change) is held out of the
+    batch until it is closed or has been still for `settle`: the cap only
+    keeps the other changes from waiting for it, it never publishes a file
+    half-written.
     """
 
     def __init__(self, quiet=DEBOUNCE_QUIET, settle=WRITE_SETTLE, cap=DEBOUNCE_CAP):
         self.quiet, self.settle, self.cap = quiet, settle, cap
-        self.pending = {}  # path -> time of an unfinished write, or None
+        self.pending = {}  # path -> time of its last write while unfinished, else None
         self.rescan = False
         self.first = self.last = 0.0
 
@@ -530,6 +917,12 @@ class Debouncer:
         now = self._event()
         self.pending[path] = now if writing else None
 
+    def retry(self, paths):
+        """Read these paths again soon (their last read was disturbed)."""
+        for path in paths:
+            if path not in self.pending:
+                self.add(path)
+
     def request_rescan(self):
         self._event()
         self.rescan = True
@@ -539,91 +932,153 @@ class Debouncer:
         if not self.pending and not self.rescan:
             return None
         due = self.last + self.quiet
-        for started in self.pending.values():
-            if started is not None:
-                due = max(due, started + self.settle)
-        return min(due, self.first + self.cap)
+        writes = [started + self.settle for started in self.pending.values() if started is not None]
+        if writes:
+            due = max(due, max(writes))
+        if self.rescan or len(writes) < len(self.pending):
+            due = min(due, self.first + self.cap)  # something can go without the writers
+        return due
 
     def take(self):
-        """Return (paths, rescan) if the batch is due, else None."""
+        """(paths, rescan, held) if the batch is due, else None; the held
+        paths (still being written) stay pending."""
         due = self.due_time()
-        if due is None or time.monotonic() < due:
+        now = time.monotonic()
+        if due is None or now < due:
             return None
-        batch = (sorted(self.pending), self.rescan)
-        self.pending, self.rescan = {}, False
+        held = {p: t for p, t in self.pending.items() if t is not None and now < t + self.settle}
+        batch = (sorted(p for p in self.pending if p not in held), self.rescan, frozenset(held))
+        self.pending, self.rescan = held, False
+        self.first = now
         return batch
 
 
-def publish_batch(promoter, paths, rescan, rules_changed=None):
-    """Hand a due batch to the index; a change of the ignore file reloads the
-    rules, calls `rules_changed` (the inotify watcher re-syncs its watches)
-    and rescans. Errors are logged: the watcher must keep running."""
-    try:
-        if rescan or IGNORE_FILE in paths:
-            promoter.reload_rules()
-            if rules_changed:
-                rules_changed()
-            promoter.rescan()
-        elif paths:
-            promoter.apply(paths)
-    except WatchUnavailable:
-        raise  # the inotify watcher hands over to polling
-    except Exception:  # noqa: a bug here must not stop the watch
-        log.exception("updating the index failed")
+class Watcher:
+    """What both watchers share: a thread that never dies of an error, a
+    Debouncer, and how a due batch reaches the index."""
 
+    min_age = 0.0  # a file changed more recently than this (seconds) is read later
 
-class PollingWatcher:
-    """Finds changes by walking the tree with stat every `interval` seconds.
-
-    It cannot see a writer close a file, so a change is published only once
-    walks POLL_SETTLE apart stop finding new changes.
-    """
-
-    def __init__(self, promoter, interval=1.0):
+    def __init__(self, promoter, debounce, name):
         self.promoter = promoter
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="poll", daemon=True)
-        self._seen = self._stat_tree()
-
-    def _stat_tree(self):
-        tree = {}
-        try:
-            tree[IGNORE_FILE] = stat_sig(os.stat(os.path.join(self.promoter.root, IGNORE_FILE)))
-        except OSError:
-            pass
-        for relpath, kind, st in walk(self.promoter.root, self.promoter.rules):
-            tree[relpath] = kind if kind == "dir" else stat_sig(st)
-        return tree
+        self._debounce = debounce
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self):
         self._thread.start()
         return self
 
+    def scan(self):
+        """Index the whole tree (the first time, or after the watch broke)."""
+        self._debounce.retry(self._refresh(None, frozenset(), 0.0))
+
+    def _on_dir(self, relpath):
+        """Called for each folder just before it is listed."""
+
+    def _recheck(self):
+        """Paths changed while the last batch was read."""
+        return ()
+
+    def _refresh(self, paths, held, min_age):
+        return self.promoter.refresh(paths, held, min_age, self._on_dir, self._recheck)
+
+    def _apply(self, paths, rescan, held):
+        """Publish a due batch. A change of the ignore file reloads the rules
+        and rescans; an error while applying a batch falls back to a full
+        rescan."""
+        full = rescan or IGNORE_FILE in paths
+        if IGNORE_FILE in paths:
+            self.promoter.reload_rules()
+        try:
+            retry = self._refresh(None if full else paths, held, self.min_age)
+        except WatchUnavailable:
+            raise
+        except Exception:  # noqa: a bug here must not leave a stale index
+            log.exception("updating the index failed; rescanning the whole tree")
+            retry = self._refresh(None, held, self.min_age)
+        self._debounce.retry(retry)
+
+    def _run(self):
+        backoff = 0.1
+        while not self._stopped.is_set():
+            try:
+                self._step()
+                backoff = 0.1
+            except WatchUnavailable as e:
+                self._hand_over(e)
+                return
+            except Exception:  # noqa: the watch must go on, whatever happened
+                log.exception("the watcher hit an unexpected error; rescanning in %gs", backoff)
+                self._debounce.request_rescan()
+                self._stopped.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _hand_over(self, reason):
+        raise NotImplementedError
+
+
+class PollingWatcher(Watcher):
+    """Finds changes by walking the tree with stat every `interval` seconds.
+
+    It cannot see a writer close a file, so a change is published only once
+    walks POLL_SETTLE apart stop finding new changes, and a file whose
+    change time is more recent than that is read later.
+    """
+
+    min_age = POLL_SETTLE
+
+    def __init__(self, promoter, interval=1.0):
+        super().__init__(promoter, Debouncer(POLL_SETTLE, POLL_SETTLE), "poll")
+        self.interval = interval
+        self._seen = {}
+        self._next_walk = 0.0
+
     def stop(self):
-        self._stop.set()
+        self._stopped.set()
         if self._thread.is_alive():
             self._thread.join()
 
-    def _run(self):
-        debounce = Debouncer(quiet=POLL_SETTLE)
-        next_walk = time.monotonic() + self.interval
-        while True:
-            due = debounce.due_time()
-            wake = next_walk if due is None else min(next_walk, due)
-            if self._stop.wait(max(0.0, wake - time.monotonic())):
-                return
-            tree = self._stat_tree()
+    def scan(self):
+        self._seen = self._stat_tree() or {}
+        super().scan()
+
+    def _stat_tree(self):
+        """{relpath: "dir" or stat sig} of the tree, or None if the root is missing."""
+        tree = {}
+        try:
+            tree[IGNORE_FILE] = stat_sig(os.stat(os.path.join(self.promoter.root, IGNORE_FILE)))
+        except OSError:
+            pass
+        try:
+            for relpath, kind, st in walk(self.promoter.root, self.promoter.rules,
+                                          notices=self.promoter.notices):
+                tree[relpath] = kind if kind == "dir" else stat_sig(st)
+        except RootMissing:
+            return None
+        return tree
+
+    def _step(self):
+        due = self._debounce.due_time()
+        wake = self._next_walk if due is None else min(self._next_walk, due)
+        if self._stopped.wait(max(0.0, wake - time.monotonic())):
+            return
+        tree = self._stat_tree()
+        self._next_walk = time.monotonic() + self.interval
+        if tree is None:
+            self.promoter.refresh([])  # notes that the root is gone; publishes nothing
+        else:
             for path in set(tree) | set(self._seen):
                 if tree.get(path) != self._seen.get(path):
-                    debounce.add(path)
+                    self._debounce.add(path, writing=True)
             self._seen = tree
-            next_walk = time.monotonic() + self.interval
-            batch = debounce.take()
-            if batch:
-                publish_batch(self.promoter, *batch)
-                if IGNORE_FILE in batch[0]:
-                    self._seen = self._stat_tree()  # the new rules walk other folders
+            if self.promoter.root_missing:
+                self._debounce.request_rescan()  # back, maybe exactly as it was
+        batch = self._debounce.take()
+        if batch:
+            self._apply(*batch)
+            if IGNORE_FILE in batch[0]:
+                self._seen = self._stat_tree() or {}  # the new rules walk other folders
 
 
 # inotify(7) constants and the event header: int wd; uint32 mask, cookie, len.
@@ -635,6 +1090,7 @@ IN_CREATE = 0x100
 IN_DELETE = 0x200
 IN_DELETE_SELF = 0x400
 IN_MOVE_SELF = 0x800
+IN_UNMOUNT = 0x2000
 IN_Q_OVERFLOW = 0x4000
 IN_IGNORED = 0x8000
 IN_ONLYDIR = 0x01000000
@@ -655,7 +1111,10 @@ class WatchUnavailable(Exception):
 def load_libc():
     """libc with the inotify calls declared, or raise WatchUnavailable."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the interpreter's own libc (glibc, musl)
+        if not hasattr(libc, "inotify_init1"):
+            from ctypes.util import find_library
+            libc = ctypes.CDLL(find_library("c") or None, use_errno=True)
     except (OSError, RuntimeError) as e:
         raise WatchUnavailable("cannot load libc: %s" % e)
     if not hasattr(libc, "inotify_init1"):
@@ -691,17 +1150,20 @@ def watch_limit_message():
             "to keep it)" % limit)
 
 
-class InotifyWatcher:
+class InotifyWatcher(Watcher):
     """Watches every folder of the tree with inotify, in one thread.
 
     Events only mark paths dirty; what changed is read from the disk when
-    the Debouncer says a batch is due. New folders are watched before they
-    are scanned; a lost event queue (IN_Q_OVERFLOW) triggers a rescan. If
-    the watch limit is hit at run time, it hands over to a PollingWatcher.
+    the Debouncer says a batch is due, and a path with new events by the
+    time it was read keeps its last entry. New folders are watched before
+    they are listed; a lost event queue (IN_Q_OVERFLOW) triggers a rescan.
+    If the folder at the root path goes away or is replaced, the watches
+    are dropped and armed again when a folder is back. If the watch limit
+    is hit at run time, it hands over to a PollingWatcher.
     """
 
     def __init__(self, promoter, poll_interval=1.0):
-        self.promoter = promoter
+        super().__init__(promoter, Debouncer(), "inotify")
         self.poll_interval = poll_interval
         self.replacement = None  # the PollingWatcher taking over, if any
         self._libc = load_libc()
@@ -710,42 +1172,39 @@ class InotifyWatcher:
         except OSError as e:
             raise WatchUnavailable("inotify_init1: %s" % e.strerror)
         self._wake_r, self._wake_w = os.pipe()
+        self._poller = select.poll()
+        self._poller.register(self._fd, select.POLLIN)
+        self._poller.register(self._wake_r, select.POLLIN)
         self._wd_path = {}
         self._path_wd = {}
-        self._debounce = Debouncer()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="inotify", daemon=True)
-        try:
-            self._sync_watches()
-        except WatchUnavailable:
-            self._close_fds()
-            raise
-
-    def start(self):
-        self._thread.start()
-        return self
+        self._root_watched = None  # (device, inode) of the folder watched as the root
+        self._next_root_check = 0.0
+        self._visited = set()
 
     def stop(self):
-        if self._stop:
+        if self._stopped.is_set():
             return
-        self._stop = True
+        self._stopped.set()
         os.write(self._wake_w, b"x")
         if self._thread.is_alive():
             self._thread.join()
         if self.replacement:
             self.replacement.stop()
-        self._close_fds()
+        self.close()
 
-    def _close_fds(self):
+    def close(self):
         for fd in (self._fd, self._wake_r, self._wake_w):
             try:
                 os.close(fd)
             except OSError:
                 pass
 
+    def _on_dir(self, relpath):
+        self._visited.add(relpath)
+        self._add_watch(relpath)
+
     def _add_watch(self, relpath):
-        """Watch one folder; False if it is already gone. Raises
-        WatchUnavailable on the watch limit."""
+        """Watch one folder. Raises WatchUnavailable on the watch limit."""
         path = os.path.join(self.promoter.root, relpath) if relpath else self.promoter.root
         try:
             wd = libc_call(self._libc.inotify_add_watch, self._fd, os.fsencode(path), WATCH_MASK)
@@ -753,19 +1212,21 @@ class InotifyWatcher:
             if e.errno == errno.ENOSPC:
                 raise WatchUnavailable(watch_limit_message())
             if e.errno not in (errno.ENOENT, errno.ENOTDIR):
-                log.warning("%s: cannot watch (%s)", relpath or ".", e.strerror)
-            return False
+                self.promoter.notices.warn(relpath or ".", "cannot watch (%s)" % e.strerror)
+            return
         old = self._wd_path.get(wd)
         if old is not None and old != relpath:
             self._path_wd.pop(old, None)  # same inode seen under a new name
         self._wd_path[wd] = relpath
         self._path_wd[relpath] = wd
-        return True
+        if not relpath:
+            self._root_watched = root_identity(self.promoter.root)
 
     def _forget(self, relpath):
-        """Drop the watches of a folder and everything below it."""
+        """Drop the watches of a folder and everything below it ("": all)."""
         prefix = relpath + "/"
-        for path in [p for p in self._path_wd if p == relpath or p.startswith(prefix)]:
+        for path in [p for p in self._path_wd
+                     if not relpath or p == relpath or p.startswith(prefix)]:
             wd = self._path_wd.pop(path)
             if self._wd_path.get(wd) == path:
                 del self._wd_path[wd]
@@ -773,47 +1234,64 @@ class InotifyWatcher:
                     libc_call(self._libc.inotify_rm_watch, self._fd, wd)
                 except OSError:
                     pass  # EINVAL: the kernel already removed it
+        if not relpath:
+            self._root_watched = None
 
     def _watch_tree(self, relpath):
-        """Watch a folder and every folder below it (each watched before it
-        is listed, so files created meanwhile are caught by the index walk);
-        return the folders now watched."""
-        if not self._add_watch(relpath):
-            return set()
-        watched = {relpath}
-        for sub, kind, _ in walk(self.promoter.root, self.promoter.rules, relpath):
-            if kind == "dir" and self._add_watch(sub):
-                watched.add(sub)
-        return watched
-
-    def _sync_watches(self):
-        """Make the watches match the tree under the current rules."""
-        wanted = self._watch_tree("")
-        for relpath in [p for p in self._path_wd if p not in wanted]:
-            self._forget(relpath)
-
-    def _run(self):
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        """Watch a folder and every folder below it, each before it is listed."""
         try:
-            while not self._stop:
-                due = self._debounce.due_time()
-                timeout = None if due is None else max(0, int((due - time.monotonic()) * 1000) + 1)
-                for fd, _ in poller.poll(timeout):
-                    if fd == self._fd:
-                        self._read_events()
-                batch = self._debounce.take()
-                if batch:
-                    publish_batch(self.promoter, *batch, rules_changed=self._sync_watches)
-        except WatchUnavailable as e:
-            log.warning("%s; switching to polling every %gs", e, self.poll_interval)
-            self._forget("")
-            replacement = PollingWatcher(self.promoter, self.poll_interval)
-            self.promoter.rescan()  # before the poller starts: one writer at a time
-            self.replacement = replacement.start()
-        except Exception:  # noqa: report a bug instead of dying silently
-            log.exception("the inotify watcher stopped; restart promoter")
+            for _ in walk(self.promoter.root, self.promoter.rules, relpath, self._add_watch,
+                          self.promoter.notices):
+                pass
+        except RootMissing:
+            pass
+
+    def _refresh(self, paths, held, min_age):
+        self._visited = set()
+        retry = super()._refresh(paths, held, min_age)
+        if "" in self._visited:  # a full scan: drop the watches of folders gone or ignored
+            for relpath in [p for p in self._path_wd if p not in self._visited]:
+                self._forget(relpath)
+        return retry
+
+    def _recheck(self):
+        self._read_events()
+        return set(self._debounce.pending)
+
+    def _check_root(self):
+        """Every ROOT_CHECK seconds (at once after an event on the root
+        itself): is the folder watched still the one at the root path?"""
+        now = time.monotonic()
+        if now < self._next_root_check:
+            return
+        self._next_root_check = now + ROOT_CHECK
+        identity = root_identity(self.promoter.root)
+        if identity == self._root_watched:
+            return
+        if self._root_watched is not None:
+            self._forget("")  # they watch a folder moved away, deleted or unmounted
+        if identity is not None:
+            # Watch first: the events of a copy still going on hold the rescan back.
+            self._watch_tree("")
+        self._debounce.request_rescan()
+
+    def _step(self):
+        due = self._debounce.due_time()
+        wake = self._next_root_check if due is None else min(due, self._next_root_check)
+        for fd, _ in self._poller.poll(max(0, int((wake - time.monotonic()) * 1000) + 1)):
+            if fd == self._fd:
+                self._read_events()
+        self._check_root()
+        batch = self._debounce.take()
+        if batch:
+            self._apply(*batch)
+
+    def _hand_over(self, reason):
+        log.warning("%s; switching to polling every %gs", reason, self.poll_interval)
+        self._forget("")
+        replacement = PollingWatcher(self.promoter, self.poll_interval)
+        replacement.scan()  # before the poller starts: one writer at a time
+        self.replacement = replacement.start()
 
     def _read_events(self):
         while True:
@@ -841,10 +1319,9 @@ class InotifyWatcher:
             if self._path_wd.get(folder) == wd:
                 del self._path_wd[folder]
             return
-        if mask & (IN_DELETE_SELF | IN_MOVE_SELF):
+        if mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT):
             if folder == "":
-                log.warning("the root folder was moved or deleted; restart promoter")
-                self._debounce.request_rescan()
+                self._next_root_check = 0.0  # checked right after this read
             return  # a subfolder: its parent reports the DELETE/MOVED_FROM
         relpath = folder + "/" + name if folder else name
         if relpath != IGNORE_FILE and self.promoter.rules.ignored(relpath):
@@ -861,18 +1338,24 @@ class InotifyWatcher:
 
 def start_watcher(promoter, poll=None):
     """Start the inotify watcher, or the polling one if `poll` (seconds) is
-    given or inotify cannot be used here. Returns it (call .stop())."""
+    given or inotify cannot be used here. The watcher makes the first scan,
+    watching each folder as it lists it. Returns it (call .stop())."""
     watcher = None
     if poll is None:
         try:
             watcher = InotifyWatcher(promoter)
+            watcher.scan()
         except WatchUnavailable as e:
+            if watcher:
+                watcher.close()
+                watcher = None
             log.warning("%s; polling every 1s instead", e)
             poll = 1.0
-    watcher = watcher or PollingWatcher(promoter, poll)
-    # The index was built before the watch began: look once more, so a file
-    # saved in between is not missed (unchanged files are not read again).
-    promoter.rescan()
+    if watcher is None:
+        watcher = PollingWatcher(promoter, poll)
+        watcher.scan()
+    for kind in ("version", "files", "files.txt"):
+        promoter.snapshot.body(kind)  # the first answers are ready at once
     return watcher.start()
 
 
@@ -1302,7 +1785,9 @@ def export_static(root, out, port=DEFAULT_PORT, default_ignores=True):
     out = os.path.realpath(out)
     if not os.path.isdir(root):
         raise PromoterError("root %s: not a folder" % root)
-    snapshot = Snapshot.scan(root, Rules.load(root, default_ignores))
+    snapshot, unsettled = Snapshot.scan(root, Rules.load(root, default_ignores))
+    if unsettled:
+        raise PromoterError("%s changed during the export; run it again" % summary(sorted(unsettled)))
     try:
         os.makedirs(os.path.join(out, "files"), exist_ok=True)
         for entry in snapshot.entries:

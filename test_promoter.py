@@ -1180,7 +1180,7 @@ class Board:
 
 def tree_files(root, rules=None):
     """{relative path: bytes} of the files a server of `root` serves."""
-    snapshot = promoter.Snapshot.scan(os.path.realpath(root), rules or promoter.Rules.load(root))
+    snapshot = promoter.Snapshot.scan(os.path.realpath(root), rules or promoter.Rules.load(root))[0]
     found = {}
     for entry in snapshot.entries:
         with open(os.path.join(root, entry.path), "rb") as f:
@@ -2074,12 +2074,12 @@ def bench_incremental(scratch, count, runs):
     root = os.path.join(scratch, "incr%d" % count)
     make_tree(root, count)
     rules = promoter.Rules.load(root)
-    snapshot = promoter.Snapshot.scan(root, rules)
+    snapshot = promoter.Snapshot.scan(root, rules)[0]
     one, bodies, rescan = [], [], []
     for i in range(runs):
         write(root, "d000/f00000.py", "change %d\n" % i)
         start = time.process_time()
-        snapshot = snapshot.updated(root, rules, ["d000/f00000.py"])
+        snapshot = snapshot.updated(root, rules, ["d000/f00000.py"])[0]
         one.append(time.process_time() - start)
         start = time.process_time()
         snapshot.body("files.txt")
@@ -2146,7 +2146,7 @@ def bench_requests(scratch, seconds):
     root = os.path.join(scratch, "rps")
     write(root, "main.py", "print('hello')\n")
     write(root, "payload.bin", os.urandom(4096))
-    snapshot = promoter.Snapshot.scan(root, promoter.Rules.load(root))
+    snapshot = promoter.Snapshot.scan(root, promoter.Rules.load(root))[0]
     cs = snapshot.by_path["payload.bin"].checksum
     # What users of other tools run: the same bytes as static files.
     static = os.path.join(scratch, "static")
