@@ -931,13 +931,11 @@ class Debouncer:
         """Monotonic time the pending batch is due, or None if nothing is pending."""
         if not self.pending and not self.rescan:
             return None
-        due = self.last + self.quiet
-        writes = [started + self.settle for started in self.pending.values() if started is not None]
-        if writes:
-            due = max(due, max(writes))
-        if self.rescan or len(writes) < len(self.pending):
-            due = min(due, self.first + self.cap)  # something can go without the writers
-        return due
+        # When each path may go: at once, or once its writer has been still for `settle`.
+        ready = [0.0 if t is None else t + self.settle for t in self.pending.values()]
+        due = max([self.last + self.quiet] + ready)  # all quiet and settled
+        soonest = 0.0 if self.rescan else min(ready, default=0.0)
+        return min(due, max(self.first + self.cap, soonest))  # the cap: what is ready goes
 
     def take(self):
         """(paths, rescan, held) if the batch is due, else None; the held
@@ -1634,6 +1632,7 @@ class PromoterServer(ThreadingHTTPServer):
             "root": self.promoter.root,
             "version": snapshot.version,
             "changed_at": self.promoter.changed_at,
+            "root_missing": self.promoter.root_missing,
             "token_required": bool(self.token),
             "waiting_requests": self.promoter.waiting,
             "files": [{"path": e.path, "size": e.size, "checksum": e.checksum}
@@ -1669,6 +1668,7 @@ code,.mono{font-family:ui-monospace,monospace}.ok{color:#080}.behind{color:#b60}
 <h1>promoter</h1>
 <p>Serving <code id="root"></code>, version <code id="version"></code>,
 changed <span id="changed"></span>. <span id="state" class="err"></span></p>
+<p id="root-state" class="err"></p>
 <h2>Boards (<span id="device-count">0</span>)</h2>
 <table><thead><tr><th>board</th><th>address</th><th>version</th><th>state</th>
 <th>last seen</th><th>last error</th></tr></thead><tbody id="devices"></tbody></table>
@@ -1699,6 +1699,8 @@ function fill(id, rows) {
 function show(s) {
   text("root", s.root); text("version", s.version.slice(0, 12));
   text("changed", ago(s.changed_at));
+  text("root-state", s.root_missing ? "The root folder is missing (moved, deleted or unmounted): " +
+       "boards keep getting this version until a folder is back at that path." : "");
   text("device-count", s.devices.length); text("file-count", s.files.length);
   fill("devices", s.devices.map(function (d) {
     return [[d.id], [d.address], [d.version.slice(0, 12)],
@@ -2391,18 +2393,30 @@ def watch(url, main_dir="/", on_update=None, wait=60, interval=2, **kw):
 # --- CLI -------------------------------------------------------------------------
 
 
+def lan_addresses():
+    """The machine's LAN IPv4 addresses, the one of the default route first."""
+    found = []
+    try:
+        # A UDP connect sends nothing; it only picks the route and so the address.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))
+            found.append(probe.getsockname()[0])
+    except OSError:
+        pass
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            found.append(info[4][0])
+    except OSError:
+        pass
+    return [a for a in dict.fromkeys(found) if not a.startswith(("127.", "0."))]
+
+
 def lan_urls(host, port):
     """URLs a board on the network can use to reach the server."""
     if host not in ("", "0.0.0.0", "::"):
         return ["http://%s:%d" % (("[%s]" % host) if ":" in host else host, port)]
-    addresses = set()
-    try:
-        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-            addresses.add(info[4][0])
-    except OSError:
-        pass
-    lan = sorted(a for a in addresses if not a.startswith("127."))
-    return ["http://%s:%d" % (a, port) for a in lan] or ["http://%s:%d" % (socket.gethostname(), port)]
+    hosts = lan_addresses() or [socket.gethostname()]  # a name a board may not resolve
+    return ["http://%s:%d" % (h, port) for h in hosts]
 
 
 def port_number(text):

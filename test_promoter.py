@@ -339,7 +339,7 @@ class IgnoreTest(PromoterTest):
 # --- live watch ------------------------------------------------------------------
 
 
-class WatchTests:
+class WatchHelpers:
     """Mixed into a TestCase with POLL set (None: inotify; seconds: polling)."""
 
     POLL = None
@@ -365,6 +365,10 @@ class WatchTests:
         data = ("marker %f" % time.time()).encode()
         write(self.root, "zz-marker.txt", data)
         self.wait_content(served, "zz-marker.txt", data)
+
+
+class WatchTests(WatchHelpers):
+    """Editor saves and folder changes, for both watchers."""
 
     def test_write_in_place_gives_one_version(self):
         served = self.start()
@@ -569,6 +573,316 @@ class PollingWatchTest(WatchTests, PromoterTest):
         served = self.start()
         write(self.root, ".promoterignore", "lib/\n")
         served.wait_for(lambda f: sorted(f) == ["main.py"], message="lib ignored")
+
+
+# --- what is published: only real, complete states of the folder ----------------
+
+
+def parse_files_txt(body):
+    """(version, {path: checksum}) of a /files.txt body."""
+    lines = body.decode("utf-8").split("\n")[:-1]
+    return lines[0], {line.split(" ", 2)[2]: line.split(" ", 1)[0] for line in lines[1:]}
+
+
+class Recorder:
+    """Reads /files.txt over and over on a thread, as a fleet of boards
+    would, and keeps every answer."""
+
+    def __init__(self, served):
+        self.port = served.port
+        self.answers = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        while not self._stop.is_set():
+            conn.request("GET", "/files.txt")
+            self.answers.append(parse_files_txt(conn.getresponse().read()))
+        conn.close()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        return self.answers
+
+
+def make_deep(top, names):
+    """Nested folders top/names[0]/names[1]/... (made through descriptors: the
+    whole path may be longer than the system allows) and a file at the bottom."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in names:
+            os.mkdir(name, dir_fd=fd)
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        with open(os.open("bottom.py", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+            f.write("deep\n")
+    finally:
+        os.close(fd)
+
+
+def remove_tree(path):
+    # shutil.rmtree of Python < 3.12 recurses: too deep for a 1,000-level tree.
+    subprocess.run(["rm", "-rf", path], check=True)
+
+
+class PublishTests(WatchHelpers):
+    """A board applies every version it is given, so a version must be a
+    real, complete state of the folder: never a file mid-write, never a
+    missing root, never a file outside the root."""
+
+    def assert_only(self, answers, path, allowed):
+        """Every answer lists `path`, with one of the `allowed` contents."""
+        sums = {checksum(data, path) for data in allowed}
+        missing = sum(1 for _, files in answers if path not in files)
+        wrong = sum(1 for _, files in answers if path in files and files[path] not in sums)
+        self.assertEqual((missing, wrong), (0, 0),
+                         "of %d answers, %d lack %s and %d list bytes it never held as a whole"
+                         % (len(answers), missing, path, wrong))
+
+    def save_loop(self, atomic, seconds=promoter.DEBOUNCE_CAP + 1):
+        """Save main.py (100 KB) over and over, for longer than the debounce
+        cap, while a board reads the list."""
+        served = self.start()
+        main = os.path.join(self.root, "main.py")
+        saved = [b"initial main.py\n"]
+        recorder = Recorder(served)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            data = ("print(%d)\n" % len(saved)).encode() * 10000
+            saved.append(data)
+            with open(main + ".tmp" if atomic else main, "wb") as f:
+                f.write(data[:1000])
+                f.flush()
+                f.write(data[1000:])
+            if atomic:
+                os.replace(main + ".tmp", main)
+        self.wait_content(served, "main.py", saved[-1])
+        answers = recorder.stop()
+        self.assertGreater(len(answers), 20)
+        self.assert_only(answers, "main.py", saved)
+        self.assertEqual(self.log.messages(logging.ERROR), [])
+
+    def test_a_loop_of_in_place_saves_never_drops_or_half_publishes_the_file(self):
+        self.save_loop(atomic=False)
+
+    def test_a_loop_of_atomic_saves_never_drops_the_file(self):
+        self.save_loop(atomic=True)
+
+    def test_a_slow_writer_is_published_only_when_complete(self):
+        served = self.start()
+        recorder = Recorder(served)
+        # Longer than the debounce cap, in pauses shorter than the watcher's settle time.
+        count, pause = (12, 0.3) if self.POLL is None else (30, 0.1)
+        chunks = [("line %d\n" % i).encode() * 100 for i in range(count)]
+        with open(os.path.join(self.root, "main.py"), "wb") as f:
+            for i, chunk in enumerate(chunks):
+                f.write(chunk)
+                f.flush()
+                if i == 1:  # another change in the same burst is not held back
+                    write(self.root, "lib/util.py", "changed meanwhile\n")
+                time.sleep(pause)  # the writer's pace (a copy over the network)
+            changed_before_done = served.files()["lib/util.py"]["checksum"]
+        self.wait_content(served, "main.py", b"".join(chunks))
+        self.assert_only(recorder.stop(), "main.py", [b"initial main.py\n", b"".join(chunks)])
+        self.assertEqual(changed_before_done, checksum(b"changed meanwhile\n", "lib/util.py"))
+
+    def test_the_root_removed_keeps_the_last_version_until_a_folder_is_back(self):
+        served = self.start()
+        before = served.get_json("/files")
+        recorder = Recorder(served)
+        shutil.rmtree(self.root)  # a build step: rm -rf out && cp -r src out
+        wait_until(lambda: served.get_json("/status.json")["root_missing"], message="root missing")
+        self.assertEqual(served.get_json("/files"), before)
+        source = os.path.join(self.tmp, "src")
+        write(source, "main.py", "copied\n")
+        write(source, "lib/new.py", "new\n")
+        shutil.copytree(source, self.root)
+        served.wait_for(lambda f: sorted(f) == ["lib/new.py", "main.py"], message="the copy")
+        self.assert_served_exactly(served, ["main.py", "lib/new.py"])
+        self.assertFalse(served.get_json("/status.json")["root_missing"])
+        write(self.root, "lib/later.py", "watched again\n")  # watched again
+        served.wait_for(lambda f: "lib/later.py" in f, message="a save after the copy")
+        answers = recorder.stop()
+        self.assertEqual([a for a in answers if not a[1]], [])  # never 0 files
+        gone = [m for m in self.log.messages(logging.WARNING) if "is gone" in m]
+        self.assertEqual(len(gone), 1, gone)
+        self.assertTrue(any("is back" in m for m in self.log.messages(logging.WARNING)))
+
+    def test_the_root_renamed_and_renamed_back(self):
+        served = self.start()
+        version = served.version()
+        moved = os.path.join(self.tmp, "moved")
+        os.rename(self.root, moved)
+        wait_until(lambda: served.get_json("/status.json")["root_missing"], message="root missing")
+        write(moved, "main.py", "edited while away\n")
+        self.assertEqual(served.version(), version)
+        os.rename(moved, self.root)
+        self.wait_content(served, "main.py", b"edited while away\n")
+        self.assertFalse(served.get_json("/status.json")["root_missing"])
+        write(self.root, "lib/util.py", "saved after\n")
+        self.wait_content(served, "lib/util.py", b"saved after\n")
+        self.assert_served_exactly(served, ["main.py", "lib/util.py"])
+
+    def test_an_empty_root_is_served_empty_with_a_warning(self):
+        served = self.start()
+        os.remove(os.path.join(self.root, "main.py"))
+        shutil.rmtree(os.path.join(self.root, "lib"))
+        served.wait_for(lambda f: f == {}, message="an empty version")
+        self.assertFalse(served.get_json("/status.json")["root_missing"])
+        self.assertTrue(any("has no files (it had 2)" in m
+                            for m in self.log.messages(logging.WARNING)), self.log.messages())
+
+    def test_kind_changes_in_one_burst(self):
+        served = self.start(("main.py", "lib/util.py", "config"))
+        shutil.rmtree(os.path.join(self.root, "lib"))  # a folder becomes a file
+        write(self.root, "lib", "now a file\n")
+        os.remove(os.path.join(self.root, "config"))  # a file becomes a folder
+        write(self.root, "config/a.py", "now a folder\n")
+        served.wait_for(lambda f: sorted(f) == ["config/a.py", "lib", "main.py"], message="1")
+        self.assert_served_exactly(served, ["main.py", "lib", "config/a.py"])
+        os.remove(os.path.join(self.root, "lib"))  # and back
+        write(self.root, "lib/util.py", "a folder again\n")
+        shutil.rmtree(os.path.join(self.root, "config"))
+        write(self.root, "config", "a file again\n")
+        served.wait_for(lambda f: sorted(f) == ["config", "lib/util.py", "main.py"], message="2")
+        self.assert_served_exactly(served, ["main.py", "lib/util.py", "config"])
+        write(self.root, "lib/more.py", "the new folder is watched\n")
+        served.wait_for(lambda f: "lib/more.py" in f, message="lib/more.py")
+        self.assertEqual(self.log.messages(logging.ERROR), [])
+
+    def test_a_folder_swapped_for_a_symlink_to_outside_is_never_served(self):
+        served = self.start()
+        outside = os.path.join(self.tmp, "outside")
+        write(outside, "util.py", "initial lib/util.py\n")  # the same bytes as the served file
+        write(outside, "secret.py", "SECRET = 1\n")
+        recorder = Recorder(served)
+        shutil.rmtree(os.path.join(self.root, "lib"))
+        os.symlink(outside, os.path.join(self.root, "lib"))
+        write(self.root, "lib/util.py", "written through the link\n")  # in the same burst
+        self.settle(served)
+        answers = recorder.stop()
+        self.assertEqual(sorted(served.files()), ["main.py", "zz-marker.txt"])
+        leaked = {p for _, files in answers for p in files if p.startswith("lib/")} - {"lib/util.py"}
+        self.assertEqual(leaked, set())
+        # Listed until the index caught up, lib/util.py was never served from outside.
+        for _, files in answers[-5:]:
+            self.assertNotIn("lib/util.py", files)
+
+    def test_deep_and_long_paths_are_skipped_and_the_watch_goes_on(self):
+        write(self.root, "main.py", "main\n")
+        self.addCleanup(remove_tree, self.tmp)
+        make_deep(self.root, ["d"] * 1000)  # deeper than any recursion limit
+        make_deep(self.root, ["n%03d" % i + "x" * 246 for i in range(18)])  # longer than PATH_MAX
+        served = self.serve(poll=self.POLL)
+        self.assertEqual(sorted(served.files()), ["main.py"])
+        warnings = self.log.messages(logging.WARNING)
+        self.assertEqual(len([m for m in warnings if "more than 128 folders deep" in m]), 1, warnings)
+        self.assertEqual(len([m for m in warnings if "longer than the system allows" in m]), 1)
+        elsewhere = os.path.join(self.tmp, "elsewhere")
+        os.mkdir(elsewhere)
+        make_deep(elsewhere, ["e"] * 1000)
+        os.rename(os.path.join(elsewhere, "e"), os.path.join(self.root, "e"))  # moved in at run time
+        write(self.root, "e/shallow.py", "shallow\n")
+        served.wait_for(lambda f: "e/shallow.py" in f, message="e/shallow.py")
+        write(self.root, "main.py", "saved later\n")
+        self.wait_content(served, "main.py", b"saved later\n")
+        self.assertEqual(self.log.messages(logging.ERROR), [])
+
+    def test_many_new_files_are_published_complete(self):
+        for i in range(2000):
+            write(self.root, "d%02d/f%04d.py" % (i % 20, i), "old %d\n" % i)
+        served = self.serve(poll=self.POLL)
+        recorder = Recorder(served)
+        new = {"d%02d/n%04d.py" % (i % 20, i): ("new %d\n" % i).encode() * 50 for i in range(600)}
+        for path, data in new.items():
+            write(self.root, path, data)
+        served.wait_for(lambda f: len(f) == 2600, timeout=20, message="the new files")
+        answers = recorder.stop()
+        wrong = [(p, cs) for _, files in answers for p, cs in files.items()
+                 if p in new and cs != checksum(new[p], p)]
+        self.assertEqual(wrong, [])
+        self.assertEqual(self.log.messages(logging.ERROR), [])
+
+
+class InotifyPublishTest(PublishTests, PromoterTest):
+    POLL = None
+
+
+class PollingPublishTest(PublishTests, PromoterTest):
+    POLL = 0.05
+
+
+class ServingTest(PromoterTest):
+    """What is read to answer a request, with an index that lags behind the
+    disk (a polling watcher that will not walk during the test)."""
+
+    def setUp(self):
+        super().setUp()
+        write(self.root, "main.py", "print(1)\n")
+        write(self.root, "lib/util.py", "X = 1\n")
+        self.served = self.serve(poll=3600, max_connections=2)
+        self.sums = {p: f["checksum"] for p, f in self.served.files().items()}
+
+    def test_a_file_replaced_by_a_fifo_answers_404_at_once_and_frees_its_slot(self):
+        main = os.path.join(self.root, "main.py")
+        os.remove(main)
+        os.mkfifo(main)
+        for _ in range(4):  # more than the 2 connection slots: none is kept
+            status, _, body = self.served.request("/files/" + self.sums["main.py"], timeout=5)
+            self.assertEqual(status, 404, body)
+        self.assertEqual(self.served.request("/files/version")[0], 200)
+
+    def test_a_folder_swapped_for_a_symlink_is_not_served_through_it(self):
+        outside = os.path.join(self.tmp, "outside")
+        write(outside, "util.py", "X = 1\n")  # the same bytes: the checksum would match
+        shutil.rmtree(os.path.join(self.root, "lib"))
+        os.symlink(outside, os.path.join(self.root, "lib"))
+        status, _, body = self.served.request("/files/" + self.sums["lib/util.py"])
+        self.assertEqual(status, 404, body)
+        self.assertEqual(self.served.request("/files/" + self.sums["main.py"])[0], 200)
+
+
+class NamesTest(PromoterTest):
+    def test_unicode_control_format_and_separator_names_are_skipped_once(self):
+        bad = ["bidi\u202egp.py", "line\u2028sep.py", "para\u2029sep.py", "nel\x85.py",
+               "zero\u200bwidth.py", "bom\ufeff.py"]
+        for name in bad + ["é.py", "main.py"]:
+            write(self.root, name, "x\n")
+        os.mkfifo(os.path.join(self.root, "fifo"))
+        served = self.serve()
+        self.assertEqual(sorted(served.files()), ["main.py", "é.py"])
+        write(self.root, ".promoterignore", "# a full rescan\n")
+        served.wait_for(lambda f: True)
+        write(self.root, "main.py", "saved\n")
+        served.wait_for(lambda f: f["main.py"]["checksum"] == checksum(b"saved\n", "main.py"))
+        warnings = self.log.messages(logging.WARNING)
+        for name in bad:
+            said = [m for m in warnings if m.startswith(ascii(name))]
+            self.assertEqual(len(said), 1, (name, warnings))
+        self.assertEqual(len([m for m in warnings if m.startswith("fifo: not a regular file")]), 1)
+
+
+class RulesTest(PromoterTest):
+    def test_a_catastrophic_ignore_rule_is_rejected_and_the_server_answers(self):
+        name = "a" * 40 + "!"
+        write(self.root, ".promoterignore", "(a+)+$\n.*\\.log\n")
+        for p in (name, "x.log", "main.py"):
+            write(self.root, p, p)
+        proc = CliProcess(self, ["--root", self.root, "--port", "0"])
+        self.assertEqual(proc.paths(), [name, "main.py"])  # the other rule still applies
+        self.assertIn("line 1: '(a+)+$' takes too long to match", proc.stderr)
+        write(self.root, "x" * 40, "x")
+        write(self.root, ".promoterignore", ".*\\.log\n(x+x+)+y\n")  # added at run time
+        wait_until(lambda: "line 2: '(x+x+)+y' takes too long" in proc.stderr, timeout=10,
+                   message="the rule rejected")
+        wait_until(lambda: "x" * 40 in proc.paths(), message="the file served")
+        start = time.monotonic()
+        self.assertEqual(proc.get("/files/version")[0], 200)
+        self.assertLess(time.monotonic() - start, 5)  # a frozen server would never answer
 
 
 class SnapshotTest(PromoterTest):
