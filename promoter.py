@@ -85,7 +85,7 @@ ROOT_CHECK = 0.5  # s between checks that the watched folder is still at the roo
 MAX_DEPTH = 128  # folders deeper than this are skipped (with a warning)
 PATH_MAX = 4096  # bytes, Linux's limit: longer paths are skipped (with a warning)
 RULE_DEADLINE = 0.5  # s an ignore rule may take on its probe names before it is rejected
-HASH_WORKERS = 4  # threads hashing a large batch (hashlib releases the GIL on big buffers)
+HASH_WORKERS = min(4, os.cpu_count() or 1)  # threads hashing a large batch
 HASH_CHUNK = 1 << 20
 MAX_WAIT = 300  # s, cap of ?wait=N
 MAX_URL = 2048
@@ -116,6 +116,15 @@ class Rules:
 
     def __init__(self, patterns):
         self.patterns = [re.compile(p) for p in patterns]
+        # One alternation is one fullmatch per path instead of one per rule;
+        # a rule with a back-reference keeps its own (the group numbers shift).
+        alone = [p for p in self.patterns if re.search(r"\\[1-9]|\(\?P=", p.pattern)]
+        try:
+            joined = [re.compile("|".join("(?:%s)" % p.pattern for p in self.patterns
+                                          if p not in alone))]
+        except re.error:  # e.g. inline flags, valid only at the start of a rule
+            joined, alone = [], self.patterns
+        self._matchers = joined + alone
 
     @classmethod
     def load(cls, root, defaults=True):
@@ -156,7 +165,7 @@ class Rules:
         """True if a rule matches this very path (its parents are not checked)."""
         if relpath == IGNORE_FILE:
             return True
-        for pattern in self.patterns:
+        for pattern in self._matchers:
             if pattern.fullmatch(relpath) or (is_dir and pattern.fullmatch(relpath + "/")):
                 return True
         return False
@@ -291,7 +300,9 @@ def path_problem(root, relpath):
             return "name has control, format or line separator characters"
     if relpath.count("/") >= MAX_DEPTH:
         return "more than %d folders deep" % MAX_DEPTH
-    if len(os.fsencode(root)) + 1 + len(os.fsencode(relpath)) >= PATH_MAX:
+    # At most 4 bytes a character: encode only the paths that may be too long.
+    if (len(root) + 1 + len(relpath)) * 4 >= PATH_MAX and \
+            len(os.fsencode(root)) + 1 + len(os.fsencode(relpath)) >= PATH_MAX:
         return "path longer than the system allows (%d bytes)" % PATH_MAX
     return None
 
@@ -406,15 +417,17 @@ def open_file(root, relpath, dir_fd=None):
 
 
 def read_whole(fd, size_hint, sink):
-    """Feed a file's bytes to `sink` (in chunks); return how many there were."""
+    """Feed a file's bytes to `sink` (in chunks); return how many there were.
+    A read shorter than asked for is taken as the end (callers compare the
+    count with the size fstat gives after reading)."""
     total = 0
     want = min(HASH_CHUNK, size_hint + 1)
     while True:
         chunk = os.read(fd, want)
-        if not chunk:
-            return total
         sink(chunk)
         total += len(chunk)
+        if len(chunk) < want:
+            return total
         want = HASH_CHUNK
 
 
@@ -506,8 +519,6 @@ def _listing(root, rules, top, on_dir, notices):
 
 def parallel(function, items, workers=HASH_WORKERS):
     """[function(item) for item in items], on up to `workers` threads."""
-    if workers < 2 or len(items) < 2:
-        return [function(item) for item in items]
     results = [None] * len(items)
     todo = iter(enumerate(items))
     lock = threading.Lock()
@@ -520,7 +531,8 @@ def parallel(function, items, workers=HASH_WORKERS):
                 return
             results[task[0]] = function(task[1])
 
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(workers - 1)]
+    threads = [threading.Thread(target=work, daemon=True)
+               for _ in range(min(workers, len(items)) - 1)]
     for thread in threads:
         thread.start()
     work()
@@ -530,14 +542,22 @@ def parallel(function, items, workers=HASH_WORKERS):
 
 
 def hash_files(root, files, known, min_age=0.0):
-    """{relpath: hash_file result} for [(relpath, kind, stat)]. Files of one
-    folder are read through one open descriptor of it; large batches are
-    hashed on several threads."""
-    groups = collections.OrderedDict()
-    for relpath, kind, _ in files:
-        groups.setdefault(relpath.rpartition("/")[0] if kind == "file" else None, []).append(relpath)
-    tasks = [(folder, paths[i:i + 64]) for folder, paths in groups.items()
-             for i in range(0, len(paths), 64)]
+    """{relpath: hash_file result} of [(relpath, kind, stat)] (a link's stat
+    is its target's). A file whose known entry was hashed at that very stat
+    keeps it unread. Files of one folder are read through one descriptor of
+    it, in tasks spread over HASH_WORKERS threads (os.read and hashlib
+    release the GIL). The walk is done before: walking while hashing makes
+    the two fight for the GIL and is slower."""
+    results, tasks = {}, []
+    for relpath, kind, st in files:
+        entry = known.get(relpath)
+        if entry is not None and entry.sig == stat_sig(st):
+            results[relpath] = entry
+            continue
+        folder = relpath.rpartition("/")[0] if kind == "file" else None  # links: by path
+        if not tasks or tasks[-1][0] != folder or len(tasks[-1][1]) >= 64:
+            tasks.append((folder, []))
+        tasks[-1][1].append(relpath)
 
     def run(task):
         folder, paths = task
@@ -551,8 +571,9 @@ def hash_files(root, files, known, min_age=0.0):
             if fd is not None:
                 os.close(fd)
 
-    workers = HASH_WORKERS if len(files) > 16 else 1
-    return dict(result for chunk in parallel(run, tasks, workers) for result in chunk)
+    for chunk in parallel(run, tasks):
+        results.update(chunk)
+    return results
 
 
 def under(path, folders):
@@ -612,17 +633,20 @@ class Snapshot:
             if folders:
                 for gone in [p for p in entries if under(p, folders)]:
                     del entries[gone]
-        found = []  # (relpath, kind, stat) of the files to read
+        # A reported path is always read: a rewrite of the same size within
+        # one coarse mtime tick would keep its stat.
+        explicit = set(paths or ())
+        known = {p: e for p, e in self.by_path.items() if p not in explicit}
+        found = []  # (relpath, kind, stat) of the files found
         for relpath in sorted(reported, key=path_key):
             entries.pop(relpath, None)
-            if relpath == "":
-                found.extend(item for item in walk(root, rules, "", on_dir, notices)
-                             if item[1] != "dir")
+            if not relpath:
+                kind = "dir"  # the whole tree
+            elif rules.ignored(relpath):
                 continue
-            if rules.ignored(relpath):
-                continue
-            st = lstat_beneath(root, relpath)
-            kind, st = classify(root, relpath, st) if st else (None, None)
+            else:
+                st = lstat_beneath(root, relpath)
+                kind, st = classify(root, relpath, st) if st else (None, None)
             if kind == "dir":
                 found.extend(item for item in walk(root, rules, relpath, on_dir, notices)
                              if item[1] != "dir")
@@ -634,12 +658,8 @@ class Snapshot:
                     found.append((relpath, kind, st))
             elif kind == "special":
                 notices.warn(relpath, "not a regular file; skipped")
-        explicit = set(paths or ())
-        # A reported path is always read: a rewrite of the same size within
-        # one coarse mtime tick would keep its stat.
-        known = {p: e for p, e in self.by_path.items() if p not in explicit}
-        reading = [item for item in found if item[0] not in hold]
-        results = hash_files(root, reading, known, min_age)
+        results = hash_files(root, [item for item in found if item[0] not in hold], known,
+                             min_age)
         links, retry = set(), set()
         for relpath, kind, _ in found:
             result = results.get(relpath, UNSETTLED)  # held: as if disturbed
