@@ -825,7 +825,7 @@ class Promoter:
         Returns the paths whose read was disturbed, to be read again."""
         for _ in range(3):
             identity = root_identity(self.root)
-            if identity is None:
+            if identity is None or self._unmounted(identity):
                 self._root_lost()
                 return set()
             full = paths is None or identity != self.root_id
@@ -851,6 +851,16 @@ class Promoter:
             return retry
         self._root_lost()
         return set()
+
+    def _unmounted(self, identity):
+        """True for an empty folder on another file system than the one
+        indexed: the mount point left by an unmounted card or share."""
+        if self.root_id is None or identity[0] == self.root_id[0] or not self.snapshot.entries:
+            return False
+        try:
+            return not os.listdir(self.root)
+        except OSError:
+            return True
 
     def _root_lost(self):
         if not self.root_missing:

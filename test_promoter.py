@@ -727,6 +727,24 @@ class PublishTests(WatchHelpers):
         self.wait_content(served, "lib/util.py", b"saved after\n")
         self.assert_served_exactly(served, ["main.py", "lib/util.py"])
 
+    def test_an_unmounted_file_system_at_the_root_keeps_the_last_version(self):
+        def mount():
+            if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", self.root],
+                              capture_output=True).returncode:
+                self.skipTest("cannot mount a tmpfs here (needs root)")
+            self.addCleanup(subprocess.run, ["umount", self.root], capture_output=True)
+        mount()  # an SD card or a network share holding the project
+        served = self.start()
+        before = served.get_json("/files")
+        subprocess.run(["umount", self.root], check=True)  # the empty mount point stays
+        wait_until(lambda: served.get_json("/status.json")["root_missing"], message="root missing")
+        self.assertEqual(served.get_json("/files"), before)
+        mount()
+        write(self.root, "main.py", "mounted again\n")
+        self.wait_content(served, "main.py", b"mounted again\n")
+        self.assert_served_exactly(served, ["main.py"])
+        self.assertFalse(served.get_json("/status.json")["root_missing"])
+
     def test_an_empty_root_is_served_empty_with_a_warning(self):
         served = self.start()
         os.remove(os.path.join(self.root, "main.py"))
@@ -1077,6 +1095,16 @@ class CliTest(PromoterTest):
         quiet.get("/files/" + json.loads(quiet.get("/files")[2])["files"][0]["checksum"])
         quiet.stop()
         self.assertNotIn("downloaded", quiet.stderr)
+
+    def test_boards_are_told_the_lan_address_not_the_host_name(self):
+        addresses = promoter.lan_addresses()
+        if not addresses:
+            self.skipTest("this machine has no LAN address")
+        proc = CliProcess(self, ["--root", self.root, "--port", "0"])
+        hosts = [line.split("//", 1)[1].rsplit(":", 1)[0] for line in proc.stdout.splitlines()
+                 if line.startswith("boards use: ")]
+        self.assertEqual(hosts, addresses)
+        self.assertTrue(all(socket.inet_aton(h) for h in hosts))  # addresses, not names
 
     def test_client_command_writes_the_device_module(self):
         result = run_cli(["client"])
@@ -2124,6 +2152,11 @@ class StatusPageTest(PromoterTest):
         self.assertEqual(browser.script("return document.querySelectorAll('#devices img, #devices "
                                         "script').length"), 0)
         self.assertEqual(browser.script("return document.title"), "promoter")  # no script ran
+        # The root goes away: the page says the last version is kept.
+        os.rename(self.root, self.root + "-away")
+        wait_until(lambda: "root folder is missing" in body(), message="the missing root")
+        os.rename(self.root + "-away", self.root)
+        wait_until(lambda: "root folder is missing" not in body(), message="the root back")
         if os.environ.get("PROMOTER_SCREENSHOT"):
             browser.screenshot(os.environ["PROMOTER_SCREENSHOT"])
 
@@ -2323,6 +2356,94 @@ def bench_cold_index(scratch, count, runs):
         ours.append(time.perf_counter() - start)
     shutil.rmtree(root)
     return total, median(sha1sum), median(ours)
+
+
+def first_files_answer(port, start, deadline=120):
+    """Seconds from `start` (perf_counter) until /files is answered on `port`."""
+    limit = time.perf_counter() + deadline
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("GET", "/files")
+            conn.getresponse().read()
+            conn.close()
+            return time.perf_counter() - start
+        except OSError:
+            if time.perf_counter() > limit:
+                raise
+            time.sleep(0.001)
+
+
+def bench_cold_start(scratch, count, runs):
+    """Process start -> first /files answered, against find | xargs sha1sum
+    on the same tree (warm page cache), taken in turns."""
+    root = os.path.join(scratch, "coldstart")
+    total = make_tree(root, count, (1024, 256 * 1024))
+    find = "find %s -type f -print0 | xargs -0 sha1sum > /dev/null" % root
+    subprocess.run(find, shell=True, check=True)  # warm the page cache
+    sha1sum, ours = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(find, shell=True, check=True)
+        sha1sum.append(time.perf_counter() - start)
+        port = free_port()
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, SCRIPT, "--root", root, "--port", str(port), "-q",
+                                 "--host", "127.0.0.1"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            ours.append(first_files_answer(port, start))
+        finally:
+            proc.terminate()
+            proc.wait()
+    shutil.rmtree(root)
+    return total, median(sha1sum), median(ours)
+
+
+def bench_bulk(scratch, count, new):
+    """`new` files written into the existing folders of a `count`-file tree:
+    seconds from the last write until all are listed, and whether every
+    list answered meanwhile held complete files only."""
+    root = os.path.join(scratch, "bulk")
+    make_tree(root, count)
+    server = start_promoter(root)
+    folders = sorted(os.listdir(root))
+    data = {"%s/new%05d.py" % (folders[i % len(folders)], i): ("new %d\n" % i).encode() * 20
+            for i in range(new)}
+    answers = []
+    try:
+        for path, body in data.items():
+            write(root, path, body)
+        done = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        while True:
+            conn.request("GET", "/files.txt")
+            answers.append(parse_files_txt(conn.getresponse().read())[1])
+            if len(answers[-1]) == count + new:
+                break
+        visible = time.perf_counter() - done
+        conn.close()
+    finally:
+        server.close()
+        shutil.rmtree(root)
+    complete = all(files[p] == checksum(data[p], p) for files in answers for p in files if p in data)
+    return visible, complete
+
+
+def bench_updated_many(scratch, count, new):
+    """CPU to absorb `new` new paths into a snapshot of `count` files."""
+    root = os.path.join(scratch, "many")
+    make_tree(root, count)
+    rules = promoter.Rules.load(root)
+    snapshot = promoter.Snapshot.scan(root, rules)[0]
+    paths = ["d%03d/n%05d.py" % (i % (count // 100), i) for i in range(new)]
+    for p in paths:
+        write(root, p, p)
+    start = time.process_time()
+    snapshot.updated(root, rules, paths)
+    spent = time.process_time() - start
+    shutil.rmtree(root)
+    return spent
 
 
 def bench_save_to_visible(scratch, count, saves, extra=()):
@@ -2636,7 +2757,13 @@ def bench(quick=False):
         count = 500 if quick else 5000
         total, theirs, ours = bench_cold_index(scratch, count, 3)
         print("1. cold index, %d files, %.0f MB (median of 3)" % (count, total / 1e6))
-        print("   promoter %.3f s   sha1sum %.3f s   ratio %.2fx\n" % (ours, theirs, ours / theirs))
+        print("   promoter %.3f s   sha1sum %.3f s   ratio %.2fx" % (ours, theirs, ours / theirs))
+        count, runs = (1000, 5) if quick else (3000, 11)
+        total, theirs, ours = bench_cold_start(scratch, count, runs)
+        print("   from process start to the first /files answer, %d files, %.0f MB (median of %d):"
+              % (count, total / 1e6, runs))
+        print("   promoter %.3f s   find | xargs sha1sum %.3f s   ratio %.2fx\n"
+              % (ours, theirs, ours / theirs))
 
         print("2. save to visible: write one file -> waiting /files/version answers")
         saves = 10 if quick else 30
@@ -2648,6 +2775,16 @@ def bench(quick=False):
         med, top = bench_publish_to_answer(scratch, saves)
         print("   new version published -> waiting request answered: median %s, max %s\n"
               % (ms(med), ms(top)))
+
+        count, new = (5000, 1000) if quick else (20000, 3000)
+        visible, complete = bench_bulk(scratch, count, new)
+        print("   bulk: %d new files written into the folders of a %d-file tree: all visible "
+              "%s after the last write; every list meanwhile %s"
+              % (new, count, ms(visible), "held complete files only" if complete else
+                 "HELD A PARTIAL FILE"))
+        count, new = (6000, 500) if quick else (24000, 2000)
+        print("   absorbing %d new paths into %d files: %s of CPU\n"
+              % (new, count, ms(bench_updated_many(scratch, count, new))))
 
         print("3. incremental cost: CPU to absorb one changed file vs a full rescan")
         for count in ((1000,) if quick else (1000, 10000)):
