@@ -386,33 +386,30 @@ def classify(root, relpath, st):
     return "special", st
 
 
-def open_file(root, relpath, dir_fd=None):
+def open_file(root, relpath, dir_fd=None, follow=True):
     """(fd, fstat) of the regular file at root/relpath, opened without
     blocking and through no symlinked folder; a symlink as its last part is
     followed only to a file inside the root. `dir_fd`: its folder, already
-    open. Raises OSError; ENXIO if it is not a regular file."""
+    open (not closed here). Raises OSError; ENXIO if not a regular file."""
     folder, _, name = relpath.rpartition("/")
-    own = dir_fd is None
-    fd = open_dir(root, folder) if own else dir_fd
+    fd = open_dir(root, folder) if dir_fd is None else dir_fd
     try:
-        try:
-            file_fd = os.open(name, FILE_FLAGS, dir_fd=fd)
-        except OSError as e:
-            inner = link_target(root, relpath) if e.errno == errno.ELOOP else None
-            if inner is None:
-                raise
-            folder, _, name = inner.rpartition("/")
-            if own:
-                os.close(fd)
-            own, fd = True, open_dir(root, folder)
-            file_fd = os.open(name, FILE_FLAGS, dir_fd=fd)  # no second symlink
+        file_fd = os.open(name, FILE_FLAGS, dir_fd=fd)
+    except OSError as e:
+        inner = link_target(root, relpath) if follow and e.errno == errno.ELOOP else None
+        if inner is None:
+            raise
+        return open_file(root, inner, follow=False)  # the target, by no second symlink
     finally:
-        if own:
+        if fd != dir_fd:
             os.close(fd)
-    st = os.fstat(file_fd)
-    if not stat.S_ISREG(st.st_mode):
+    try:
+        st = os.fstat(file_fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.ENXIO, "not a regular file")
+    except OSError:
         os.close(file_fd)
-        raise OSError(errno.ENXIO, "not a regular file")
+        raise
     return file_fd, st
 
 
@@ -541,16 +538,16 @@ def parallel(function, items, workers=HASH_WORKERS):
     return results
 
 
-def hash_files(root, files, known, min_age=0.0):
+def hash_files(root, files, known, fresh=frozenset(), min_age=0.0):
     """{relpath: hash_file result} of [(relpath, kind, stat)] (a link's stat
-    is its target's). A file whose known entry was hashed at that very stat
-    keeps it unread. Files of one folder are read through one descriptor of
+    is its target's). A file whose `known` entry was hashed at that very
+    stat keeps it unread, unless it is in `fresh`. Files of one folder are read through one descriptor of
     it, in tasks spread over HASH_WORKERS threads (os.read and hashlib
     release the GIL). The walk is done before: walking while hashing makes
     the two fight for the GIL and is slower."""
     results, tasks = {}, []
     for relpath, kind, st in files:
-        entry = known.get(relpath)
+        entry = None if relpath in fresh else known.get(relpath)
         if entry is not None and entry.sig == stat_sig(st):
             results[relpath] = entry
             continue
@@ -566,7 +563,8 @@ def hash_files(root, files, known, min_age=0.0):
         except OSError:
             fd = None  # each file then says for itself what is wrong
         try:
-            return [(p, hash_file(root, p, known.get(p), min_age, fd)) for p in paths]
+            return [(p, hash_file(root, p, None if p in fresh else known.get(p), min_age, fd))
+                    for p in paths]
         finally:
             if fd is not None:
                 os.close(fd)
@@ -633,10 +631,6 @@ class Snapshot:
             if folders:
                 for gone in [p for p in entries if under(p, folders)]:
                     del entries[gone]
-        # A reported path is always read: a rewrite of the same size within
-        # one coarse mtime tick would keep its stat.
-        explicit = set(paths or ())
-        known = {p: e for p, e in self.by_path.items() if p not in explicit}
         found = []  # (relpath, kind, stat) of the files found
         for relpath in sorted(reported, key=path_key):
             entries.pop(relpath, None)
@@ -658,8 +652,10 @@ class Snapshot:
                     found.append((relpath, kind, st))
             elif kind == "special":
                 notices.warn(relpath, "not a regular file; skipped")
-        results = hash_files(root, [item for item in found if item[0] not in hold], known,
-                             min_age)
+        # A reported path is always read: a rewrite of the same size within
+        # one coarse mtime tick would keep its stat.
+        results = hash_files(root, [item for item in found if item[0] not in hold],
+                             self.by_path, set(paths or ()), min_age)
         links, retry = set(), set()
         for relpath, kind, _ in found:
             result = results.get(relpath, UNSETTLED)  # held: as if disturbed
@@ -1069,6 +1065,7 @@ class PollingWatcher(Watcher):
 
     def scan(self):
         self._seen = self._stat_tree() or {}
+        self._next_walk = time.monotonic() + self.interval
         super().scan()
 
     def _stat_tree(self):
