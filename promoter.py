@@ -1846,11 +1846,15 @@ DEVICE_CLIENT = r'''# otapromoter.py: the device side of promoter.py, for MicroP
 #   otapromoter.watch("http://192.168.1.10:9090")   # development: update on save
 #   otapromoter.recover()                           # boot.py: only finish a switch
 #
-# An update streams each changed file into <main_dir>/.promoter/stage, checks
-# its SHA-1, and only when all are there writes a journal (temp + rename) that
-# lists the moves and deletions. Replaying the journal is idempotent, and every
-# entry point replays a journal left by a power cut first: the board always
-# holds exactly the old set of files or exactly the new one.
+# An update first reads the list into <main_dir>/.promoter and checks it (safe
+# paths forming a tree, in walk order), then plans the switch against what is
+# on the board: a local file or folder in the way is refused, by name, before
+# anything changes. It streams each changed file into .promoter/stage, checks
+# its SHA-1, and only when all are there writes a journal (temp + rename) of
+# the deletions, folder removals and moves. Replaying the journal is
+# idempotent, and every entry point replays a journal left by a power cut
+# first: the board always holds exactly the old set of files or exactly the
+# new one. Every failure raises OTAError; the board keeps what it had.
 import binascii
 import errno
 import gc
@@ -1865,7 +1869,7 @@ except ImportError:  # firmware built without TLS can lack it
     sha1 = None
 
 try:
-    _ms, _ms_diff = time.ticks_ms, time.ticks_diff
+    _ms, _ms_diff, _ms_add = time.ticks_ms, time.ticks_diff, time.ticks_add
 except AttributeError:  # CPython
     def _ms():
         return int(time.time() * 1000)
@@ -1873,10 +1877,16 @@ except AttributeError:  # CPython
     def _ms_diff(a, b):
         return a - b
 
-VERSION = "1.0.0"
+    def _ms_add(a, b):
+        return a + b
+
+VERSION = "1.1.0"
 STATE_DIR = ".promoter"
 BUF_SIZE = 512
-TIMEOUT = 10
+TIMEOUT = 10  # s for a whole request (a file's body gets 1 s more per SLOW_RATE bytes)
+SLOW_RATE = 2048
+LINE_MAX = 1024  # bytes of a status, header or list line
+HEADERS_MAX = 64
 RETRIES = 3  # attempts per file
 RESTARTS = 3  # times the list is re-read when the tree changes mid-update
 
@@ -1889,28 +1899,27 @@ class _Restart(Exception):
     pass
 
 
+# --- files ---
+
 def _join(a, b):
     return a + b if a.endswith("/") else a + "/" + b
 
 
-def _isdir(path):
+def _kind(path):
+    # "d" (a folder), "f" (anything else) or None (nothing there).
     try:
-        return os.stat(path)[0] & 0x4000 != 0
+        return "d" if os.stat(path)[0] & 0x4000 else "f"
     except OSError:
-        return False
+        return None
 
 
 def _exists(path):
-    try:
-        os.stat(path)
-        return True
-    except OSError:
-        return False
+    return _kind(path) is not None
 
 
 def _mkdir(path):
     # Check first: on a board, mkdir of a mount point ("/") can fail otherwise.
-    if not _isdir(path):
+    if _kind(path) != "d":
         os.mkdir(path)
 
 
@@ -1926,7 +1935,7 @@ def _rename(src, dst):
     try:
         os.rename(src, dst)
     except OSError:
-        if not _exists(dst):
+        if _kind(dst) != "f":
             raise
         os.remove(dst)  # FAT cannot rename over a file; the journal covers the gap
         os.rename(src, dst)
@@ -1957,12 +1966,50 @@ def _entries(path):
         yield cs, int(size), name
 
 
-def _safe(path):
-    parts = path.split("/")
-    for p in parts:
-        if p in ("", ".", ".."):
-            return False
-    return parts[0] != STATE_DIR
+def _listed(list_file, path):
+    found = False
+    for _, _, p in _entries(list_file):  # read to the end, so the file is closed
+        found = found or p == path
+    return found
+
+
+def _clear(folder):
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        _remove(_join(folder, name))
+
+
+def _free_bytes(path):
+    try:
+        st = os.statvfs(path)
+        return st[0] * st[4]
+    except (AttributeError, OSError):
+        return None
+
+
+# --- the list ---
+
+def _checksum(text):
+    return len(text) == 40 and not text.strip("0123456789abcdef")
+
+
+def _parse(line):
+    # The path of a "<checksum> <size> <path>\n" line; OTAError unless it
+    # is well formed and its path safe: no control character, no empty, .
+    # or .. part, nothing in the module's own folder.
+    try:
+        cs, size, path = line.decode().rstrip("\n").split(" ", 2)
+        parts = path.split("/")
+        if (_checksum(cs) and size.isdigit() and len(size) < 11 and min(path) >= " "
+                and "\x7f" not in path and parts[0] != STATE_DIR
+                and "" not in parts and "." not in parts and ".." not in parts):
+            return parts
+    except ValueError:  # also UnicodeError
+        pass
+    raise OTAError("/files.txt: bad line %r" % line[:80])
 
 
 def _header_value(text):
@@ -1979,12 +2026,61 @@ def _sums_to(h, path, cs):
     return binascii.hexlify(h.digest()).decode() == cs
 
 
-def _free_bytes(path):
-    try:
-        st = os.statvfs(path)
-        return st[0] * st[4]
-    except (AttributeError, OSError):
-        return None
+# --- HTTP ---
+
+class _Answer:
+    # An HTTP answer read against one deadline (ticks in ms), in bounded lines.
+    # MicroPython's blocking reads wait for the whole count asked for, so its
+    # socket is read without blocking; CPython's with a timeout.
+
+    def __init__(self, sock, deadline):
+        self.sock = sock
+        self.deadline = deadline
+        self.pending = b""  # read past the last line
+        self.status = 0
+        self.length = -1
+        self.cpython = hasattr(sock, "recv_into")
+
+    def _read(self, read, arg):
+        while True:
+            left = _ms_diff(self.deadline, _ms())
+            if left <= 0:
+                raise OSError(errno.ETIMEDOUT)
+            if self.cpython:
+                self.sock.settimeout(left / 1000)
+            got = read(arg)
+            if got is not None:
+                return got
+            time.sleep(0.005)  # nothing has come yet
+
+    def readinto(self, mv):
+        # Some bytes into memoryview mv, without allocating; 0 at the end.
+        n = len(self.pending)
+        if n:
+            n = min(n, len(mv))
+            mv[:n] = self.pending[:n]
+            self.pending = self.pending[n:]
+            return n
+        return self._read(self.sock.recv_into if self.cpython else self.sock.readinto, mv)
+
+    def readline(self, what):
+        # A line with its "\n" (none at the end of the answer); OTAError past LINE_MAX.
+        line = b""
+        while True:
+            i = self.pending.find(b"\n")
+            cut = len(self.pending) if i < 0 else i + 1
+            line += self.pending[:cut]
+            self.pending = self.pending[cut:]
+            if len(line) > LINE_MAX:
+                raise OTAError("%s: a line longer than %d bytes" % (what, LINE_MAX))
+            if i >= 0:
+                return line
+            self.pending = self._read(self.sock.recv if self.cpython else self.sock.read, 64)
+            if not self.pending:
+                return line
+
+    def close(self):
+        self.sock.close()
 
 
 class OTAPromoter:
@@ -2002,6 +2098,8 @@ class OTAPromoter:
         self.port = 80
         if ":" in host:
             host, port = host.rsplit(":", 1)
+            if not port.isdigit():
+                raise OTAError("bad port in " + server)
             self.port = int(port)
         self.host = host
         self.dir = main_dir
@@ -2018,18 +2116,20 @@ class OTAPromoter:
         if self.verbose:
             print("otapromoter: " + msg)
 
-    # --- HTTP ---
     def _get(self, path, etag=None, timeout=None):
-        # Return (status, content_length or -1, sock, stream) with the headers read.
+        # Send a GET; return the _Answer with its status line and headers read.
+        # The whole answer must arrive within `timeout` seconds.
+        timeout = timeout or self.timeout
+        deadline = _ms_add(_ms(), int(timeout * 1000))
         try:
             ai = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0]
             sock = socket.socket(ai[0], ai[1], ai[2])
         except OSError as e:
-            raise OTAError("cannot resolve %s: %s" % (self.host, e))
+            raise OTAError("cannot resolve %s: %r" % (self.host, e))
+        answer = _Answer(sock, deadline)
         try:
-            sock.settimeout(timeout or self.timeout)
+            sock.settimeout(timeout)
             sock.connect(ai[-1])
-            stream = sock if hasattr(sock, "readinto") else sock.makefile("rwb", 0)
             req = "GET %s%s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nUser-Agent: otapromoter/%s\r\n" % (
                 self.base, path, self.host, VERSION)
             if etag:
@@ -2041,48 +2141,50 @@ class OTAPromoter:
             if self.error:
                 req += "X-Device-Error: %s\r\n" % _header_value(self.error)
             (sock.sendall if hasattr(sock, "sendall") else sock.write)((req + "\r\n").encode())
-            line = stream.readline()
+            if not answer.cpython:
+                sock.setblocking(False)  # see _Answer
+            line = answer.readline("status line")
             if not line:
-                raise OTAError("GET %s: no answer (connection closed)" % path)
+                raise OTAError("no answer (connection closed)")
             parts = line.split(b" ", 2)
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
-                raise OTAError("GET %s: not an HTTP answer" % path)
-            status = int(parts[1].decode())
-            length = -1
-            while True:
-                line = stream.readline()
-                if not line or line == b"\r\n":
-                    break
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+                raise OTAError("not an HTTP answer")
+            answer.status = int(parts[1])
+            for _ in range(HEADERS_MAX + 1):
+                line = answer.readline("headers")
+                if line in (b"\r\n", b"\n"):
+                    return answer
+                if not line:
+                    raise OTAError("the answer ended in its headers")
                 if line[:15].lower() == b"content-length:":
-                    length = int(line[15:].decode().strip())
-            return status, length, sock, stream
-        except OTAError:
-            self._close(sock, None)
-            raise
+                    value = line[15:].strip()
+                    if not value.isdigit():
+                        raise OTAError("bad Content-Length")
+                    answer.length = int(value)
+            raise OTAError("more than %d header lines" % HEADERS_MAX)
+        except OTAError as e:
+            answer.close()
+            raise OTAError("GET %s: %s" % (path, e))
         except (OSError, ValueError) as e:
-            self._close(sock, None)
+            answer.close()
             raise OTAError("GET %s from %s:%d failed: %r" % (path, self.host, self.port, e))
 
-    def _close(self, sock, stream):
-        if stream is not None and stream is not sock:
-            stream.close()
-        sock.close()
-
     def _get_body(self, path, etag=None, timeout=None, limit=512):
-        # A small body (a JSON answer), read whole.
-        status, length, sock, stream = self._get(path, etag, timeout)
-        body = b""
+        # (status, body) of a small answer (a JSON one), read whole.
+        answer = self._get(path, etag, timeout)
+        buf = bytearray(limit)
+        got = 0
         try:
-            while status != 304 and len(body) < limit and (length < 0 or len(body) < length):
-                chunk = stream.read(limit - len(body))
-                if not chunk:
+            while answer.status != 304 and got < limit and (answer.length < 0 or got < answer.length):
+                n = answer.readinto(memoryview(buf)[got:])
+                if not n:
                     break
-                body += chunk
+                got += n
         except OSError as e:
             raise OTAError("GET %s: %r" % (path, e))
         finally:
-            self._close(sock, stream)
-        return status, body
+            answer.close()
+        return answer.status, bytes(buf[:got])
 
     # --- state ---
     def _version(self):
@@ -2091,7 +2193,7 @@ class OTAPromoter:
         try:
             with open(_join(self.state, "state"), "rb") as f:
                 return f.readline().decode().strip()
-        except OSError:
+        except (OSError, ValueError):
             return ""
 
     def version(self):
@@ -2102,8 +2204,8 @@ class OTAPromoter:
     def check_and_update(self):
         """Bring the board to the server's version; True if files changed.
         Raises OTAError (the board keeps its files) on any failure."""
-        recover(self.dir)
         try:
+            _recover(self.dir, self._say)
             for _ in range(RESTARTS):
                 try:
                     changed = self._update()
@@ -2112,6 +2214,9 @@ class OTAPromoter:
                 except _Restart:
                     self._say("the files changed on the server during the update; starting over")
             raise OTAError("the files kept changing on the server; try again later")
+        except (OSError, ValueError, MemoryError) as e:
+            self.error = "update failed: %r" % e
+            raise OTAError(self.error)
         except OTAError as e:
             self.error = str(e)
             raise
@@ -2122,48 +2227,47 @@ class OTAPromoter:
         old = _join(self.state, "state")
         new = _join(self.state, "new")
         local = self._version()
-        status, length, sock, stream = self._get("/files.txt", etag=local)
+        answer = self._get("/files.txt", etag=local)
         try:
-            if status == 304:
+            if answer.status == 304:
                 return False
-            if status != 200:
-                raise OTAError("GET /files.txt: HTTP %d" % status)
+            if answer.status != 200:
+                raise OTAError("GET /files.txt: HTTP %d" % answer.status)
             for folder in (self.dir, self.state, self.stage):
                 _mkdir(folder)
-            have = set()  # binary checksums of the promoted files now on the board
-            for cs, _, _ in _entries(old):
-                have.add(binascii.unhexlify(cs))
-            count, need, blocks = self._fetch_list(stream, new, have, local)
+            if not self._fetch_list(answer, new, local):
+                return False  # a server that ignores If-None-Match sent the same version
         except OSError as e:
             raise OTAError("reading /files.txt failed: %r" % e)
         finally:
-            self._close(sock, stream)
-        if count is None:
-            return False  # a server that ignores If-None-Match sent the same version
-        free = _free_bytes(self.dir)
-        if free is not None and free < blocks * 4096 + 8192:
-            raise OTAError("not enough flash: the update needs about %d KB, %d KB free" % (
-                (blocks * 4096 + 8192) // 1024, free // 1024))
-        self._say("%d files to download (%d bytes)" % (count, need))
+            answer.close()
         try:
+            have = set()  # binary checksums of the promoted files now on the board
+            for cs, _, _ in _entries(old):
+                have.add(binascii.unhexlify(cs))
+            count, need, blocks, folders = self._plan(new, old, have)
+            free = _free_bytes(self.dir)
+            if free is not None and free < blocks * 4096 + 8192:
+                raise OTAError("not enough flash: the update needs about %d KB, %d KB free" % (
+                    (blocks * 4096 + 8192) // 1024, free // 1024))
+            self._say("%d files to download (%d bytes)" % (count, need))
             buf = bytearray(BUF_SIZE)
             for cs, size, path in _entries(new):
                 if binascii.unhexlify(cs) not in have:
                     self._download(cs, size, path, buf)
             buf = None
-            self._write_journal(new, old, have)
+            self._write_journal(new, old, have, folders)
         except (OSError, OTAError) as e:
-            _remove(_join(self.state, "journal.tmp"))
-            _clear(self.stage)  # give the flash back; the board is unchanged
+            # Give the flash back; the board is unchanged.
+            for name in ("journal.tmp", "new"):
+                _remove(_join(self.state, name))
+            _clear(self.stage)
             if isinstance(e, OSError):
                 raise OTAError("writing to flash failed: %r" % e)
             raise
         have = None
         gc.collect()
-        try:
-            _replay(self.dir, self._say)
-        except OSError as e:
-            raise OTAError("switch interrupted (%r); it is finished on the next start" % e)
+        _replay(self.dir, self._say)
         self._say("now at version %s" % self._version())
         if self.device_id:
             try:  # tell the server which version this board runs now
@@ -2172,57 +2276,111 @@ class OTAPromoter:
                 pass  # it hears it with the next request
         return True
 
-    def _fetch_list(self, stream, new, have, local):
-        # Copy the list to flash, checking each line; return (files to fetch,
-        # their bytes, their 4 KB blocks), or None if the version is unchanged.
+    def _fetch_list(self, answer, new, local):
+        # Copy the list to flash, checking every line: a safe path, a tree in
+        # walk order (each path after the one before, none under a file), and
+        # no more than half the free flash. False if the version is unchanged.
         tmp = new + ".tmp"
-        version = stream.readline().strip().decode()
-        if len(version) != 40:
+        first = answer.readline("/files.txt")
+        version = first.strip().decode()
+        if not _checksum(version) or not first.endswith(b"\n"):
             raise OTAError("/files.txt: bad first line")
         if version == local:
-            return None, 0, 0
+            return False
+        room = _free_bytes(self.dir)
+        total = len(first)
+        before = None  # the path of the line before, split into its parts
+        try:
+            with open(tmp, "wb") as f:
+                f.write(first)
+                while True:
+                    line = answer.readline("/files.txt")
+                    if not line:
+                        break
+                    total += len(line)
+                    if room is not None and total > room // 2:
+                        raise OTAError("/files.txt: larger than half the free flash")
+                    if not line.endswith(b"\n"):
+                        raise OTAError("/files.txt: cut in the middle of a line")
+                    parts = _parse(line)
+                    if before is not None and parts <= before:
+                        raise OTAError("/files.txt: %s is out of walk order" % "/".join(parts))
+                    if before is not None and parts[:len(before)] == before:
+                        raise OTAError("/files.txt: %s is listed as a file and as a folder"
+                                       % "/".join(before))
+                    before = parts
+                    f.write(line)
+            if answer.length >= 0 and total != answer.length:
+                raise OTAError("/files.txt: %d of %d bytes" % (total, answer.length))
+            _rename(tmp, new)
+        except BaseException:
+            _remove(tmp)
+            raise
+        return True
+
+    def _plan(self, new, old, have):
+        # Check, before anything changes, that the switch can be carried out
+        # here: a promoted file or folder in the way is removed by the switch,
+        # a local one is refused. Returns (files to fetch, their bytes, their
+        # 4 KB blocks, folders to remove, deepest first).
         count = need = blocks = 0
-        with open(tmp, "wb") as f:
-            f.write(version.encode() + b"\n")
-            while True:
-                line = stream.readline()
-                if not line:
-                    break
-                try:
-                    cs, size, path = line.decode().rstrip("\n").split(" ", 2)
-                    size = int(size)
-                    bcs = binascii.unhexlify(cs)
-                except (ValueError, UnicodeError):
-                    raise OTAError("/files.txt: bad line %r" % line[:60])
-                if not _safe(path):
-                    raise OTAError("/files.txt: unsafe path %r" % path)
-                f.write(("%s %d %s\n" % (cs, size, path)).encode())
-                if bcs not in have:
-                    count += 1
-                    need += size
-                    blocks += (size + 4095) // 4096 + 1
-        _rename(tmp, new)
-        return count, need, blocks
+        folders = []
+        checked = set()  # folders of the list already looked at on the board
+        for cs, size, path in _entries(new):
+            parts = path.split("/")
+            for i in range(1, len(parts)):
+                folder = "/".join(parts[:i])
+                if folder in checked:
+                    continue
+                checked.add(folder)
+                if _kind(_join(self.dir, folder)) == "f" and not _listed(old, folder):
+                    raise OTAError("the board has a file %s of its own where the server has a "
+                                   "folder; move it away on the board" % folder)
+            if _kind(_join(self.dir, path)) == "d":
+                folders.extend(self._folder_in_the_way(path, old))
+            if binascii.unhexlify(cs) not in have:
+                count += 1
+                need += size
+                blocks += (size + 4095) // 4096 + 1
+        return count, need, blocks, folders
+
+    def _folder_in_the_way(self, path, old):
+        # The folders to remove, deepest first, to put a file at `path` where
+        # the board has a folder; OTAError if it holds a file never promoted.
+        found, todo = [], [path]
+        while todo:
+            folder = todo.pop()
+            found.append(folder)
+            for name in os.listdir(_join(self.dir, folder)):
+                sub = folder + "/" + name
+                if _kind(_join(self.dir, sub)) == "d":
+                    todo.append(sub)
+                elif not _listed(old, sub):
+                    raise OTAError("the board has a folder %s of its own (it holds %s) where the "
+                                   "server has a file; move it away on the board" % (path, sub))
+        found.reverse()
+        return found
 
     def _download(self, cs, size, path, buf):
         dest = _join(self.stage, cs)
         if _exists(dest) and self._verify(dest, cs, size, path, buf):
             return  # staged by an earlier, interrupted update
         part = dest + ".part"
-        mv = memoryview(buf)
         why = ""
         for _ in range(RETRIES):
-            status, length, sock, stream = self._get("/files/" + cs)
+            answer = self._get("/files/" + cs, timeout=self.timeout + size // SLOW_RATE)
+            h = None
             try:
-                if status == 404:
+                if answer.status == 404:
                     raise _Restart()
-                if status != 200:
-                    raise OTAError("GET /files/%s (%s): HTTP %d" % (cs, path, status))
+                if answer.status != 200:
+                    raise OTAError("GET /files/%s (%s): HTTP %d" % (cs, path, answer.status))
                 h = self._hasher()
                 got = 0
+                mv = memoryview(buf)
                 with open(part, "wb") as f:
                     while got < size:
-                        n = stream.readinto(mv[:min(BUF_SIZE, size - got)])
+                        n = answer.readinto(mv[:min(BUF_SIZE, size - got)])
                         if not n:
                             break
                         f.write(mv[:n])
@@ -2236,7 +2394,7 @@ class OTAPromoter:
                 why = "%r" % e
                 got = -1
             finally:
-                self._close(sock, stream)
+                answer.close()
             if got == size:
                 if _sums_to(h, path, cs):
                     _rename(part, dest)
@@ -2273,9 +2431,10 @@ class OTAPromoter:
                 got += n
         return got == size and _sums_to(h, path, cs)
 
-    def _write_journal(self, new, old, have):
+    def _write_journal(self, new, old, have, folders):
         # Moves for every staged file, deletions for promoted paths that are
-        # gone; written to a temp file and renamed, so it is whole or absent.
+        # gone, removals of the folders in the way; written to a temp file and
+        # renamed, so it is whole or absent.
         tmp = _join(self.state, "journal.tmp")
         with open(tmp, "wb") as f:
             for cs, size, path in _entries(new):
@@ -2287,6 +2446,8 @@ class OTAPromoter:
             for cs, size, path in _entries(old):
                 if binascii.unhexlify(cs) in have and not _listed(new, path):
                     f.write(("D %s\n" % path).encode())
+            for folder in folders:
+                f.write(("R %s\n" % folder).encode())
             f.write(b"S\n")
         _rename(tmp, _join(self.state, "journal"))
 
@@ -2306,22 +2467,6 @@ class OTAPromoter:
             raise OTAError("GET /files/version: bad answer")
 
 
-def _listed(list_file, path):
-    found = False
-    for _, _, p in _entries(list_file):  # read to the end, so the file is closed
-        found = found or p == path
-    return found
-
-
-def _clear(folder):
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    for name in names:
-        _remove(_join(folder, name))
-
-
 def _prune(main_dir, path):
     # Remove the folders above a deleted file while they are empty.
     while "/" in path:
@@ -2333,42 +2478,76 @@ def _prune(main_dir, path):
 
 
 def _replay(main_dir, say=None):
-    # Carry out the journal; each step is safe to repeat after a power cut.
+    # Carry out the journal: deletions and folder removals first, then the
+    # moves, so the way is clear; each step is safe to repeat after a power
+    # cut. A step the flash no longer allows (changed by hand) is skipped and
+    # the rest done; then OTAError says so.
     state = _join(main_dir, STATE_DIR)
     journal = _join(state, "journal")
-    for line in _lines(journal):
-        op = line[0]
-        if op == "D":
-            target = _join(main_dir, line[2:])
-            if _exists(target) and not _isdir(target):
-                os.remove(target)
-                if say:
-                    say("removed " + line[2:])
-            _prune(main_dir, line[2:])
-        elif op == "M":
-            cs, path = line[2:].split(" ", 1)
-            staged = _join(_join(state, "stage"), cs)
-            if _exists(staged):
-                parts = path.split("/")
-                for i in range(1, len(parts)):
-                    _mkdir(_join(main_dir, "/".join(parts[:i])))
-                _rename(staged, _join(main_dir, path))
-        elif op == "S":
-            if _exists(_join(state, "new")):
-                _rename(_join(state, "new"), _join(state, "state"))
+    failed = []
+    for clear in (True, False):
+        try:
+            for line in _lines(journal):
+                op, arg = line[0], line[2:]
+                if (op in "DR") != clear:
+                    continue
+                try:
+                    _step(main_dir, state, op, arg, say)
+                except (OSError, ValueError) as e:
+                    failed.append((arg, e))
+        except (OSError, ValueError) as e:
+            failed.append(("the journal", e))
+    if failed:
+        # Forget what was promoted: the next update fetches every file again.
+        _remove(_join(state, "state"))
     _remove(journal)
     _clear(_join(state, "stage"))
+    if failed:
+        raise OTAError("switch done except for %s (%r); the next update brings it"
+                       % (", ".join(p for p, _ in failed), failed[0][1]))
+
+
+def _step(main_dir, state, op, arg, say):
+    target = _join(main_dir, arg)
+    if op == "D":
+        if _kind(target) == "f":
+            os.remove(target)
+            if say:
+                say("removed " + arg)
+        _prune(main_dir, arg)
+    elif op == "R":
+        if _kind(target) == "d":
+            os.rmdir(target)
+    elif op == "M":
+        cs, arg = arg.split(" ", 1)
+        staged = _join(_join(state, "stage"), cs)
+        if _exists(staged):
+            parts = arg.split("/")
+            for i in range(1, len(parts)):
+                _mkdir(_join(main_dir, "/".join(parts[:i])))
+            _rename(staged, _join(main_dir, arg))
+        elif _kind(_join(main_dir, arg)) != "f":
+            raise OSError(errno.ENOENT)  # its staged file is gone
+    elif op == "S" and _exists(_join(state, "new")):
+        _rename(_join(state, "new"), _join(state, "state"))
+
+
+def _recover(main_dir, say=None):
+    state = _join(main_dir, STATE_DIR)
+    _remove(_join(state, "journal.tmp"))  # an unfinished journal: the old set stands
+    if _exists(_join(state, "journal")):
+        _replay(main_dir, say)
+        return True
+    return False
 
 
 def recover(main_dir="/"):
     """Finish a switch interrupted by a power cut or reset (call from boot.py).
-    True if there was one."""
-    state = _join(main_dir, STATE_DIR)
-    _remove(_join(state, "journal.tmp"))  # an unfinished journal: the old set stands
-    if _exists(_join(state, "journal")):
-        _replay(main_dir)
-        return True
-    return False
+    True if there was one. Raises OTAError if part of it could not be done."""
+    try:
+        return _recover(main_dir)
+    except (OSError, ValueError) as e:
+        raise OTAError("recover failed: %r" % e)
 
 
 def _device_id():
@@ -2395,8 +2574,9 @@ def update(url, main_dir="/", **kw):
 def watch(url, main_dir="/", on_update=None, wait=60, interval=2, **kw):
     """Update whenever the server's version changes, for ever: holds a
     waiting request, updates, then calls on_update (default: machine.reset()).
-    Network errors back off and retry. A server that answers at once is
-    asked no more often than every `interval` seconds."""
+    Whatever the server or the network does is reported, backed off from and
+    retried. A server that answers at once is asked no more often than every
+    `interval` seconds."""
     ota = OTAPromoter(url, main_dir, **kw)
     on_update = on_update or _reset
     backoff = 1
@@ -2410,7 +2590,7 @@ def watch(url, main_dir="/", on_update=None, wait=60, interval=2, **kw):
             spent = _ms_diff(_ms(), start) / 1000
             if not changed and spent < interval:
                 time.sleep(interval - spent)
-        except OTAError as e:
+        except Exception as e:  # OTAError; anything else is reported the same way
             ota._say("%s; retrying in %ds" % (e, backoff))
             time.sleep(backoff)
             backoff = min(backoff * 2, 30)
