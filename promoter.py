@@ -447,7 +447,7 @@ def hash_file(root, relpath, known=None, min_age=0.0, dir_fd=None):
         sig = stat_sig(before)
         if known is not None and known.sig == sig:
             return known
-        if min_age and time.time() - before.st_ctime < min_age:
+        if 0 <= time.time() - before.st_ctime < min_age:  # (a clock set back: settled)
             return UNSETTLED
         h = hashlib.sha1()
         size = read_whole(fd, before.st_size, h.update)
@@ -1187,6 +1187,10 @@ class InotifyWatcher(Watcher):
     is hit at run time, it hands over to a PollingWatcher.
     """
 
+    # A write's data is visible a moment before its event is queued: a file
+    # changed this recently is read again a little later, its event then known.
+    min_age = 0.02
+
     def __init__(self, promoter, poll_interval=1.0):
         super().__init__(promoter, Debouncer(), "inotify")
         self.poll_interval = poll_interval
@@ -1881,6 +1885,7 @@ except AttributeError:  # CPython
         return a + b
 
 VERSION = "1.1.0"
+ENOSPC = getattr(errno, "ENOSPC", 28)  # MicroPython's errno module lacks the name
 STATE_DIR = ".promoter"
 BUF_SIZE = 512
 TIMEOUT = 10  # s for a whole request (a file's body gets 1 s more per SLOW_RATE bytes)
@@ -2012,6 +2017,10 @@ def _parse(line):
     raise OTAError("/files.txt: bad line %r" % line[:80])
 
 
+def _why(e):
+    return "timed out" if e.args and e.args[0] == errno.ETIMEDOUT else repr(e)
+
+
 def _header_value(text):
     # One short line: a header value must not carry CR/LF.
     return text[:120].replace("\r", " ").replace("\n", " ")
@@ -2048,7 +2057,12 @@ class _Answer:
                 raise OSError(errno.ETIMEDOUT)
             if self.cpython:
                 self.sock.settimeout(left / 1000)
-            got = read(arg)
+            try:
+                got = read(arg)
+            except OSError:
+                if _ms_diff(self.deadline, _ms()) > 0:
+                    raise
+                got = None  # CPython's timeout: the deadline above says so
             if got is not None:
                 return got
             time.sleep(0.005)  # nothing has come yet
@@ -2167,7 +2181,7 @@ class OTAPromoter:
             raise OTAError("GET %s: %s" % (path, e))
         except (OSError, ValueError) as e:
             answer.close()
-            raise OTAError("GET %s from %s:%d failed: %r" % (path, self.host, self.port, e))
+            raise OTAError("GET %s from %s:%d failed: %s" % (path, self.host, self.port, _why(e)))
 
     def _get_body(self, path, etag=None, timeout=None, limit=512):
         # (status, body) of a small answer (a JSON one), read whole.
@@ -2181,7 +2195,7 @@ class OTAPromoter:
                     break
                 got += n
         except OSError as e:
-            raise OTAError("GET %s: %r" % (path, e))
+            raise OTAError("GET %s: %s" % (path, _why(e)))
         finally:
             answer.close()
         return answer.status, bytes(buf[:got])
@@ -2238,7 +2252,7 @@ class OTAPromoter:
             if not self._fetch_list(answer, new, local):
                 return False  # a server that ignores If-None-Match sent the same version
         except OSError as e:
-            raise OTAError("reading /files.txt failed: %r" % e)
+            raise OTAError("reading /files.txt failed: %s" % _why(e))
         finally:
             answer.close()
         try:
@@ -2388,9 +2402,10 @@ class OTAPromoter:
                             h.update(mv[:n])
                         got += n
             except OSError as e:
-                if e.args[0] == errno.ENOSPC:
+                if e.args[0] in (ENOSPC, errno.ETIMEDOUT):  # retrying would not help
                     _remove(part)
-                    raise OTAError("flash full while writing %s" % path)
+                    raise OTAError(("flash full while writing %s" if e.args[0] == ENOSPC
+                                    else "%s: timed out") % path)
                 why = "%r" % e
                 got = -1
             finally:
@@ -2494,7 +2509,7 @@ def _replay(main_dir, say=None):
                 try:
                     _step(main_dir, state, op, arg, say)
                 except (OSError, ValueError) as e:
-                    failed.append((arg, e))
+                    failed.append((arg[41:] if op == "M" else arg, e))
         except (OSError, ValueError) as e:
             failed.append(("the journal", e))
     if failed:

