@@ -35,7 +35,9 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import mimetypes
+import operator
 import os
 import re
 import select
@@ -47,6 +49,10 @@ import sys
 import threading
 import time
 import unicodedata
+try:
+    import fcntl
+except ImportError:  # not on Windows: no leases there
+    fcntl = None
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -78,6 +84,7 @@ DEFAULT_IGNORES = (
 )
 
 DEBOUNCE_QUIET = 0.05  # s of silence that ends a burst of events (an editor's save)
+FAST_QUIET = 0.005  # s of silence after a save that completed a published file
 WRITE_SETTLE = 1.0  # s a file written without a close must stay still to be published
 POLL_SETTLE = 0.25  # s a polled change must stay still before it is published
 DEBOUNCE_CAP = 2.0  # s: other changes of a burst wait no longer for a file still written
@@ -87,6 +94,9 @@ PATH_MAX = 4096  # bytes, Linux's limit: longer paths are skipped (with a warnin
 RULE_DEADLINE = 0.5  # s an ignore rule may take on its probe names before it is rejected
 HASH_WORKERS = min(4, os.cpu_count() or 1)  # threads hashing a large batch
 HASH_CHUNK = 1 << 20
+RACE_AGE = 0.02  # s: without leases, a file changed this recently may be mid-write
+# Linux's values, where the fcntl module lacks the names.
+F_SETLEASE, F_SETSIG = getattr(fcntl, "F_SETLEASE", 1024), getattr(fcntl, "F_SETSIG", 10)
 MAX_WAIT = 300  # s, cap of ?wait=N
 MAX_URL = 2048
 IDLE_TIMEOUT = 10  # s a connection may sit without sending a request
@@ -250,6 +260,7 @@ def _answer(child, timeout):
 
 Entry = collections.namedtuple("Entry", "path checksum size sig")
 Entry.__doc__ = "One served file; sig is the (ino, size, mtime_ns, ctime_ns) it was hashed at."
+ENTRY_PATH, ENTRY_CHECKSUM = operator.attrgetter("path"), operator.attrgetter("checksum")
 
 UNSETTLED = "unsettled"  # a read disturbed by a write: keep the last entry, try again
 GONE = "gone"  # not there (a fresh lstat, through no symlinked folder, says so)
@@ -428,12 +439,33 @@ def read_whole(fd, size_hint, sink):
         want = HASH_CHUNK
 
 
-def hash_file(root, relpath, known=None, min_age=0.0, dir_fd=None):
+def open_for_writing(fd):
+    """True if some process has this file open for writing, False if none
+    has, None if the system cannot tell (a read lease is refused while a
+    writer has the file open: set and dropped at once, it blocks nobody)."""
+    if fcntl is None:
+        return None
+    try:
+        # A writer opening the file while the lease is held breaks it with a
+        # signal, SIGIO by default, which would end the server: SIGURG is
+        # ignored unless asked for.
+        fcntl.fcntl(fd, F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as e:
+        return True if e.errno == errno.EAGAIN else None  # EACCES: not the owner
+    fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+    return False
+
+
+def hash_file(root, relpath, known=None, min_age=0.0, dir_fd=None, check_writers=True):
     """An Entry for the file at relpath, GONE, UNSETTLED, or a reason to skip
     it (str). `known` (the last Entry) is returned as it is when the file's
-    stat has not changed. A file read while it changed, or changed less than
-    `min_age` seconds ago, is UNSETTLED: its bytes are not a state that was
-    on disk as a whole."""
+    stat has not changed. A file is UNSETTLED (its bytes are not a state
+    that was on disk as a whole) if it changed while read, or changed less
+    than `min_age` seconds ago, or is still open for writing and changed
+    less than WRITE_SETTLE ago; where open writers cannot be seen, a change
+    less than RACE_AGE ago counts as one (a write's data is visible a moment
+    before its event is queued)."""
     try:
         fd, before = open_file(root, relpath, dir_fd)
     except OSError as e:
@@ -447,17 +479,21 @@ def hash_file(root, relpath, known=None, min_age=0.0, dir_fd=None):
         sig = stat_sig(before)
         if known is not None and known.sig == sig:
             return known
-        if 0 <= time.time() - before.st_ctime < min_age:  # (a clock set back: settled)
-            return UNSETTLED
         h = hashlib.sha1()
         size = read_whole(fd, before.st_size, h.update)
         after = os.fstat(fd)
+        # Asked after the read: a writer that opened the file before the read
+        # ended still has it open, or has closed it and its events are queued.
+        writing = open_for_writing(fd) if check_writers else False
     except OSError as e:
         return "cannot read (%s); not served" % e.strerror
     finally:
         os.close(fd)
     if stat_sig(after) != sig or size != after.st_size:
         return UNSETTLED
+    age = time.time() - after.st_ctime
+    if 0 <= age < (WRITE_SETTLE if writing else RACE_AGE if writing is None else min_age):
+        return UNSETTLED  # (a negative age: the clock was set back; take it as settled)
     h.update(relpath.encode("utf-8"))
     return Entry(relpath, h.hexdigest(), size, sig)
 
@@ -592,14 +628,15 @@ class Snapshot:
     (two threads may build the same bytes once each; that is harmless).
     """
 
-    def __init__(self, entries, by_path=None, links=frozenset()):
+    def __init__(self, entries, by_path=None, links=frozenset(), by_checksum=None):
         self.entries = entries  # list of Entry in walk order
         self.by_path = {e.path: e for e in entries} if by_path is None else by_path
         # Served symlinks: their target's events name the target, not them.
         self.links = links
-        checksums = [e.checksum for e in entries]
-        self.by_checksum = dict(zip(checksums, entries))
+        checksums = list(map(ENTRY_CHECKSUM, entries))
+        self.by_checksum = dict(zip(checksums, entries)) if by_checksum is None else by_checksum
         self.version = hashlib.sha1("".join(checksums).encode()).hexdigest()
+        self.changed_since = (None, None)  # (a version, the paths changed since it)
         self._bodies = {}
 
     @classmethod
@@ -673,7 +710,8 @@ class Snapshot:
                         links.add(relpath)
             elif result != GONE:
                 notices.warn(relpath, result)
-        return self._build(entries, self, links), retry
+        touched = None if paths is None else [p for p, _, _ in found if p in entries]
+        return self._build(entries, self, links, touched), retry
 
     def restored(self, older, paths):
         """This snapshot with `paths` put back as they are in `older`."""
@@ -686,16 +724,42 @@ class Snapshot:
                 entries[p] = older.by_path[p]
             else:
                 del entries[p]
-        return self._build(entries, self, (self.links | older.links) & entries.keys())
+        return self._build(entries, self, (self.links | older.links) & entries.keys(), touched)
 
     @classmethod
-    def _build(cls, entries, previous, links):
-        """A Snapshot of a {path: Entry} dict (which it keeps)."""
-        if previous is not None and entries.keys() == previous.by_path.keys():
-            ordered = [entries[e.path] for e in previous.entries]  # same paths: same order
-        else:
-            ordered = [entries[p] for p in sorted(entries, key=path_key)]
-        return cls(ordered, entries, frozenset(links))
+    def _build(cls, entries, previous, links, touched=None):
+        """A Snapshot of a {path: Entry} dict (which it keeps). `touched`:
+        the paths whose entries may differ from `previous` (None: any)."""
+        if previous is None or entries.keys() != previous.by_path.keys():
+            return cls([entries[p] for p in sorted(entries, key=path_key)], entries,
+                       frozenset(links))
+        # The same paths, so the same order: patch the entries that changed
+        # (a save) into copies of the previous lists, at C speed.
+        ordered = list(previous.entries)
+        by_checksum = dict(previous.by_checksum)
+        changed = []
+        for path in entries if touched is None else touched:
+            old, new = previous.by_path[path], entries[path]
+            if new is not old:
+                ordered[cls._position(ordered, path)] = new
+                del by_checksum[old.checksum]
+                by_checksum[new.checksum] = new
+                changed.append(path)
+        snapshot = cls(ordered, entries, frozenset(links), by_checksum)
+        snapshot.changed_since = (previous.version, changed)  # what diff() would find
+        return snapshot
+
+    @staticmethod
+    def _position(ordered, path):
+        """Index of `path` in a list of entries in walk order (binary search)."""
+        key, low, high = path_key(path), 0, len(ordered)
+        while low < high:
+            mid = (low + high) // 2
+            if path_key(ordered[mid].path) < key:
+                low = mid + 1
+            else:
+                high = mid
+        return low
 
     def body(self, kind):
         """The response body for "version", "files" (JSON) or "files.txt"."""
@@ -716,12 +780,15 @@ class Snapshot:
         return body
 
     def diff(self, older):
-        """(changed, added, removed) paths against an older snapshot."""
-        changed = [p for p, e in self.by_path.items()
-                   if p in older.by_path and older.by_path[p].checksum != e.checksum]
-        added = [p for p in self.by_path if p not in older.by_path]
-        removed = [p for p in older.by_path if p not in self.by_path]
-        return changed, added, removed
+        """(changed, added, removed) paths against an older snapshot. A
+        checksum names one content at one path, so the checksums that differ
+        name every path that differs (set operations: C speed)."""
+        if self.changed_since[0] == older.version:
+            return sorted(self.changed_since[1], key=path_key), [], []
+        new = {self.by_checksum[cs].path for cs in self.by_checksum.keys() - older.by_checksum.keys()}
+        old = {older.by_checksum[cs].path for cs in older.by_checksum.keys() - self.by_checksum.keys()}
+        return (sorted(new & old, key=path_key), sorted(new - old, key=path_key),
+                sorted(old - new, key=path_key))
 
 
 def read_entry(root, entry):
@@ -923,12 +990,19 @@ class Debouncer:
     followed by its close; for the poller, any change) is held out of the
     batch until it is closed or has been still for `settle`: the cap only
     keeps the other changes from waiting for it, it never publishes a file
-    half-written.
+    half-written. When every pending path is DONE (a published file saved
+    whole, a file never published gone again: a lone editor save), the
+    batch is due `fast` after the last event instead of `quiet`.
     """
 
-    def __init__(self, quiet=DEBOUNCE_QUIET, settle=WRITE_SETTLE, cap=DEBOUNCE_CAP):
+    DONE = "done"
+
+    def __init__(self, quiet=DEBOUNCE_QUIET, settle=WRITE_SETTLE, cap=DEBOUNCE_CAP,
+                 fast=None):
         self.quiet, self.settle, self.cap = quiet, settle, cap
-        self.pending = {}  # path -> time of its last write while unfinished, else None
+        self.fast = quiet if fast is None else fast
+        # path -> time of its last write while unfinished, DONE, or None (changed)
+        self.pending = {}
         self.rescan = False
         self.first = self.last = 0.0
 
@@ -939,9 +1013,9 @@ class Debouncer:
         self.last = now
         return now
 
-    def add(self, path, writing=False):
+    def add(self, path, writing=False, done=False):
         now = self._event()
-        self.pending[path] = now if writing else None
+        self.pending[path] = now if writing else self.DONE if done else None
 
     def retry(self, paths):
         """Read these paths again soon (their last read was disturbed)."""
@@ -958,8 +1032,9 @@ class Debouncer:
         if not self.pending and not self.rescan:
             return None
         # When each path may go: at once, or once its writer has been still for `settle`.
-        ready = [0.0 if t is None else t + self.settle for t in self.pending.values()]
-        due = max([self.last + self.quiet] + ready)  # all quiet and settled
+        ready = [t + self.settle if type(t) is float else 0.0 for t in self.pending.values()]
+        lone_save = not self.rescan and all(t is self.DONE for t in self.pending.values())
+        due = max([self.last + (self.fast if lone_save else self.quiet)] + ready)
         soonest = 0.0 if self.rescan else min(ready, default=0.0)
         return min(due, max(self.first + self.cap, soonest))  # the cap: what is ready goes
 
@@ -970,7 +1045,8 @@ class Debouncer:
         now = time.monotonic()
         if due is None or now < due:
             return None
-        held = {p: t for p, t in self.pending.items() if t is not None and now < t + self.settle}
+        held = {p: t for p, t in self.pending.items()
+                if type(t) is float and now < t + self.settle}
         batch = (sorted(p for p in self.pending if p not in held), self.rescan, frozenset(held))
         self.pending, self.rescan = held, False
         self.first = now
@@ -1187,12 +1263,8 @@ class InotifyWatcher(Watcher):
     is hit at run time, it hands over to a PollingWatcher.
     """
 
-    # A write's data is visible a moment before its event is queued: a file
-    # changed this recently is read again a little later, its event then known.
-    min_age = 0.02
-
     def __init__(self, promoter, poll_interval=1.0):
-        super().__init__(promoter, Debouncer(), "inotify")
+        super().__init__(promoter, Debouncer(fast=FAST_QUIET), "inotify")
         self.poll_interval = poll_interval
         self.replacement = None  # the PollingWatcher taking over, if any
         self._libc = load_libc()
@@ -1307,7 +1379,7 @@ class InotifyWatcher(Watcher):
     def _step(self):
         due = self._debounce.due_time()
         wake = self._next_root_check if due is None else min(due, self._next_root_check)
-        for fd, _ in self._poller.poll(max(0, int((wake - time.monotonic()) * 1000) + 1)):
+        for fd, _ in self._poller.poll(max(0, math.ceil((wake - time.monotonic()) * 1000))):
             if fd == self._fd:
                 self._read_events()
         self._check_root()
@@ -1361,8 +1433,14 @@ class InotifyWatcher(Watcher):
             elif mask & (IN_CREATE | IN_MOVED_TO):
                 self._watch_tree(relpath)
             self._debounce.add(relpath)
+        elif mask & (IN_MODIFY | IN_CREATE):
+            self._debounce.add(relpath, writing=True)
         else:
-            self._debounce.add(relpath, writing=bool(mask & (IN_MODIFY | IN_CREATE)))
+            # Done: a published file written whole (closed, or renamed over),
+            # or a file never published gone again (an editor's temp file).
+            published = relpath in self.promoter.snapshot.by_path
+            self._debounce.add(relpath, done=published == bool(mask & (IN_CLOSE_WRITE
+                                                                       | IN_MOVED_TO)))
 
 
 def start_watcher(promoter, poll=None):

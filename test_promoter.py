@@ -503,6 +503,25 @@ class WatchTests(WatchHelpers):
 class InotifyWatchTest(WatchTests, PromoterTest):
     POLL = None
 
+    def test_a_save_all_of_five_files_3_ms_apart_gives_one_version(self):
+        names = ["m%d.py" % i for i in range(5)]
+        served = self.start(names)
+        for i, name in enumerate(names):
+            write(self.root, name, "saved together %d\n" % i)
+            time.sleep(0.003)  # the editor's pace between files
+        self.wait_content(served, "m4.py", b"saved together 4\n")
+        self.settle(served)
+        self.assertEqual(len(self.new_versions()), 2, self.new_versions())  # save-all + marker
+        self.assert_served_exactly(served, names + ["zz-marker.txt"])
+
+    def test_two_saves_100_ms_apart_give_two_versions(self):
+        served = self.start()
+        write(self.root, "main.py", "first\n")
+        time.sleep(0.1)  # the developer's pace
+        write(self.root, "main.py", "second\n")
+        self.wait_content(served, "main.py", b"second\n")
+        self.assertEqual(len(self.new_versions()), 2, self.new_versions())
+
     def test_uses_inotify(self):
         served = self.start()
         self.assertIsInstance(served.watcher, promoter.InotifyWatcher)
