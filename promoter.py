@@ -93,7 +93,7 @@ MAX_DEPTH = 128  # folders deeper than this are skipped (with a warning)
 PATH_MAX = 4096  # bytes, Linux's limit: longer paths are skipped (with a warning)
 RULE_DEADLINE = 0.5  # s an ignore rule may take on its probe names before it is rejected
 HASH_WORKERS = min(4, os.cpu_count() or 1)  # threads hashing a large batch
-HASH_CHUNK = 1 << 20
+HASH_CHUNK = 64 << 10  # bytes read at a time (under malloc's mmap threshold)
 RACE_AGE = 0.02  # s: without leases, a file changed this recently may be mid-write
 # Linux's values, where the fcntl module lacks the names.
 F_SETLEASE, F_SETSIG = getattr(fcntl, "F_SETLEASE", 1024), getattr(fcntl, "F_SETSIG", 10)
@@ -424,19 +424,21 @@ def open_file(root, relpath, dir_fd=None, follow=True):
     return file_fd, st
 
 
-def read_whole(fd, size_hint, sink):
-    """Feed a file's bytes to `sink` (in chunks); return how many there were.
-    A read shorter than asked for is taken as the end (callers compare the
-    count with the size fstat gives after reading)."""
+def read_whole(fd, sink, buf=None):
+    """Feed a file's bytes to `sink` through one reused buffer (memoryview
+    slices, valid until the next call of `sink`); return how many there
+    were. Large reads into fresh bytes objects would leave the allocator's
+    arenas grown. A read shorter than the buffer is taken as the end
+    (callers compare the count with the size fstat gives after reading)."""
+    buf = buf or bytearray(HASH_CHUNK)
+    view = memoryview(buf)
     total = 0
-    want = min(HASH_CHUNK, size_hint + 1)
     while True:
-        chunk = os.read(fd, want)
-        sink(chunk)
-        total += len(chunk)
-        if len(chunk) < want:
+        n = os.readv(fd, [buf])
+        sink(view[:n])
+        total += n
+        if n < len(buf):
             return total
-        want = HASH_CHUNK
 
 
 def open_for_writing(fd):
@@ -457,7 +459,8 @@ def open_for_writing(fd):
     return False
 
 
-def hash_file(root, relpath, known=None, min_age=0.0, dir_fd=None, check_writers=True):
+def hash_file(root, relpath, known=None, min_age=0.0, dir_fd=None, check_writers=True,
+              buf=None):
     """An Entry for the file at relpath, GONE, UNSETTLED, or a reason to skip
     it (str). `known` (the last Entry) is returned as it is when the file's
     stat has not changed. A file is UNSETTLED (its bytes are not a state
@@ -480,7 +483,7 @@ def hash_file(root, relpath, known=None, min_age=0.0, dir_fd=None, check_writers
         if known is not None and known.sig == sig:
             return known
         h = hashlib.sha1()
-        size = read_whole(fd, before.st_size, h.update)
+        size = read_whole(fd, h.update, buf)
         after = os.fstat(fd)
         # Asked after the read: a writer that opened the file before the read
         # ended still has it open, or has closed it and its events are queued.
@@ -499,7 +502,7 @@ def hash_file(root, relpath, known=None, min_age=0.0, dir_fd=None, check_writers
 
 
 def walk(root, rules, top="", on_dir=None, notices=None):
-    """Yield (relpath, kind, stat) below `top`, depth first in walk order,
+    """Yield (relpath, kind, stat_sig) below `top`, depth first in walk order,
     pruning ignored folders and never passing through a symlinked folder.
     `on_dir(relpath)` is called for each folder (`top` too) just before it
     is listed, so a watcher that watches it there misses nothing created
@@ -517,7 +520,7 @@ def walk(root, rules, top="", on_dir=None, notices=None):
 
 
 def _listing(root, rules, top, on_dir, notices):
-    """The servable entries of one folder, sorted: [(relpath, kind, stat)]."""
+    """The servable entries of one folder, sorted: [(relpath, kind, stat_sig)]."""
     if on_dir:
         on_dir(top)
     items = []
@@ -542,7 +545,7 @@ def _listing(root, rules, top, on_dir, notices):
             if problem:
                 notices.warn(relpath, problem + "; skipped")
                 continue
-            items.append((relpath, kind, st))
+            items.append((relpath, kind, stat_sig(st)))  # a stat_result is ten times larger
     except OSError as e:
         notices.warn(top or ".", "cannot list (%s); skipped" % e.strerror)
     finally:
@@ -575,16 +578,16 @@ def parallel(function, items, workers=HASH_WORKERS):
 
 
 def hash_files(root, files, known, fresh=frozenset(), min_age=0.0):
-    """{relpath: hash_file result} of [(relpath, kind, stat)] (a link's stat
+    """{relpath: hash_file result} of [(relpath, kind, stat_sig)] (a link's
     is its target's). A file whose `known` entry was hashed at that very
-    stat keeps it unread, unless it is in `fresh`. Files of one folder are read through one descriptor of
-    it, in tasks spread over HASH_WORKERS threads (os.read and hashlib
-    release the GIL). The walk is done before: walking while hashing makes
-    the two fight for the GIL and is slower."""
+    stat keeps it unread, unless it is in `fresh`. Files of one folder are
+    read through one descriptor of it, in tasks spread over HASH_WORKERS
+    threads (os.readv and hashlib release the GIL). The walk is done
+    before: walking while hashing makes the two fight for the GIL."""
     results, tasks = {}, []
-    for relpath, kind, st in files:
+    for relpath, kind, sig in files:
         entry = None if relpath in fresh else known.get(relpath)
-        if entry is not None and entry.sig == stat_sig(st):
+        if entry is not None and entry.sig == sig:
             results[relpath] = entry
             continue
         folder = relpath.rpartition("/")[0] if kind == "file" else None  # links: by path
@@ -599,8 +602,9 @@ def hash_files(root, files, known, fresh=frozenset(), min_age=0.0):
         except OSError:
             fd = None  # each file then says for itself what is wrong
         try:
-            return [(p, hash_file(root, p, None if p in fresh else known.get(p), min_age, fd))
-                    for p in paths]
+            buf = bytearray(HASH_CHUNK)  # one per task: reused for its files
+            return [(p, hash_file(root, p, None if p in fresh else known.get(p), min_age, fd,
+                                  buf=buf)) for p in paths]
         finally:
             if fd is not None:
                 os.close(fd)
@@ -686,7 +690,7 @@ class Snapshot:
                 if problem:
                     notices.warn(relpath, problem + "; skipped")
                 else:
-                    found.append((relpath, kind, st))
+                    found.append((relpath, kind, stat_sig(st)))
             elif kind == "special":
                 notices.warn(relpath, "not a regular file; skipped")
         # A reported path is always read: a rewrite of the same size within
@@ -801,7 +805,7 @@ def read_entry(root, entry):
         return None
     chunks = []
     try:
-        read_whole(fd, st.st_size, chunks.append)
+        read_whole(fd, lambda view: chunks.append(bytes(view)))
     except OSError:
         return None
     finally:
@@ -1152,9 +1156,9 @@ class PollingWatcher(Watcher):
         except OSError:
             pass
         try:
-            for relpath, kind, st in walk(self.promoter.root, self.promoter.rules,
+            for relpath, kind, sig in walk(self.promoter.root, self.promoter.rules,
                                           notices=self.promoter.notices):
-                tree[relpath] = kind if kind == "dir" else stat_sig(st)
+                tree[relpath] = kind if kind == "dir" else sig
         except RootMissing:
             return None
         return tree
