@@ -485,18 +485,21 @@ def hash_file(root, relpath, known=None, min_age=0.0, dir_fd=None, check_writers
         h = hashlib.sha1()
         size = read_whole(fd, h.update, buf)
         after = os.fstat(fd)
-        # Asked after the read: a writer that opened the file before the read
+        # A file still for WRITE_SETTLE is taken as it is, writers or not (and
+        # so is one from the future: the clock was set back). Else a writer is
+        # asked for after the read: one that opened the file before the read
         # ended still has it open, or has closed it and its events are queued.
-        writing = open_for_writing(fd) if check_writers else False
+        age = time.time() - after.st_ctime
+        recent = check_writers and 0 <= age < WRITE_SETTLE
+        writing = open_for_writing(fd) if recent else False
     except OSError as e:
         return "cannot read (%s); not served" % e.strerror
     finally:
         os.close(fd)
     if stat_sig(after) != sig or size != after.st_size:
         return UNSETTLED
-    age = time.time() - after.st_ctime
-    if 0 <= age < (WRITE_SETTLE if writing else RACE_AGE if writing is None else min_age):
-        return UNSETTLED  # (a negative age: the clock was set back; take it as settled)
+    if writing or 0 <= age < (RACE_AGE if writing is None else min_age):
+        return UNSETTLED
     h.update(relpath.encode("utf-8"))
     return Entry(relpath, h.hexdigest(), size, sig)
 
