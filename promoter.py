@@ -53,6 +53,7 @@ try:
     import fcntl
 except ImportError:  # not on Windows: no leases there
     fcntl = None
+from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -1490,6 +1491,18 @@ def header_text(value):
     return value.encode("utf-8").decode("latin-1")
 
 
+_date = (0, "")  # (second, its HTTP date), replaced whole: threads see one or the other
+
+
+def http_date():
+    """The Date header's value for now, formatted once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, formatdate(now, usegmt=True))
+    return _date[1]
+
+
 def parse_etags(value):
     """The entity tags of an If-None-Match header ('*' stays '*')."""
     if not value:
@@ -1570,14 +1583,16 @@ class RequestHandler(BaseHTTPRequestHandler):
     def route(self):
         if len(self.path) > MAX_URL:
             return self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long")
-        url = urlsplit(self.path)
-        if BAD_PERCENT_RE.search(url.path):
-            return self.send_error(HTTPStatus.BAD_REQUEST, "bad percent-encoding in URL")
-        try:
-            path = unquote(url.path, errors="strict")
-            query = parse_qs(url.query, errors="strict")
-        except (UnicodeDecodeError, ValueError):
-            return self.send_error(HTTPStatus.BAD_REQUEST, "bad percent-encoding in URL")
+        path, query = self.path, {}
+        if "?" in path or "%" in path or "#" in path:  # else it needs no parsing
+            url = urlsplit(self.path)
+            if BAD_PERCENT_RE.search(url.path):
+                return self.send_error(HTTPStatus.BAD_REQUEST, "bad percent-encoding in URL")
+            try:
+                path = unquote(url.path, errors="strict")
+                query = parse_qs(url.query, errors="strict")
+            except (UnicodeDecodeError, ValueError):
+                return self.send_error(HTTPStatus.BAD_REQUEST, "bad percent-encoding in URL")
         if not self.authorized():
             return self.send_json(HTTPStatus.UNAUTHORIZED, {"error": "a valid token is required"},
                                   extra={"WWW-Authenticate": 'Basic realm="promoter"'})
@@ -1674,16 +1689,29 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.send_bytes(status, body, "application/json", extra or {})
 
     def send_bytes(self, status, body, content_type, headers):
-        self.send_response(status)
+        """The whole answer in one write (a small body goes with the head):
+        what send_response, send_header and end_headers would send, with the
+        Date header formatted once a second."""
+        self.log_request(status)
+        head = ["%s %d %s\r\nServer: %s\r\nDate: %s\r\n" % (
+            self.protocol_version, status, self.responses.get(status, ("",))[0],
+            self.server_version, http_date())]
         if content_type:
-            self.send_header("Content-Type", content_type)
+            head.append("Content-Type: %s\r\n" % content_type)
         for name, value in headers.items():
-            self.send_header(name, value)
+            head.append("%s: %s\r\n" % (name, value))
+            if name == "Connection" and value == "close":
+                self.close_connection = True
         if status != HTTPStatus.NOT_MODIFIED:
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
+            head.append("Content-Length: %d\r\n" % len(body))
+        head.append("\r\n")
+        data = "".join(head).encode("latin-1")
         if body and self.command != "HEAD":
-            self.wfile.write(body)
+            if len(body) > 65536:
+                self.wfile.write(data)
+                data = b""
+            data += body
+        self.wfile.write(data)
 
     def send_error(self, code, message=None, explain=None):
         """Errors found by http.server's parser (bad request line, headers

@@ -2924,16 +2924,65 @@ def load(port, path, seconds, clients=32):
     return float(out[0]), int(out[1])
 
 
-def wrk(port, path, seconds):
+def wrk(port, path, seconds, latency=False):
+    """wrk's requests/s (and median latency in ms), or None without wrk."""
     if not shutil.which("wrk"):
         return None
-    out = subprocess.run(["wrk", "-t2", "-c32", "-d%ds" % max(1, int(seconds)),
+    out = subprocess.run(["wrk", "-t2", "-c32", "-d%ds" % max(1, int(seconds)), "--latency",
                           "http://127.0.0.1:%d%s" % (port, path)],
                          capture_output=True, text=True).stdout
-    for line in out.splitlines():
+    rate = median_ms = None
+    for line in out.split("\n"):
         if line.startswith("Requests/sec:"):
-            return float(line.split()[1])
-    return None
+            rate = float(line.split()[1])
+        elif line.strip().startswith("50%"):
+            value = line.split()[1]
+            median_ms = float(value[:-2]) if value.endswith("ms") else (
+                float(value[:-2]) / 1000 if value.endswith("us") else float(value[:-1]) * 1000)
+    return (rate, median_ms) if latency else rate
+
+
+# The reference for the request path: a bare handler answering a constant
+# body on the same ThreadingHTTPServer (Nagle off, as promoter has it).
+BARE_HANDLER = r"""
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+BODY = b'{"version":"0123456789012345678901234567890123456789"}'
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def bench_request_path(scratch, seconds):
+    """(ours, bare) as (requests/s, median ms) of /files/version under wrk at
+    32 connections, or None without wrk."""
+    if not shutil.which("wrk"):
+        return None
+    root = os.path.join(scratch, "path")
+    write(root, "main.py", "print('hello')\n")
+    ours = start_promoter(root)
+    port = free_port()
+    bare = BenchServer([sys.executable, "-c", BARE_HANDLER, str(port)], port)
+    try:
+        wrk(ours.port, "/files/version", 1)  # warm up both
+        wrk(bare.port, "/files/version", 1)
+        return (wrk(ours.port, "/files/version", seconds, latency=True),
+                wrk(bare.port, "/files/version", seconds, latency=True))
+    finally:
+        ours.close()
+        bare.close()
+        shutil.rmtree(root)
 
 
 def bench_requests(scratch, seconds):
@@ -2968,6 +3017,7 @@ def bench_requests(scratch, seconds):
 
 def bench_server_memory(scratch, count):
     root = os.path.join(scratch, "mem")
+    os.makedirs(root)
     make_tree(root, count)
     server = start_promoter(root)
     try:
@@ -3165,11 +3215,20 @@ def bench(quick=False):
             if wrk_ours:
                 line += "   (wrk: %.0f/s vs %.0f/s)" % (wrk_ours, wrk_theirs or 0)
             print(line + ("   errors %d" % errors if errors else ""))
+        path = bench_request_path(scratch, seconds)
+        if path:
+            (rate, ms_ours), (bare, ms_bare) = path
+            print("   /files/version under wrk: promoter %.0f/s (median %.1f ms)   a bare "
+                  "BaseHTTPRequestHandler %.0f/s (median %.1f ms)   %.0f %%"
+                  % (rate, ms_ours, bare, ms_bare, 100 * rate / bare))
+        else:
+            print("   request path against a bare handler: skipped (needs wrk)")
         print()
 
-        count = 2000 if quick else 10000
-        print("5. server memory: peak RSS with %d files indexed: %.1f MB\n"
-              % (count, bench_server_memory(scratch, count)))
+        counts = (0, 1000, 5000) if quick else (0, 1000, 5000, 10000, 50000)
+        print("5. server memory: peak RSS with N files indexed: " + "   ".join(
+            "%d: %.1f MB" % (count, bench_server_memory(scratch, count)) for count in counts))
+        print()
 
         print("6. client (CPython, loopback): wall time and peak traced heap of one update")
         for label, wall, peak in bench_client(scratch, 3):
