@@ -102,6 +102,8 @@ MAX_WAIT = 300  # s, cap of ?wait=N
 MAX_URL = 2048
 IDLE_TIMEOUT = 10  # s a connection may sit without sending a request
 MAX_CONNECTIONS = 256
+LISTEN_BACKLOG = 1024  # connections the kernel queues before they are accepted
+MAX_BODY = 65536  # bytes of a request body read and dropped (boards send none)
 CACHE_BYTES = 16 << 20  # verified file bodies kept in memory (LRU)
 CACHE_MAX_FILE = 4 << 20
 MAX_DEVICES = 1000  # boards remembered for the status page
@@ -1574,15 +1576,18 @@ class RequestHandler(BaseHTTPRequestHandler):
     do_HEAD = do_GET  # send_bytes leaves the body out
 
     def not_allowed(self):
+        # Its body is not read: close, so that it is never parsed as a request.
         self.send_json(HTTPStatus.METHOD_NOT_ALLOWED,
                        {"error": "method %s not allowed; use GET or HEAD" % self.command},
-                       extra={"Allow": "GET, HEAD"})
+                       extra={"Allow": "GET, HEAD", "Connection": "close"})
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = not_allowed
 
     def route(self):
         if len(self.path) > MAX_URL:
             return self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long")
+        if not self.discard_body():
+            return
         path, query = self.path, {}
         if "?" in path or "%" in path or "#" in path:  # else it needs no parsing
             url = urlsplit(self.path)
@@ -1615,6 +1620,23 @@ class RequestHandler(BaseHTTPRequestHandler):
                 return self.get_file(snapshot, path[len(prefix):])
         self.send_json(HTTPStatus.NOT_FOUND, {"error": "no such path: %s" % path})
 
+    def discard_body(self):
+        """Read and drop a GET's body (up to MAX_BODY bytes), so that it is
+        never parsed as the next request; False (answered, connection to
+        close) for a chunked body, a bad length or a longer body."""
+        if self.headers.get("Transfer-Encoding"):
+            self.send_error(HTTPStatus.NOT_IMPLEMENTED, "Transfer-Encoding on a request")
+            return False
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return True
+        if not length.strip().isdigit() or int(length) > MAX_BODY:
+            self.send_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            "a request body is at most %d bytes" % MAX_BODY)
+            return False
+        self.rfile.read(int(length))
+        return True
+
     def authorized(self):
         """True if no token is set, or the request carries it: as a bearer
         token, or as the password of HTTP Basic auth (what browsers send)."""
@@ -1622,15 +1644,17 @@ class RequestHandler(BaseHTTPRequestHandler):
         if not token:
             return True
         scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
-        given = credentials.strip()
+        # Header values arrive decoded as latin-1: encoded back, they are the
+        # bytes sent, to compare with the token's UTF-8 bytes.
+        given = credentials.strip().encode("latin-1", "replace")
         if scheme.lower() == "basic":
             try:
-                given = base64.b64decode(given, validate=True).decode("utf-8").partition(":")[2]
-            except (ValueError, UnicodeDecodeError):
-                given = ""
+                given = base64.b64decode(given, validate=True).partition(b":")[2]
+            except ValueError:
+                given = b""
         elif scheme.lower() != "bearer":
-            given = ""
-        return hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8"))
+            given = b""
+        return hmac.compare_digest(given, token.encode("utf-8"))
 
     def get_version(self, snapshot, query):
         tags = parse_etags(self.headers.get("If-None-Match"))
@@ -1733,6 +1757,15 @@ class RequestHandler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.client_address[0], fmt % args)
 
 
+def somaxconn():
+    """The kernel's cap on a listen queue (net.core.somaxconn)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return LISTEN_BACKLOG
+
+
 class PromoterServer(ThreadingHTTPServer):
     """A threading HTTP server that refuses connections past a bound
     with a 503 (answered by the accepting thread, without reading)."""
@@ -1751,6 +1784,8 @@ class PromoterServer(ThreadingHTTPServer):
         self.token = token
         self.devices = DeviceTable()
         self._slots = threading.BoundedSemaphore(max_connections)
+        # A fleet connecting at once must not overflow the listen queue (5 by default).
+        self.request_queue_size = min(LISTEN_BACKLOG, somaxconn())
         super().__init__(address, RequestHandler)
 
     def process_request(self, request, client_address):
@@ -1888,7 +1923,7 @@ def nginx_conf(snapshot, out, port):
             names.append('    %s "%s";' % (e.checksum, e.path.rsplit("/", 1)[-1]))
     return "\n".join([
         "# promoter.py export, version %s" % snapshot.version,
-        "# Include it in nginx's http {} block:  include %s;" % os.path.join(out, "nginx.conf"),
+        "# Include it in nginx's http {} block:  include \"%s\";" % os.path.join(out, "nginx.conf"),
         "map $promoter_checksum $promoter_target {",
         '    default "";'] + targets + [
         "}",
@@ -1897,7 +1932,7 @@ def nginx_conf(snapshot, out, port):
         "}",
         "server {",
         "    listen %d;" % port,
-        "    root %s;" % out,
+        '    root "%s";' % out,
         "    location = /files {",
         "        default_type application/json;",
         "        add_header Cache-Control no-cache;",
@@ -1931,6 +1966,13 @@ def export_static(root, out, port=DEFAULT_PORT, default_ignores=True):
     out = os.path.realpath(out)
     if not os.path.isdir(root):
         raise PromoterError("root %s: not a folder" % root)
+    if os.path.commonpath([root, out]) == root:
+        raise PromoterError("export to %s: inside the served folder, it would be served "
+                            "(and exported) itself; choose a folder outside %s" % (out, root))
+    if NGINX_UNSAFE.search(out.replace(" ", "")):
+        raise PromoterError("export to %s: nginx.conf cannot name a path with quotes, "
+                            "backslashes, $, braces, ; or control characters; choose another"
+                            % ascii(out))
     snapshot, unsettled = Snapshot.scan(root, Rules.load(root, default_ignores))
     if unsettled:
         raise PromoterError("%s changed during the export; run it again" % summary(sorted(unsettled)))
@@ -2879,7 +2921,7 @@ def export(args):
     snapshot = export_static(args.root, args.out, args.port, args.default_ignores)
     print("exported %d files, version %s, to %s" % (len(snapshot.entries), snapshot.version,
                                                     os.path.realpath(args.out)))
-    print("serve it with nginx: include %s inside http {}" % os.path.join(
+    print("serve it with nginx: include \"%s\" inside http {}" % os.path.join(
         os.path.realpath(args.out), "nginx.conf"))
     return 0
 

@@ -2321,6 +2321,101 @@ class ESP8266HostileServerTest(HostileServerTest):
     INTERPRETER = MICROPYTHON32
 
 
+# --- hostile clients and a fleet (first steps of the hardening) ------------------------
+
+
+class RequestBodyTest(PromoterTest):
+    """A body is never parsed as the next request."""
+
+    def setUp(self):
+        super().setUp()
+        write(self.root, "main.py", "print(1)\n")
+        self.served = self.serve()
+
+    def test_a_get_body_is_read_and_dropped(self):
+        smuggled = b"GET /files HTTP/1.1\r\nHost: x\r\n\r\n"
+        answer = raw_exchange(self.served.port,
+                              b"GET /files/version HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                              % len(smuggled) + smuggled
+                              + b"GET /files.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertEqual(answer.count(b"HTTP/1.1 200"), 2, answer)  # not three
+        self.assertNotIn(b'"files":', answer)
+
+    def test_other_methods_and_chunked_or_huge_bodies_close_the_connection(self):
+        for request, status in (
+                (b"POST /files HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", b"405"),
+                (b"GET /files HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"5\r\nhello\r\n0\r\n\r\n", b"501"),
+                (b"GET /files HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n", b"413"),
+                (b"GET /files HTTP/1.1\r\nHost: x\r\nContent-Length: -3\r\n\r\n", b"413")):
+            with self.subTest(request=request[:40]):
+                answer = raw_exchange(self.served.port, request + b"GET /files/version HTTP/1.1\r\n"
+                                                                  b"Host: x\r\n\r\n")
+                self.assertTrue(answer.startswith(b"HTTP/1.1 " + status), answer[:80])
+                self.assertEqual(answer.count(b"HTTP/1.1 "), 1, answer)  # then closed
+                self.assertNotIn(b"Unsupported method", answer)
+
+
+class UnicodeTokenTest(PromoterTest):
+    TOKEN = "pässwörd-✓"
+
+    def test_a_non_ascii_token_as_bearer_basic_and_from_the_device_module(self):
+        write(self.root, "main.py", "print('private')\n")
+        served = self.serve(token=self.TOKEN)
+        raw = self.TOKEN.encode("utf-8")
+        for value in (b"Bearer " + raw, b"Basic " + base64.b64encode(b"me:" + raw)):
+            conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+            conn.putrequest("GET", "/files/version")
+            conn.putheader("Authorization", value)
+            conn.endheaders()
+            self.assertEqual(conn.getresponse().status, 200, value)
+            conn.close()
+        self.assertEqual(served.request("/files/version",
+                                        headers={"Authorization": "Bearer pässwörd"})[0], 401)
+        board = Board(self)
+        board.update(served.url, token=self.TOKEN)
+        self.assertEqual(board.files(), {"main.py": b"print('private')\n"})
+
+
+def listen_overflows():
+    """The kernel's count of connections dropped from full listen queues."""
+    with open("/proc/net/netstat") as f:
+        rows = [line.split() for line in f if line.startswith("TcpExt:")]
+    return int(rows[1][rows[0].index("ListenOverflows")])
+
+
+class ConnectBurstTest(PromoterTest):
+    def test_a_thousand_boards_connecting_at_once_are_all_answered(self):
+        write(self.root, "main.py", "print(1)\n")
+        proc = CliProcess(self, ["--root", self.root, "--port", "0"])
+        dropped = listen_overflows()
+        request = b"GET /files/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        boards = []
+        for _ in range(1000):  # all connect before the server accepts any
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", proc.port))
+            boards.append(sock)
+        answered = 0
+        deadline = time.monotonic() + 15
+        try:
+            for sock in boards:
+                sock.settimeout(max(0.1, deadline - time.monotonic()))
+                try:
+                    sock.sendall(request)
+                    if sock.recv(12).startswith((b"HTTP/1.1 200", b"HTTP/1.1 503")):
+                        answered += 1
+                except OSError:
+                    pass
+        finally:
+            for sock in boards:
+                sock.close()
+        self.assertEqual(answered, 1000)
+        self.assertEqual(listen_overflows() - dropped, 0)  # none waited for a SYN retry
+
+
+
+
 # --- gateway and fleet ------------------------------------------------------------------
 
 
@@ -2569,6 +2664,26 @@ class ExportTest(PromoterTest):
         self.assertEqual(len(os.listdir(os.path.join(self.out, "files"))), 4)  # 3 + version
         self.assert_usage_error(run_cli(["export", "--root", os.path.join(self.tmp, "no"), self.out]),
                                 "not a folder")
+
+    def test_output_paths_nginx_cannot_name_or_inside_the_root_are_refused(self):
+        self.assert_usage_error(run_cli(["export", "--root", self.root,
+                                         os.path.join(self.root, "export")]),
+                                "inside the served folder")
+        for name in ('a;b', 'a$b', 'a{b}', 'a"b', 'a\nroot /etc'):
+            self.assert_usage_error(run_cli(["export", "--root", self.root,
+                                             os.path.join(self.tmp, name)]), "nginx.conf cannot")
+        self.out = os.path.join(self.tmp, "with space")
+        self.export(9090)
+        with open(os.path.join(self.out, "nginx.conf")) as f:
+            self.assertIn('root "%s";' % self.out, f.read())
+        if shutil.which("nginx"):
+            conf = os.path.join(self.tmp, "test.conf")
+            with open(conf, "w") as f:
+                f.write('events {}\nhttp {\n    include "%s";\n}\n'
+                        % os.path.join(self.out, "nginx.conf"))
+            result = subprocess.run(["nginx", "-t", "-p", self.tmp, "-c", conf],
+                                    capture_output=True, text=True)
+            self.assertEqual(result.returncode, 0, result.stderr)
 
     def test_client_updates_from_nginx_and_watch_does_not_spin(self):
         port = free_port()
