@@ -103,6 +103,8 @@ MAX_URL = 2048
 IDLE_TIMEOUT = 10  # s a connection may sit without sending a request
 MAX_CONNECTIONS = 256
 LISTEN_BACKLOG = 1024  # connections the kernel queues before they are accepted
+HEAD_TIMEOUT = 10  # s from a request's first byte to the end of its head
+MAX_HEAD = 16384  # bytes of a request head (request line and headers)
 MAX_BODY = 65536  # bytes of a request body read and dropped (boards send none)
 CACHE_BYTES = 16 << 20  # verified file bodies kept in memory (LRU)
 CACHE_MAX_FILE = 4 << 20
@@ -1557,6 +1559,50 @@ class DeviceTable:
             return [dict(d) for d in reversed(self._devices.values())]
 
 
+class HeadTooLarge(Exception):
+    """A request head past MAX_HEAD bytes."""
+
+
+class HeadReader:
+    """The connection's reader while a request head is read: the head must
+    come whole within `deadline` seconds of its first byte (not per read: a
+    client that drips holds a slot no longer) and hold at most MAX_HEAD
+    bytes (HeadTooLarge, with the lines read so far)."""
+
+    def __init__(self, rfile, handler, deadline):
+        self.rfile, self.handler, self.deadline = rfile, handler, deadline
+        self.started = None
+        self.room = MAX_HEAD
+        self.lines = 0
+
+    def readline(self, limit=-1):
+        line = b""
+        while True:
+            if self.started is None:
+                self.handler.connection.settimeout(self.handler.timeout)  # idle: no request yet
+            else:
+                left = self.started + self.deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout("request head not complete after %gs" % self.deadline)
+                self.handler.connection.settimeout(left)
+            data = self.rfile.peek(1)[:max(0, min(self.room, limit if limit >= 0 else self.room))]
+            if self.started is None and data:
+                self.started = time.monotonic()
+                self.handler.server.track(self.handler.connection, "head")
+            end = data.find(b"\n") + 1 or len(data)
+            line += self.rfile.read(end)
+            self.room -= end
+            if self.room <= 0 and not line.endswith(b"\n"):
+                raise HeadTooLarge(self.lines)
+            if not end or line.endswith(b"\n") or 0 <= limit <= len(line):
+                self.lines += 1
+                return line
+
+    def read(self, size=-1):
+        self.handler.connection.settimeout(self.handler.timeout)
+        return self.rfile.read(size)
+
+
 class RequestHandler(BaseHTTPRequestHandler):
     """Routes GET/HEAD to the API; every error answers {"error": "..."}."""
 
@@ -1569,6 +1615,23 @@ class RequestHandler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.idle_timeout  # an idle or stalled client is dropped
         super().setup()
+
+    def handle_one_request(self):
+        real = self.rfile
+        self.rfile = HeadReader(real, self, self.server.head_timeout)
+        self.server.track(self.connection, "idle")
+        try:
+            super().handle_one_request()
+        except HeadTooLarge as e:
+            self.rfile = real
+            self.command, self.requestline, self.request_version = "", "", "HTTP/1.1"
+            if e.args[0]:
+                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                "a request head is at most %d bytes" % MAX_HEAD)
+            else:
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long")
+        finally:
+            self.rfile = real
 
     def do_GET(self):
         self.route()
@@ -1586,6 +1649,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     def route(self):
         if len(self.path) > MAX_URL:
             return self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long")
+        self.server.track(self.connection, "busy")
         if not self.discard_body():
             return
         path, query = self.path, {}
@@ -1776,31 +1840,62 @@ class PromoterServer(ThreadingHTTPServer):
             b'{"error":"too many connections; retry soon"}')
 
     def __init__(self, address, promoter, max_connections=MAX_CONNECTIONS,
-                 idle_timeout=IDLE_TIMEOUT, token=None):
+                 idle_timeout=IDLE_TIMEOUT, token=None, head_timeout=HEAD_TIMEOUT):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.promoter = promoter
         self.idle_timeout = idle_timeout
+        self.head_timeout = head_timeout
         self.token = token
         self.devices = DeviceTable()
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._connections = {}  # socket -> [state, since]: "idle", "head" or "busy"
+        self._connections_lock = threading.Lock()
         # A fleet connecting at once must not overflow the listen queue (5 by default).
         self.request_queue_size = min(LISTEN_BACKLOG, somaxconn())
         super().__init__(address, RequestHandler)
 
     def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
+        if not self._slots.acquire(blocking=False) and not (
+                self._evict() and self._slots.acquire(timeout=0.5)):
             try:
                 request.sendall(self.BUSY)
             except OSError:
                 pass
             self.shutdown_request(request)
             return
+        self.track(request, "idle")
         try:
             super().process_request(request, client_address)
         except Exception:
+            self._forget(request)
             self._slots.release()
             raise
+
+    def track(self, request, state):
+        with self._connections_lock:
+            self._connections[request] = [state, time.monotonic()]
+
+    def _forget(self, request):
+        with self._connections_lock:
+            self._connections.pop(request, None)
+
+    def _evict(self):
+        """All slots are taken: close the least useful connection, the one
+        idle the longest or the oldest still sending its head (never one
+        being answered or waiting for a change). True if one was closed."""
+        with self._connections_lock:
+            candidates = [(since, request) for request, (state, since) in self._connections.items()
+                          if state != "busy"]
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda c: c[0])[1]
+        self._forget(victim)
+        try:
+            victim.shutdown(socket.SHUT_RDWR)  # its thread reads the end and finishes
+        except OSError:
+            pass
+        return True
 
     def status(self, snapshot):
         """What the status page shows, as a JSON-ready dict."""
@@ -1831,6 +1926,7 @@ class PromoterServer(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self._forget(request)
             self._slots.release()
 
 # The status page: static HTML whose script fills it from /status.json

@@ -129,10 +129,11 @@ class LogCapture(logging.Handler):
 class Served:
     """A real promoter (index, watcher, ThreadingHTTPServer on port 0)."""
 
-    def __init__(self, root, poll=None, max_connections=64, idle_timeout=2.0, token=None, port=0):
+    def __init__(self, root, poll=None, max_connections=64, idle_timeout=2.0, token=None, port=0,
+                 head_timeout=promoter.HEAD_TIMEOUT):
         self.promoter = promoter.Promoter(root)
         self.server = promoter.PromoterServer(("127.0.0.1", port), self.promoter,
-                                              max_connections, idle_timeout, token)
+                                              max_connections, idle_timeout, token, head_timeout)
         self.port = self.server.server_address[1]
         self.url = "http://127.0.0.1:%d" % self.port
         self.watcher = promoter.start_watcher(self.promoter, poll)
@@ -2354,6 +2355,56 @@ class RequestBodyTest(PromoterTest):
                 self.assertTrue(answer.startswith(b"HTTP/1.1 " + status), answer[:80])
                 self.assertEqual(answer.count(b"HTTP/1.1 "), 1, answer)  # then closed
                 self.assertNotIn(b"Unsupported method", answer)
+
+
+class SlowClientTest(PromoterTest):
+    """Connection slots are for work: a head must come whole in time, and
+    held slots are taken back for a client that asks for something."""
+
+    def setUp(self):
+        super().setUp()
+        write(self.root, "main.py", "print(1)\n")
+
+    def drip(self, port, lines=1000, pause=0.3):
+        """A client that sends its head one line at a time, for ever."""
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /files/version HTTP/1.1\r\nHost: x\r\n")
+
+        def go():
+            try:
+                for i in range(lines):
+                    time.sleep(pause)
+                    sock.sendall(b"X-Drip-%d: y\r\n" % i)
+            except OSError:
+                pass
+        threading.Thread(target=go, daemon=True).start()
+        return sock
+
+    def test_a_head_that_drips_is_cut_at_the_head_deadline(self):
+        served = self.serve(head_timeout=1.0, idle_timeout=30)
+        sock = self.drip(served.port, pause=0.2)  # each line well within any per-read timeout
+        start = time.monotonic()
+        while sock.recv(4096):
+            pass
+        self.assertLess(time.monotonic() - start, 5)  # closed at the deadline, not at 1,000 lines
+
+    def test_a_head_past_16_kb_gets_431(self):
+        served = self.serve()
+        headers = b"".join(b"X-Big-%d: %s\r\n" % (i, b"b" * 1000) for i in range(20))
+        answer = raw_exchange(served.port, b"GET /files HTTP/1.1\r\n" + headers + b"\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431"), answer[:60])
+
+    def test_slow_clients_on_every_slot_do_not_lock_out_a_board(self):
+        served = self.serve(max_connections=16, idle_timeout=30)
+        for _ in range(30):  # more slow clients than slots
+            self.drip(served.port, pause=0.5)
+        wait_until(lambda: len(served.server._connections) == 16, message="every slot taken")
+        for path in ("/files/version", "/status.json"):
+            start = time.monotonic()
+            status, _, _ = served.request(path, timeout=10)
+            self.assertEqual(status, 200, path)
+            self.assertLess(time.monotonic() - start, 2, path)
 
 
 class UnicodeTokenTest(PromoterTest):
