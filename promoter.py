@@ -107,7 +107,8 @@ HEAD_TIMEOUT = 10  # s from a request's first byte to the end of its head
 MAX_HEAD = 16384  # bytes of a request head (request line and headers)
 MAX_BODY = 65536  # bytes of a request body read and dropped (boards send none)
 CACHE_BYTES = 16 << 20  # verified file bodies kept in memory (LRU)
-CACHE_MAX_FILE = 4 << 20
+CACHE_MAX_FILE = 4 << 20  # larger files are streamed, not cached
+STREAM_CHUNK = 64 << 10
 MAX_DEVICES = 1000  # boards remembered for the status page
 STATUS_REFRESH = 2  # s between refreshes of the status page
 CHECKSUM_RE = re.compile(r"[0-9a-f]{40}")
@@ -1764,22 +1765,63 @@ class RequestHandler(BaseHTTPRequestHandler):
         if checksum in parse_etags(self.headers.get("If-None-Match")):
             # The client holds these very bytes: no need to read them.
             return self.send_bytes(HTTPStatus.NOT_MODIFIED, None, None, headers)
-        data = self.server.promoter.read_verified(entry)
-        if data is None:
-            return self.send_json(HTTPStatus.NOT_FOUND, gone)
         content_type = mimetypes.guess_type(entry.path)[0] or "application/octet-stream"
-        self.send_bytes(HTTPStatus.OK, data, content_type, headers)
+        if entry.size > CACHE_MAX_FILE:
+            if not self.stream_file(entry, content_type, headers):
+                return self.send_json(HTTPStatus.NOT_FOUND, gone)
+        else:
+            data = self.server.promoter.read_verified(entry)
+            if data is None:
+                return self.send_json(HTTPStatus.NOT_FOUND, gone)
+            self.send_bytes(HTTPStatus.OK, data, content_type, headers)
         if self.command == "GET":
             log.info("%s downloaded %s", self.client_address[0], entry.path)
+
+    def stream_file(self, entry, content_type, headers):
+        """Send a large file in STREAM_CHUNK pieces, in constant memory,
+        hashing as it goes and holding the last piece back: if the bytes do
+        not hash to the checksum (the file changed meanwhile), the connection
+        is cut before the last piece, so a complete body is never wrong.
+        False (nothing sent) if the file is not there at its size."""
+        try:
+            fd, st = open_file(self.server.promoter.root, entry.path)
+        except OSError:
+            return False
+        with open(fd, "rb", buffering=0) as f:
+            if st.st_size < entry.size:
+                return False
+            self.send_bytes(HTTPStatus.OK, None, content_type, headers, length=entry.size)
+            if self.command == "HEAD":
+                return True
+            h = hashlib.sha1()
+            held, left = b"", entry.size
+            while left:
+                piece = f.read(min(STREAM_CHUNK, left))
+                if not piece:
+                    break
+                h.update(piece)
+                left -= len(piece)
+                if held:
+                    self.wfile.write(held)
+                held = piece
+            h.update(entry.path.encode("utf-8"))
+            if left or h.hexdigest() != entry.checksum:
+                log.warning("%s changed while it was sent to %s; cut short (the board retries)",
+                            entry.path, self.client_address[0])
+                self.close_connection = True
+                return True
+            self.wfile.write(held)
+        return True
 
     def send_json(self, status, obj, extra=None):
         body = json.dumps(obj, separators=(",", ":")).encode()
         self.send_bytes(status, body, "application/json", extra or {})
 
-    def send_bytes(self, status, body, content_type, headers):
+    def send_bytes(self, status, body, content_type, headers, length=None):
         """The whole answer in one write (a small body goes with the head):
         what send_response, send_header and end_headers would send, with the
-        Date header formatted once a second."""
+        Date header formatted once a second. `length`: the head alone, of a
+        body the caller sends."""
         self.log_request(status)
         head = ["%s %d %s\r\nServer: %s\r\nDate: %s\r\n" % (
             self.protocol_version, status, self.responses.get(status, ("",))[0],
@@ -1791,7 +1833,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             if name == "Connection" and value == "close":
                 self.close_connection = True
         if status != HTTPStatus.NOT_MODIFIED:
-            head.append("Content-Length: %d\r\n" % len(body))
+            head.append("Content-Length: %d\r\n" % (len(body) if length is None else length))
         head.append("\r\n")
         data = "".join(head).encode("latin-1")
         if body and self.command != "HEAD":

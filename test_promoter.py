@@ -2407,6 +2407,84 @@ class SlowClientTest(PromoterTest):
             self.assertLess(time.monotonic() - start, 2, path)
 
 
+def rss_peak(pid):
+    """The peak resident memory of a process, in MB."""
+    with open("/proc/%d/status" % pid) as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(status["VmHWM"].split()[0]) / 1024
+
+
+class StreamingTest(PromoterTest):
+    """Large files are streamed in constant memory, and a complete body is
+    never made of bytes that do not hash to the checksum asked for."""
+
+    SIZE = 200 << 20
+
+    def download(self, port, path):
+        """(status, Content-Length, bytes received, their SHA-1 + path) of a GET."""
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        h, got = hashlib.sha1(), 0
+        try:
+            while True:
+                piece = resp.read(1 << 20)
+                if not piece:
+                    break
+                h.update(piece)
+                got += len(piece)
+        except http.client.IncompleteRead as e:
+            h.update(e.partial)
+            got += len(e.partial)
+        finally:
+            conn.close()
+        return resp.status, int(resp.getheader("Content-Length")), got, h
+
+    def test_big_files_stream_in_constant_memory_and_head_reads_nothing(self):
+        with open(os.path.join(self.root, "big.bin"), "wb") as f:
+            f.truncate(self.SIZE)  # sparse: 200 MB of zeros
+        proc = CliProcess(self, ["--root", self.root, "--port", "0"])
+        entry = json.loads(proc.get("/files")[2])["files"][0]
+        before = rss_peak(proc.proc.pid)
+        start = time.monotonic()
+        status, headers, _ = proc.get("/files/" + entry["checksum"], method="HEAD")
+        self.assertEqual((status, int(headers["content-length"])), (200, self.SIZE))
+        self.assertLess(time.monotonic() - start, 2)  # hashing 200 MB would take longer
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(
+            self.download(proc.port, "/files/" + entry["checksum"]))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for status, length, got, h in results:
+            h.update(b"big.bin")
+            self.assertEqual((status, length, got, h.hexdigest()),
+                             (200, self.SIZE, self.SIZE, entry["checksum"]))
+        self.assertLess(rss_peak(proc.proc.pid) - before, 20)  # MB, for 400 MB sent
+
+    def test_a_file_changed_while_streamed_is_cut_short_never_completed(self):
+        data = os.urandom(64 << 20)
+        write(self.root, "big.bin", data)
+        served = self.serve(poll=3600)  # the index keeps the old checksum
+        cs = served.files()["big.bin"]["checksum"]
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+        conn.request("GET", "/files/" + cs)
+        resp = conn.getresponse()
+        first = resp.read(1 << 20)
+        with open(os.path.join(self.root, "big.bin"), "r+b") as f:
+            f.seek(len(data) - 1000)
+            f.write(b"x" * 1000)  # the end changes while the server is sending
+        rest = b""
+        try:
+            rest = resp.read()
+        except http.client.IncompleteRead as e:
+            rest = e.partial
+        conn.close()
+        self.assertLess(len(first) + len(rest), len(data))
+        self.assertTrue(any("changed while it was sent" in m for m in self.log.messages()))
+
+
 class UnicodeTokenTest(PromoterTest):
     TOKEN = "pässwörd-✓"
 
