@@ -41,6 +41,7 @@ import operator
 import os
 import re
 import select
+import selectors
 import signal
 import socket
 import stat
@@ -867,7 +868,7 @@ class Promoter:
     """The served state: root, ignore rules and the current snapshot.
 
     The watcher thread is the only writer (refresh, reload_rules); request
-    threads read `snapshot` and may block in `wait_for_change`. The root is
+    threads read `snapshot`; `listeners` hear of each new one. The root is
     a precondition, not data: while no folder is at the root path, the last
     snapshot stays published.
     """
@@ -885,9 +886,7 @@ class Promoter:
         self.root_missing = False
         self.changed_at = time.time()
         self.cache = ContentCache()
-        self._changed = threading.Condition()
-        self._closed = False
-        self.waiting = 0  # requests held in wait_for_change now
+        self.listeners = []  # called after each publish and at close (from the writer's thread)
 
     def reload_rules(self):
         self.rules = Rules.load(self.root, self.default_ignores)
@@ -959,27 +958,14 @@ class Promoter:
                 log.warning("version %s has no files (it had %d): boards will remove the files "
                             "they were given", new.version[:12], len(old.entries))
         self._published = True
-        with self._changed:
-            self.snapshot = new
-            self.changed_at = time.time()
-            self._changed.notify_all()
-
-    def wait_for_change(self, version, timeout):
-        """Block until the version differs from `version`, the timeout runs
-        out or the server closes; return the snapshot then current."""
-        with self._changed:
-            self.waiting += 1
-            try:
-                self._changed.wait_for(
-                    lambda: self._closed or self.snapshot.version != version, timeout)
-            finally:
-                self.waiting -= 1
-            return self.snapshot
+        self.snapshot = new
+        self.changed_at = time.time()
+        for listener in self.listeners:
+            listener()
 
     def close(self):
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
+        for listener in self.listeners:
+            listener(closing=True)
 
     def read_verified(self, entry):
         """The bytes of `entry` if they still hash to its checksum, else None."""
@@ -1508,6 +1494,20 @@ def http_date():
     return _date[1]
 
 
+def http_head(status, content_type, headers, length):
+    """The status line and headers of an answer, as bytes."""
+    head = ["HTTP/1.1 %d %s\r\nServer: promoter/%s\r\nDate: %s\r\n" % (
+        status, BaseHTTPRequestHandler.responses.get(status, ("",))[0], __version__, http_date())]
+    if content_type:
+        head.append("Content-Type: %s\r\n" % content_type)
+    for name, value in headers.items():
+        head.append("%s: %s\r\n" % (name, value))
+    if status != HTTPStatus.NOT_MODIFIED:
+        head.append("Content-Length: %d\r\n" % length)
+    head.append("\r\n")
+    return "".join(head).encode("latin-1")
+
+
 def parse_etags(value):
     """The entity tags of an If-None-Match header ('*' stays '*')."""
     if not value:
@@ -1732,8 +1732,14 @@ class RequestHandler(BaseHTTPRequestHandler):
             except ValueError:
                 return self.send_json(HTTPStatus.BAD_REQUEST,
                                       {"error": "wait must be a number of seconds"})
-            if snapshot.version in tags:
-                snapshot = self.server.promoter.wait_for_change(snapshot.version, wait)
+            if snapshot.version in tags and wait > 0:
+                # Parked once this thread is done with the connection: the
+                # parking thread answers it; this thread and its slot go
+                # back to work.
+                self.server.to_park[self.connection] = (
+                    snapshot.version, time.monotonic() + wait, not self.close_connection)
+                self.close_connection = True
+                return
         self.send_listing(snapshot, "version", "application/json", tags)
 
     def get_listing(self, snapshot, kind, content_type):
@@ -1823,19 +1829,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         Date header formatted once a second. `length`: the head alone, of a
         body the caller sends."""
         self.log_request(status)
-        head = ["%s %d %s\r\nServer: %s\r\nDate: %s\r\n" % (
-            self.protocol_version, status, self.responses.get(status, ("",))[0],
-            self.server_version, http_date())]
-        if content_type:
-            head.append("Content-Type: %s\r\n" % content_type)
-        for name, value in headers.items():
-            head.append("%s: %s\r\n" % (name, value))
-            if name == "Connection" and value == "close":
-                self.close_connection = True
-        if status != HTTPStatus.NOT_MODIFIED:
-            head.append("Content-Length: %d\r\n" % (len(body) if length is None else length))
-        head.append("\r\n")
-        data = "".join(head).encode("latin-1")
+        if headers.get("Connection") == "close":
+            self.close_connection = True
+        data = http_head(status, content_type, headers,
+                         length if length is not None else len(body or b""))
         if body and self.command != "HEAD":
             if len(body) > 65536:
                 self.wfile.write(data)
@@ -1861,6 +1858,111 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):
         log.debug("%s %s", self.client_address[0], fmt % args)
+
+
+class Parking:
+    """Waiting requests (`?wait=N`), parked on one thread with a selectors
+    loop instead of holding a handler thread and a connection slot each.
+    When a version is published, every parked request gets its answer (the
+    bytes built once); one whose time is up gets 304; one whose client hangs
+    up is dropped at once. A keep-alive connection then goes back to the
+    handler threads for its next request."""
+
+    def __init__(self, server):
+        self.server = server
+        self.count = 0  # requests parked now
+        self._selector = selectors.DefaultSelector()
+        self._parked = {}  # socket -> (address, version, deadline, keep_alive)
+        self._incoming = collections.deque()
+        self._closing = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._thread = threading.Thread(target=self._run, name="parking", daemon=True)
+        self._thread.start()
+        server.promoter.listeners.append(self.wake)
+
+    def park(self, sock, address, version, deadline, keep_alive):
+        """Take over a connection whose request waits for `version` to change
+        (its handler's thread is done with it)."""
+        self._incoming.append((sock, address, version, deadline, keep_alive))
+        self.wake()
+
+    def wake(self, closing=False):
+        self._closing = self._closing or closing
+        try:
+            os.write(self._wake_w, b"x")
+        except (OSError, TypeError):
+            pass  # the pipe is full (the loop wakes anyway), or closed
+
+    def close(self):
+        if self._thread.is_alive() or self._wake_r is not None:
+            self.wake(closing=True)
+            self._thread.join()
+            self._selector.close()
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self._wake_r = self._wake_w = None
+
+    def _run(self):
+        while True:
+            while self._incoming:
+                sock, *rest = self._incoming.popleft()
+                sock.setblocking(False)
+                self._parked[sock] = rest
+                self._selector.register(sock, selectors.EVENT_READ)
+            self.count = len(self._parked)
+            soonest = min((item[2] for item in self._parked.values()), default=None)
+            timeout = None if soonest is None else max(0.0, soonest - time.monotonic())
+            for key, _ in self._selector.select(timeout):
+                if key.fileobj == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                else:  # the client spoke or hung up: answer now (or drop it)
+                    self._answer(key.fileobj, hung_up=self._hung_up(key.fileobj))
+            version = self.server.promoter.snapshot.version
+            now = time.monotonic()
+            for sock, (_, waited, deadline, _) in list(self._parked.items()):
+                if self._closing or waited != version or now >= deadline:
+                    self._answer(sock)
+            self.count = len(self._parked)
+            if self._closing and not self._incoming:
+                return
+
+    @staticmethod
+    def _hung_up(sock):
+        try:
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _answer(self, sock, hung_up=False):
+        address, waited, _, keep_alive = self._parked.pop(sock)
+        self._selector.unregister(sock)
+        snapshot = self.server.promoter.snapshot
+        keep_alive = keep_alive and not self._closing and not hung_up
+        headers = {"ETag": '"%s"' % snapshot.version, "Cache-Control": "no-cache"}
+        if not keep_alive:
+            headers["Connection"] = "close"
+        if snapshot.version == waited:
+            answer = http_head(HTTPStatus.NOT_MODIFIED, None, headers, 0)
+        else:
+            body = snapshot.body("version")
+            answer = http_head(HTTPStatus.OK, "application/json", headers, len(body)) + body
+        try:
+            if not hung_up:
+                sock.send(answer)  # a few hundred bytes into an empty buffer
+        except OSError:
+            keep_alive = False
+        if keep_alive:
+            sock.setblocking(True)
+            self.server.hand_back(sock, address)
+        else:
+            self.server.close_request(sock)
 
 
 def somaxconn():
@@ -1893,8 +1995,10 @@ class PromoterServer(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(max_connections)
         self._connections = {}  # socket -> [state, since]: "idle", "head" or "busy"
         self._connections_lock = threading.Lock()
+        self.to_park = {}  # socket -> (version, deadline, keep-alive) of a waiting request
         # A fleet connecting at once must not overflow the listen queue (5 by default).
         self.request_queue_size = min(LISTEN_BACKLOG, somaxconn())
+        self.parking = Parking(self)  # before binding: a failed bind closes it
         super().__init__(address, RequestHandler)
 
     def process_request(self, request, client_address):
@@ -1913,6 +2017,31 @@ class PromoterServer(ThreadingHTTPServer):
             self._forget(request)
             self._slots.release()
             raise
+
+    def hand_back(self, request, client_address):
+        """A parked keep-alive connection's next request, on a handler thread
+        (closed if no slot is free: the board connects again)."""
+        if not self._slots.acquire(blocking=False):
+            return self.close_request(request)
+        self.track(request, "idle")
+        try:
+            ThreadingHTTPServer.process_request(self, request, client_address)
+        except Exception:
+            self._forget(request)
+            self._slots.release()
+            self.close_request(request)
+
+    def shutdown_request(self, request):
+        parked = self.to_park.pop(request, None)
+        if parked is None:
+            super().shutdown_request(request)
+        else:  # its handler's thread is done with it: it lives on in the parking thread
+            version, deadline, keep_alive = parked
+            self.parking.park(request, request.getpeername(), version, deadline, keep_alive)
+
+    def server_close(self):
+        self.parking.close()
+        super().server_close()
 
     def track(self, request, state):
         with self._connections_lock:
@@ -1950,7 +2079,7 @@ class PromoterServer(ThreadingHTTPServer):
             "changed_at": self.promoter.changed_at,
             "root_missing": self.promoter.root_missing,
             "token_required": bool(self.token),
-            "waiting_requests": self.promoter.waiting,
+            "waiting_requests": self.parking.count,
             "files": [{"path": e.path, "size": e.size, "checksum": e.checksum}
                       for e in snapshot.entries],
             "devices": devices,

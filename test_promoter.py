@@ -176,7 +176,7 @@ def hold_waiting_requests(served, count, wait):
         conn.request("GET", "/files/version?wait=%d" % wait,
                      headers={"If-None-Match": '"%s"' % version})
         held.append(conn)
-    wait_until(lambda: served.promoter.waiting == count, message="%d waiting requests" % count)
+    wait_until(lambda: served.server.parking.count == count, message="%d waiting requests" % count)
     return version, held
 
 
@@ -1257,7 +1257,7 @@ class HttpTest(PromoterTest):
 
         thread = threading.Thread(target=waiter)
         thread.start()
-        wait_until(lambda: self.served.promoter.waiting == 1, message="the request to wait")
+        wait_until(lambda: self.served.server.parking.count == 1, message="the request to wait")
         write(self.root, "main.py", "print('changed')\n")
         thread.join(10)
         status, headers, body = result["response"]
@@ -1402,11 +1402,28 @@ class BadInputTest(PromoterTest):
         self.assertEqual(conn.recv(100), b"")  # closed by the server
         self.assertLess(time.monotonic() - start, 5)
 
-    def test_connections_past_the_bound_get_503(self):
-        _, held = hold_waiting_requests(self.served, 8, wait=10)
+    def test_connections_past_the_bound_get_503_waiting_ones_take_no_slot(self):
+        # Waiting requests are parked: more of them than slots still leave room.
+        _, held = hold_waiting_requests(self.served, 20, wait=10)
+        self.assertEqual(self.served.request("/status.json")[0], 200)
+        # Every slot busy sending a big file to a client that does not read it.
+        write(self.root, "big.bin", os.urandom(32 << 20))
+        self.served.wait_for(lambda f: "big.bin" in f, message="big.bin")
+        cs = self.served.files()["big.bin"]["checksum"]
+        stalled = []
+        for _ in range(8):
+            sock = socket.create_connection(("127.0.0.1", self.served.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"GET /files/%s HTTP/1.1\r\nHost: x\r\n\r\n" % cs.encode())
+            stalled.append(sock)
+        wait_until(lambda: sum(state == "busy" for state, _ in
+                               list(self.served.server._connections.values())) == 8,
+                   message="every slot busy")
         answer = raw_exchange(self.served.port, b"GET /files HTTP/1.1\r\n\r\n")
         self.assertEqual(self.status_of(answer), 503)
         self.assertIn(b'"error"', answer)
+        for sock in stalled:
+            sock.close()
         write(self.root, "main.py", "release the waiters")
         for conn in held:
             self.assertEqual(conn.getresponse().status, 200)
@@ -2483,6 +2500,56 @@ class StreamingTest(PromoterTest):
         conn.close()
         self.assertLess(len(first) + len(rest), len(data))
         self.assertTrue(any("changed while it was sent" in m for m in self.log.messages()))
+
+
+class ParkingTest(PromoterTest):
+    """Waiting requests are parked on one thread, not a thread and a slot each."""
+
+    def setUp(self):
+        super().setUp()
+        write(self.root, "main.py", "print(1)\n")
+
+    def test_a_parked_keep_alive_connection_serves_its_next_request(self):
+        served = self.serve()
+        version = served.version()
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+        conn.request("GET", "/files/version?wait=10", headers={"If-None-Match": '"%s"' % version})
+        wait_until(lambda: served.server.parking.count == 1, message="parked")
+        write(self.root, "main.py", "print(2)\n")
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200)
+        self.assertNotEqual(json.loads(resp.read())["version"], version)
+        conn.request("GET", "/files.txt")  # the same connection, back on a handler thread
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200)
+        self.assertIn(b"main.py", resp.read())
+        conn.close()
+
+    def test_a_parked_client_that_hangs_up_is_dropped_at_once(self):
+        served = self.serve()
+        version, held = hold_waiting_requests(served, 5, wait=60)
+        for conn in held:
+            conn.close()
+        wait_until(lambda: served.server.parking.count == 0, message="the parked ones dropped")
+
+    def test_hundreds_of_waiting_boards_take_one_thread(self):
+        proc = CliProcess(self, ["--root", self.root, "--port", "0", "--max-connections", "16"])
+        version = json.loads(proc.get("/files/version")[2])["version"]
+        boards = []
+        for _ in range(300):  # far more than the 16 connection slots
+            sock = socket.create_connection(("127.0.0.1", proc.port), timeout=30)
+            sock.sendall(b'GET /files/version?wait=60 HTTP/1.1\r\nHost: x\r\n'
+                         b'If-None-Match: "%s"\r\n\r\n' % version.encode())
+            boards.append(sock)
+        self.addCleanup(lambda: [sock.close() for sock in boards])
+        wait_until(lambda: json.loads(proc.get("/status.json")[2])["waiting_requests"] == 300,
+                   message="300 parked")
+        with open("/proc/%d/status" % proc.proc.pid) as f:
+            threads = int([line for line in f if line.startswith("Threads:")][0].split()[1])
+        self.assertLessEqual(threads, 10)
+        write(self.root, "main.py", "print('saved')\n")
+        for sock in boards:
+            self.assertTrue(sock.recv(64).startswith(b"HTTP/1.1 200"))
 
 
 class UnicodeTokenTest(PromoterTest):
