@@ -1914,6 +1914,7 @@ class Parking:
             self.count = len(self._parked)
             soonest = min((item[2] for item in self._parked.values()), default=None)
             timeout = None if soonest is None else max(0.0, soonest - time.monotonic())
+            due = {}  # socket -> the client hung up
             for key, _ in self._selector.select(timeout):
                 if key.fileobj == self._wake_r:
                     try:
@@ -1921,12 +1922,14 @@ class Parking:
                     except BlockingIOError:
                         pass
                 else:  # the client spoke or hung up: answer now (or drop it)
-                    self._answer(key.fileobj, hung_up=self._hung_up(key.fileobj))
+                    due[key.fileobj] = self._hung_up(key.fileobj)
             version = self.server.promoter.snapshot.version
             now = time.monotonic()
-            for sock, (_, waited, deadline, _) in list(self._parked.items()):
+            for sock, (_, waited, deadline, _) in self._parked.items():
                 if self._closing or waited != version or now >= deadline:
-                    self._answer(sock)
+                    due.setdefault(sock, False)
+            if due:
+                self._answer(due)
             self.count = len(self._parked)
             if self._closing and not self._incoming:
                 return
@@ -1940,29 +1943,39 @@ class Parking:
         except OSError:
             return True
 
-    def _answer(self, sock, hung_up=False):
-        address, waited, _, keep_alive = self._parked.pop(sock)
-        self._selector.unregister(sock)
+    def _answer(self, due):
+        """Answer these parked requests: every answer is sent first (built
+        once for all), then the keep-alive connections are handed back."""
         snapshot = self.server.promoter.snapshot
-        keep_alive = keep_alive and not self._closing and not hung_up
-        headers = {"ETag": '"%s"' % snapshot.version, "Cache-Control": "no-cache"}
-        if not keep_alive:
-            headers["Connection"] = "close"
-        if snapshot.version == waited:
-            answer = http_head(HTTPStatus.NOT_MODIFIED, None, headers, 0)
-        else:
-            body = snapshot.body("version")
-            answer = http_head(HTTPStatus.OK, "application/json", headers, len(body)) + body
-        try:
-            if not hung_up:
-                sock.send(answer)  # a few hundred bytes into an empty buffer
-        except OSError:
-            keep_alive = False
-        if keep_alive:
-            sock.setblocking(True)
-            self.server.hand_back(sock, address)
-        else:
-            self.server.close_request(sock)
+        answers = {}
+        for changed in (False, True):
+            for keep_alive in (False, True):
+                headers = {"ETag": '"%s"' % snapshot.version, "Cache-Control": "no-cache"}
+                if not keep_alive:
+                    headers["Connection"] = "close"
+                if changed:
+                    body = snapshot.body("version")
+                    answer = http_head(HTTPStatus.OK, "application/json", headers, len(body)) + body
+                else:
+                    answer = http_head(HTTPStatus.NOT_MODIFIED, None, headers, 0)
+                answers[changed, keep_alive] = answer
+        after = []
+        for sock, hung_up in due.items():
+            address, waited, _, keep_alive = self._parked.pop(sock)
+            self._selector.unregister(sock)
+            keep_alive = keep_alive and not self._closing and not hung_up
+            try:
+                if not hung_up:  # a few hundred bytes into an empty buffer
+                    sock.send(answers[waited != snapshot.version, keep_alive])
+            except OSError:
+                keep_alive = False
+            after.append((sock, address, keep_alive))
+        for sock, address, keep_alive in after:
+            if keep_alive:
+                sock.setblocking(True)
+                self.server.hand_back(sock, address)
+            else:
+                self.server.close_request(sock)
 
 
 def somaxconn():

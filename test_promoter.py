@@ -2412,6 +2412,25 @@ class SlowClientTest(PromoterTest):
         answer = raw_exchange(served.port, b"GET /files HTTP/1.1\r\n" + headers + b"\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 431"), answer[:60])
 
+    def test_maximum_size_headers_do_not_grow_memory(self):
+        proc = CliProcess(self, ["--root", self.root, "--port", "0"])
+        before = rss_peak(proc.proc.pid)
+        header = b"X-Big-%d: " + b"b" * 65000 + b"\r\n"
+        head = b"GET /files HTTP/1.1\r\n" + b"".join(header % i for i in range(98)) + b"\r\n"
+
+        def attack():
+            try:
+                raw_exchange(proc.port, head)
+            except OSError:
+                pass  # the server stops reading past 16 KB
+        threads = [threading.Thread(target=attack) for _ in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(proc.get("/files/version")[0], 200)
+        self.assertLess(rss_peak(proc.proc.pid) - before, 20)  # MB, for 250 MB of headers
+
     def test_slow_clients_on_every_slot_do_not_lock_out_a_board(self):
         served = self.serve(max_connections=16, idle_timeout=30)
         for _ in range(30):  # more slow clients than slots
@@ -3275,6 +3294,131 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 """
 
 
+WAITERS = r"""
+import selectors, socket, sys, time
+port, count, version = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+request = ('GET /files/version?wait=120 HTTP/1.1\r\nHost: x\r\nIf-None-Match: "%s"\r\n\r\n'
+           % version).encode()
+selector = selectors.DefaultSelector()
+for _ in range(count):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(request)
+    sock.setblocking(False)
+    selector.register(sock, selectors.EVENT_READ)
+print("READY", flush=True)
+answered = []
+while len(answered) < count:
+    for key, _ in selector.select(120):
+        if key.fileobj.recv(4096):
+            answered.append(time.perf_counter())
+        selector.unregister(key.fileobj)
+        key.fileobj.close()
+print(max(answered) - min(answered), flush=True)
+"""
+
+
+def process_status(pid):
+    """(RSS in MB, threads) of a process."""
+    with open("/proc/%d/status" % pid) as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(status["VmRSS"].split()[0]) / 1024, int(status["Threads"])
+
+
+def bench_waiting_boards(scratch, counts, seconds):
+    """Per count of boards holding a waiting request: (count, server RSS MB,
+    threads, s from first to last answer after a save); then /files/version
+    requests/s under wrk with 2,000 parked and with none (or None)."""
+    root = os.path.join(scratch, "waiting")
+    write(root, "main.py", "print(0)\n")
+    server = start_promoter(root)
+    rows, rates = [], None
+    try:
+        for count in counts:
+            version = get_version(server.port)
+            client = subprocess.Popen([sys.executable, "-c", WAITERS, str(server.port), str(count),
+                                       version], stdout=subprocess.PIPE, text=True)
+            assert client.stdout.readline().strip() == "READY"
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+
+            def parked():
+                conn.request("GET", "/status.json")
+                return json.loads(conn.getresponse().read())["waiting_requests"] == count
+            wait_until(parked, timeout=120, message="%d parked" % count)
+            conn.close()
+            rss, threads = process_status(server.proc.pid)
+            if count == 2000 and shutil.which("wrk"):
+                rates = (wrk(server.port, "/files/version", seconds), None)
+            write(root, "main.py", "print(%d)\n" % count)
+            spread = float(client.stdout.readline())
+            client.wait()
+            rows.append((count, rss, threads, spread))
+        if rates:
+            rates = (rates[0], wrk(server.port, "/files/version", seconds))
+    finally:
+        server.close()
+        shutil.rmtree(root)
+    return rows, rates
+
+
+def bench_big_file(scratch, size, clients):
+    """Server peak RSS (MB) while `clients` download a sparse file of `size` bytes at once."""
+    root = os.path.join(scratch, "bigfile")
+    os.makedirs(root)
+    with open(os.path.join(root, "big.bin"), "wb") as f:
+        f.truncate(size)
+    server = start_promoter(root)
+    try:
+        cs = json.loads(http_request(server.port, "/files")[2])["files"][0]["checksum"]
+
+        def fetch():
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+            conn.request("GET", "/files/" + cs)
+            resp = conn.getresponse()
+            while resp.read(1 << 20):
+                pass
+            conn.close()
+        threads = [threading.Thread(target=fetch) for _ in range(clients)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return rss_peak(server.proc.pid), time.perf_counter() - start
+    finally:
+        server.close()
+        shutil.rmtree(root)
+
+
+def bench_connect_burst(scratch, count):
+    """(boards answered, connections the kernel dropped) when `count` connect at once."""
+    root = os.path.join(scratch, "burst")
+    write(root, "main.py", "print(0)\n")
+    server = start_promoter(root)
+    dropped = listen_overflows()
+    answered = 0
+    boards = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", server.port))
+            boards.append(sock)
+        deadline = time.monotonic() + 15
+        for sock in boards:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                sock.sendall(b"GET /files/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answered += sock.recv(12).startswith(b"HTTP/1.1")
+            except OSError:
+                pass
+    finally:
+        for sock in boards:
+            sock.close()
+        server.close()
+        shutil.rmtree(root)
+    return answered, listen_overflows() - dropped
+
+
 def bench_request_path(scratch, seconds):
     """(ours, bare) as (requests/s, median ms) of /files/version under wrk at
     32 connections, or None without wrk."""
@@ -3535,6 +3679,23 @@ def bench(quick=False):
         else:
             print("   request path against a bare handler: skipped (needs wrk)")
         print()
+
+        print("4b. a fleet: boards holding a waiting request (server RSS, threads, first -> last "
+              "answer after a save)")
+        rows, rates = bench_waiting_boards(scratch, (100, 1000) if quick else
+                                           (100, 1000, 2000, 5000), seconds)
+        for count, rss, threads, spread in rows:
+            print("   %5d boards: %.1f MB, %d threads, %s" % (count, rss, threads, ms(spread)))
+        if rates:
+            print("   /files/version under wrk with 2,000 parked: %.0f/s; with none: %.0f/s (%.0f %%)"
+                  % (rates[0], rates[1], 100 * rates[0] / rates[1]))
+        answered, dropped = bench_connect_burst(scratch, 1000)
+        print("   1,000 boards connecting at once: %d answered, %d dropped by the kernel"
+              % (answered, dropped))
+        size, clients = ((256 << 20), 2) if quick else ((2 << 30), 4)
+        peak, wall = bench_big_file(scratch, size, clients)
+        print("   %d clients downloading a %d MB file: server peak RSS %.1f MB (%.1f s)\n"
+              % (clients, size >> 20, peak, wall))
 
         counts = (0, 1000, 5000) if quick else (0, 1000, 5000, 10000, 50000)
         print("5. server memory: peak RSS with N files indexed: " + "   ".join(
