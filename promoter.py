@@ -1568,30 +1568,42 @@ class HeadReader:
     """The connection's reader while a request head is read: the head must
     come whole within `deadline` seconds of its first byte (not per read: a
     client that drips holds a slot no longer) and hold at most MAX_HEAD
-    bytes (HeadTooLarge, with the lines read so far)."""
+    bytes (HeadTooLarge, with the lines read so far). A head that came in
+    one packet is read from the buffer without a system call."""
 
     def __init__(self, rfile, handler, deadline):
         self.rfile, self.handler, self.deadline = rfile, handler, deadline
         self.started = None
         self.room = MAX_HEAD
         self.lines = 0
+        self.buffered = 0  # bytes known to be in the buffer, so no read blocks
+
+    def _may_block(self):
+        """Set the socket's timeout for a read that may wait: the idle time
+        before the head's first byte, the rest of the head's time after."""
+        if self.started is None:
+            timeout = self.handler.timeout
+        else:
+            timeout = self.started + self.deadline - time.monotonic()
+            if timeout <= 0:
+                raise socket.timeout("request head not complete after %gs" % self.deadline)
+        if timeout != self.handler.socket_timeout:
+            self.handler.connection.settimeout(timeout)
+            self.handler.socket_timeout = timeout
 
     def readline(self, limit=-1):
         line = b""
         while True:
-            if self.started is None:
-                self.handler.connection.settimeout(self.handler.timeout)  # idle: no request yet
-            else:
-                left = self.started + self.deadline - time.monotonic()
-                if left <= 0:
-                    raise socket.timeout("request head not complete after %gs" % self.deadline)
-                self.handler.connection.settimeout(left)
-            data = self.rfile.peek(1)[:max(0, min(self.room, limit if limit >= 0 else self.room))]
+            if not self.buffered:
+                self._may_block()
+            data = self.rfile.peek(1)  # the whole buffer (one read if it is empty)
             if self.started is None and data:
                 self.started = time.monotonic()
                 self.handler.server.track(self.handler.connection, "head")
-            end = data.find(b"\n") + 1 or len(data)
+            bound = min(len(data), self.room, limit - len(line) if limit >= 0 else self.room)
+            end = data.find(b"\n", 0, bound) + 1 or bound
             line += self.rfile.read(end)
+            self.buffered = len(data) - end
             self.room -= end
             if self.room <= 0 and not line.endswith(b"\n"):
                 raise HeadTooLarge(self.lines)
@@ -1600,7 +1612,8 @@ class HeadReader:
                 return line
 
     def read(self, size=-1):
-        self.handler.connection.settimeout(self.handler.timeout)
+        self.started = None
+        self._may_block()
         return self.rfile.read(size)
 
 
@@ -1616,6 +1629,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.idle_timeout  # an idle or stalled client is dropped
         super().setup()
+        self.socket_timeout = self.timeout  # what the socket has now (setup set it)
 
     def handle_one_request(self):
         real = self.rfile
