@@ -1575,22 +1575,17 @@ def tree_files(root, rules=None):
     return found
 
 
-class FaultProxy:
-    """An HTTP proxy in front of a server: counts requests and, for each,
-    asks `fault(path)` for a fault to inject: None (pass), "truncate",
-    "corrupt", "500", "drop", or a callable run before forwarding."""
+class TestServer:
+    """A server in the test: each connection's request head is read, then
+    `respond(path, head, conn)` answers it (the connection closes after)."""
 
-    def __init__(self, test, target_port, fault=None):
-        self.target_port = target_port
-        self.fault = fault or (lambda path: None)
-        self.paths = []
+    def __init__(self, test):
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(16)
         self.port = self.listener.getsockname()[1]
         self.url = "http://127.0.0.1:%d" % self.port
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
+        threading.Thread(target=self._accept, daemon=True).start()
         test.addCleanup(self.close)
 
     def close(self):
@@ -1612,25 +1607,42 @@ class FaultProxy:
                 if not chunk:
                     return
                 head += chunk
-            path = head.split(b" ", 2)[1].decode()
-            self.paths.append(path)
-            fault = self.fault(path)
-            if callable(fault):
-                fault = fault()
-            if fault == "drop":
-                return
-            if fault == "500":
-                conn.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                return
-            answer = raw_exchange(self.target_port, head)
-            head_end = answer.index(b"\r\n\r\n") + 4
-            body = answer[head_end:]
-            if fault == "truncate":
-                body = body[:len(body) // 2]
-            elif fault == "corrupt" and body:
-                middle = len(body) // 2
-                body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]
-            conn.sendall(answer[:head_end] + body)
+            try:
+                self.respond(head.split(b" ", 2)[1].decode(), head, conn)
+            except OSError:
+                pass  # the client hung up
+
+
+class FaultProxy(TestServer):
+    """An HTTP proxy in front of a server: counts requests and, for each,
+    asks `fault(path)` for a fault to inject: None (pass), "truncate",
+    "corrupt", "500", "drop", or a callable run before forwarding."""
+
+    def __init__(self, test, target_port, fault=None):
+        self.target_port = target_port
+        self.fault = fault or (lambda path: None)
+        self.paths = []
+        super().__init__(test)
+
+    def respond(self, path, head, conn):
+        self.paths.append(path)
+        fault = self.fault(path)
+        if callable(fault):
+            fault = fault()
+        if fault == "drop":
+            return
+        if fault == "500":
+            conn.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            return
+        answer = raw_exchange(self.target_port, head)
+        head_end = answer.index(b"\r\n\r\n") + 4
+        body = answer[head_end:]
+        if fault == "truncate":
+            body = body[:len(body) // 2]
+        elif fault == "corrupt" and body:
+            middle = len(body) // 2
+            body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]
+        conn.sendall(answer[:head_end] + body)
 
 
 BINARY = bytes(range(256)) * 40 + b"\r\n\x00\r\x1a"  # every byte value, CRLF, NUL, ^Z
@@ -2167,38 +2179,15 @@ class SwitchTest(BoardTest):
         self.assertGreater(outcomes["new"], 3, outcomes)
 
 
-class HostileServer:
+class HostileServer(TestServer):
     """A server in the test that answers each GET with `answer(path, conn)`."""
 
     def __init__(self, test, answer):
         self.answer = answer
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-        test.addCleanup(self.listener.close)
+        super().__init__(test)
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                head += chunk
-            try:
-                self.answer(head.split(b" ", 2)[1].decode(), conn)
-            except OSError:
-                pass  # the board hung up: what it should do against such a server
+    def respond(self, path, head, conn):
+        self.answer(path, conn)  # an OSError: the board hung up, what it should do here
 
 
 def listing(*lines):
