@@ -2421,10 +2421,10 @@ class SlowClientTest(PromoterTest):
         self.assertLess(rss_peak(proc.proc.pid) - before, 20)  # MB, for 250 MB of headers
 
     def test_slow_clients_on_every_slot_do_not_lock_out_a_board(self):
-        served = self.serve(max_connections=16, idle_timeout=30)
-        for _ in range(30):  # more slow clients than slots
+        served = self.serve(max_connections=256, idle_timeout=30)
+        for _ in range(300):  # more slow clients than slots
             self.drip(served.port, pause=0.5)
-        wait_until(lambda: len(served.server._connections) == 16, message="every slot taken")
+        wait_until(lambda: len(served.server._connections) == 256, message="every slot taken")
         for path in ("/files/version", "/status.json"):
             start = time.monotonic()
             status, _, _ = served.request(path, timeout=10)
