@@ -24,6 +24,14 @@ version  = SHA-1 hex of the checksums concatenated in walk order
 
 Python 3.8+ standard library only; Linux inotify through ctypes, with a
 stat-polling fallback elsewhere.
+
+The module, in order: constants; ignore rules (Rules, and the probe that
+rejects rules that backtrack without end); index (safe opening beneath the
+root, the walk, hashing, Snapshot, Promoter); watchers (Debouncer, the
+polling and inotify watchers); HTTP (the request handler, the parking of
+waiting requests, the server); status page; static export; device module
+(DEVICE_CLIENT: files, the list, HTTP, update, the switch, entry points);
+CLI.
 """
 
 import argparse
@@ -2127,7 +2135,9 @@ class PromoterServer(ThreadingHTTPServer):
             self._forget(request)
             self._slots.release()
 
-# The status page: static HTML whose script fills it from /status.json
+# --- status page -----------------------------------------------------------------
+
+# Static HTML whose script fills it from /status.json
 # (text only, through textContent: header values from boards are untrusted).
 STATUS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>promoter</title>
@@ -2546,6 +2556,8 @@ class _Answer:
         self.sock.close()
 
 
+# --- update ---
+
 class OTAPromoter:
     """Keeps the files of main_dir equal to what a promoter server serves."""
 
@@ -2931,6 +2943,8 @@ class OTAPromoter:
             raise OTAError("GET /files/version: bad answer")
 
 
+# --- the switch ---
+
 def _prune(main_dir, path):
     # Remove the folders above a deleted file while they are empty.
     while "/" in path:
@@ -3013,6 +3027,8 @@ def recover(main_dir="/"):
     except (OSError, ValueError) as e:
         raise OTAError("recover failed: %r" % e)
 
+
+# --- entry points ---
 
 def _device_id():
     try:
