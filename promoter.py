@@ -1759,7 +1759,8 @@ class RequestHandler(BaseHTTPRequestHandler):
                 # parking thread answers it; this thread and its slot go
                 # back to work.
                 self.server.to_park[self.connection] = (
-                    snapshot.version, time.monotonic() + wait, not self.close_connection)
+                    self.client_address, snapshot.version, time.monotonic() + wait,
+                    not self.close_connection)
                 self.close_connection = True
                 return
         self.send_listing(snapshot, "version", "application/json", tags)
@@ -2030,7 +2031,7 @@ class PromoterServer(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(max_connections)
         self._connections = {}  # socket -> [state, since]: "idle", "head" or "busy"
         self._connections_lock = threading.Lock()
-        self.to_park = {}  # socket -> (version, deadline, keep-alive) of a waiting request
+        self.to_park = {}  # socket -> (address, version, deadline, keep-alive) of a waiting request
         # A fleet connecting at once must not overflow the listen queue (5 by default).
         self.request_queue_size = min(LISTEN_BACKLOG, somaxconn())
         self.parking = Parking(self)  # before binding: a failed bind closes it
@@ -2071,8 +2072,7 @@ class PromoterServer(ThreadingHTTPServer):
         if parked is None:
             super().shutdown_request(request)
         else:  # its handler's thread is done with it: it lives on in the parking thread
-            version, deadline, keep_alive = parked
-            self.parking.park(request, request.getpeername(), version, deadline, keep_alive)
+            self.parking.park(request, *parked)
 
     def server_close(self):
         self.parking.close()
