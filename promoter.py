@@ -105,7 +105,8 @@ RULE_DEADLINE = 0.5  # s an ignore rule may take on its probe names before it is
 HASH_WORKERS = min(4, os.cpu_count() or 1)  # threads hashing a large batch
 HASH_CHUNK = 64 << 10  # bytes read at a time (under malloc's mmap threshold)
 RACE_AGE = 0.02  # s: without leases, a file changed this recently may be mid-write
-# Linux's values, where the fcntl module lacks the names.
+# Leases are Linux's; its values where the fcntl module lacks the names.
+LEASES = fcntl is not None and sys.platform.startswith("linux")
 F_SETLEASE, F_SETSIG = getattr(fcntl, "F_SETLEASE", 1024), getattr(fcntl, "F_SETSIG", 10)
 MAX_WAIT = 300  # s, cap of ?wait=N
 MAX_URL = 2048
@@ -460,7 +461,7 @@ def open_for_writing(fd):
     """True if some process has this file open for writing, False if none
     has, None if the system cannot tell (a read lease is refused while a
     writer has the file open: set and dropped at once, it blocks nobody)."""
-    if fcntl is None:
+    if not LEASES:
         return None
     try:
         # A writer opening the file while the lease is held breaks it with a
