@@ -1077,6 +1077,15 @@ class Watcher:
         self._thread.start()
         return self
 
+    def stop(self):
+        self._stopped.set()
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _wake(self):
+        """Interrupt the thread's wait (the event itself wakes the poller)."""
+
     def scan(self):
         """Index the whole tree (the first time, or after the watch broke)."""
         self._debounce.retry(self._refresh(None, frozenset(), 0.0))
@@ -1141,11 +1150,6 @@ class PollingWatcher(Watcher):
         self.interval = interval
         self._seen = {}
         self._next_walk = 0.0
-
-    def stop(self):
-        self._stopped.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
     def scan(self):
         self._seen = self._stat_tree() or {}
@@ -1293,13 +1297,13 @@ class InotifyWatcher(Watcher):
     def stop(self):
         if self._stopped.is_set():
             return
-        self._stopped.set()
-        os.write(self._wake_w, b"x")
-        if self._thread.is_alive():
-            self._thread.join()
+        super().stop()
         if self.replacement:
             self.replacement.stop()
         self.close()
+
+    def _wake(self):
+        os.write(self._wake_w, b"x")
 
     def close(self):
         for fd in (self._fd, self._wake_r, self._wake_w):

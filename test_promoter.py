@@ -2328,7 +2328,7 @@ class ESP8266HostileServerTest(HostileServerTest):
     INTERPRETER = MICROPYTHON32
 
 
-# --- hostile clients and a fleet (first steps of the hardening) ------------------------
+# --- hostile clients and a fleet -----------------------------------------------------
 
 
 class RequestBodyTest(PromoterTest):
