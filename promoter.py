@@ -5,7 +5,7 @@ Save a file on the PC; every board that runs the device module gets it a
 moment later, verified, and switched in crash-safely.
 
     python3 promoter.py --root . --port 9090      # serve and watch a folder
-    python3 promoter.py client -o otapromoter.py  # write the device module
+    python3 promoter.py client -o otapromoter.py  # write the device module (2 files)
     python3 promoter.py export --root . OUT       # the API as static files
 
 The protocol (JSON is compact; every file response is immutable):
@@ -15,6 +15,7 @@ The protocol (JSON is compact; every file response is immutable):
     GET /files.txt          "<version>\\n" then "<checksum> <size> <path>\\n" per file
     GET /files/<checksum>   the bytes; Content-Disposition, X-Target-Path, ETag
     GET /, /status.json     the status page: files and boards (X-Device-* headers)
+    POST /report            a board's crash report (text), kept and logged
 
 With --token, every request needs "Authorization: Bearer TOKEN".
 
@@ -30,7 +31,9 @@ rejects rules that backtrack without end); index (safe opening beneath the
 root, the walk, hashing, Snapshot, Promoter); watchers (Debouncer, the
 polling and inotify watchers); HTTP (the request handler, the parking of
 waiting requests, the server); status page; static export; device module
-(DEVICE_CLIENT: files, the list, HTTP, update, the switch, entry points);
+(DEVICE_CLIENT, what stays in memory while the app runs: files, HTTP, the
+trial, entry points; DEVICE_UPDATE, imported only while it runs: files, lists,
+HTTP, update, the switch, start and rollback);
 CLI.
 """
 
@@ -67,7 +70,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 log = logging.getLogger("promoter")
 
@@ -120,6 +123,10 @@ CACHE_BYTES = 16 << 20  # verified file bodies kept in memory (LRU)
 CACHE_MAX_FILE = 4 << 20  # larger files are streamed, not cached
 STREAM_CHUNK = 64 << 10
 MAX_DEVICES = 1000  # boards remembered for the status page
+REPORT_MAX = 4096  # bytes of a crash report (the device module sends at most 2048)
+REPORTS_PER_BOARD = 5  # crash reports taken from one board per REPORT_WINDOW...
+REPORTS_IN_ALL = 60  # ...and from all boards together; more get 429
+REPORT_WINDOW = 60.0  # s
 STATUS_REFRESH = 2  # s between refreshes of the status page
 CHECKSUM_RE = re.compile(r"[0-9a-f]{40}")
 BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -1548,6 +1555,7 @@ class DeviceTable:
     def __init__(self, limit=MAX_DEVICES):
         self.limit = limit
         self._devices = collections.OrderedDict()
+        self._report_times = collections.deque()  # when the last reports came, of all boards
         self._lock = threading.Lock()
 
     def check_in(self, headers, address):
@@ -1557,9 +1565,13 @@ class DeviceTable:
         now = time.time()
         with self._lock:
             device = self._devices.pop(device_id, None) or {
-                "id": device_id, "last_error": "", "last_error_at": None}
+                "id": device_id, "last_error": "", "last_error_at": None, "state": "",
+                "report": "", "report_at": None}
             device.update(address=address, last_seen=now,
                           version=clean_header(headers.get("X-Device-Version"), 40))
+            state = clean_header(headers.get("X-Device-State"), 80)
+            if state:
+                device["state"] = state
             error = clean_header(headers.get("X-Device-Error"), 200)
             if error:
                 device.update(last_error=error, last_error_at=now)
@@ -1567,10 +1579,31 @@ class DeviceTable:
             while len(self._devices) > self.limit:
                 self._devices.popitem(last=False)
 
+    def report(self, device_id, text):
+        """Keep a board's crash report (after its check-in); False if that
+        board, or all boards together, sent too many lately."""
+        now = time.monotonic()
+        with self._lock:
+            device = self._devices.get(device_id)
+            if device is None:
+                return False
+            for times, limit in ((self._report_times, REPORTS_IN_ALL),
+                                 (device.setdefault("_reports", collections.deque()),
+                                  REPORTS_PER_BOARD)):
+                while times and times[0] < now - REPORT_WINDOW:
+                    times.popleft()
+                if len(times) >= limit:
+                    return False
+            self._report_times.append(now)
+            device["_reports"].append(now)
+            device.update(report=text, report_at=time.time())
+            return True
+
     def rows(self):
         """Copies of the device records, most recently seen first."""
         with self._lock:
-            return [dict(d) for d in reversed(self._devices.values())]
+            return [{k: v for k, v in d.items() if not k.startswith("_")}
+                    for d in reversed(self._devices.values())]
 
 
 class HeadTooLarge(Exception):
@@ -1672,7 +1705,43 @@ class RequestHandler(BaseHTTPRequestHandler):
                        {"error": "method %s not allowed; use GET or HEAD" % self.command},
                        extra={"Allow": "GET, HEAD", "Connection": "close"})
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = not_allowed
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = not_allowed
+
+    def do_POST(self):
+        """POST /report: a board's crash report (a traceback, as text). It
+        is kept per board (the last one), shown on the status page and
+        logged as one block, each line prefixed by the board's id."""
+        if self.path != "/report":
+            return self.not_allowed()
+        self.server.track(self.connection, "busy")
+        self.close_connection = True  # whatever happens to its body
+        if not self.authorized():
+            return self.send_json(HTTPStatus.UNAUTHORIZED, {"error": "a valid token is required"})
+        length = self.headers.get("Content-Length", "")
+        if self.headers.get("Transfer-Encoding") or not length.strip().isdigit():
+            return self.send_json(HTTPStatus.LENGTH_REQUIRED,
+                                  {"error": "a report needs a Content-Length"})
+        if int(length) > REPORT_MAX:
+            return self.send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                  {"error": "a report is at most %d bytes" % REPORT_MAX})
+        body = self.rfile.read(int(length))
+        device_id = clean_header(self.headers.get("X-Device-Id"), 64)
+        if len(body) < int(length) or not device_id:
+            return self.send_json(HTTPStatus.BAD_REQUEST,
+                                  {"error": "a report is a whole body from a board with an "
+                                            "X-Device-Id"})
+        self.server.devices.check_in(self.headers, self.client_address[0])
+        text = "".join(c if c in "\n\t" or c.isprintable() else "?"
+                       for c in body.decode("utf-8", "replace")).strip("\n")
+        if not self.server.devices.report(device_id, text):
+            return self.send_json(HTTPStatus.TOO_MANY_REQUESTS,
+                                  {"error": "too many reports; at most %d a minute from a board"
+                                            % REPORTS_PER_BOARD},
+                                  extra={"Retry-After": "%d" % REPORT_WINDOW})
+        log.warning("board %s reports (version %s):\n%s", device_id,
+                    clean_header(self.headers.get("X-Device-Version"), 40)[:12] or "none",
+                    "\n".join("  %s | %s" % (device_id, line) for line in text.split("\n")))
+        self.send_bytes(HTTPStatus.NO_CONTENT, None, None, {})
 
     def route(self):
         if len(self.path) > MAX_URL:
@@ -2158,8 +2227,9 @@ code,.mono{font-family:ui-monospace,monospace}.ok{color:#080}.behind{color:#b60}
 changed <span id="changed"></span>. <span id="state" class="err"></span></p>
 <p id="root-state" class="err"></p>
 <h2>Boards (<span id="device-count">0</span>)</h2>
-<table><thead><tr><th>board</th><th>address</th><th>version</th><th>state</th>
-<th>last seen</th><th>last error</th></tr></thead><tbody id="devices"></tbody></table>
+<table><thead><tr><th>board</th><th>address</th><th>version</th><th>state</th><th>app</th>
+<th>last seen</th><th>last error</th><th>last report</th></tr></thead>
+<tbody id="devices"></tbody></table>
 <h2>Files (<span id="file-count">0</span>)</h2>
 <table><thead><tr><th>path</th><th>size</th><th>checksum</th></tr></thead>
 <tbody id="files"></tbody></table>
@@ -2178,8 +2248,15 @@ function fill(id, rows) {
   rows.forEach(function (cells) {
     var row = body.insertRow();
     cells.forEach(function (cell) {
-      var td = row.insertCell();
-      td.textContent = cell[0];
+      var td = row.insertCell(), where = td;
+      if (cell[2]) {  // the first line, and the whole text when opened
+        var more = td.appendChild(document.createElement("details"));
+        more.appendChild(document.createElement("summary")).textContent = cell[0];
+        where = more.appendChild(document.createElement("pre"));
+        where.textContent = cell[2];
+      } else {
+        td.textContent = cell[0];
+      }
       if (cell[1]) td.className = cell[1];
     });
   });
@@ -2192,8 +2269,12 @@ function show(s) {
   text("device-count", s.devices.length); text("file-count", s.files.length);
   fill("devices", s.devices.map(function (d) {
     return [[d.id], [d.address], [d.version.slice(0, 12)],
-            d.up_to_date ? ["up to date", "ok"] : ["behind", "behind"], [ago(d.last_seen)],
-            [d.last_error ? d.last_error + " (" + ago(d.last_error_at) + ")" : "", "err"]];
+            d.up_to_date ? ["up to date", "ok"] : ["behind", "behind"],
+            [d.state, d.state == "running" ? "ok" : d.state == "on trial" ? "" : "err"],
+            [ago(d.last_seen)],
+            [d.last_error ? d.last_error + " (" + ago(d.last_error_at) + ")" : "", "err"],
+            d.report ? [d.report.split("\\n")[0] + " (" + ago(d.report_at) + ")", "err", d.report]
+                     : [""]];
   }));
   fill("files", s.files.slice(0, 2000).map(function (f) {
     return [[f.path], [f.size], [f.checksum.slice(0, 12), "mono"]];
@@ -2307,34 +2388,34 @@ def export_static(root, out, port=DEFAULT_PORT, default_ignores=True):
 # --- device module -------------------------------------------------------------
 
 DEVICE_CLIENT = r'''# otapromoter.py: the device side of promoter.py, for MicroPython 1.19+
-# (ESP8266, ESP32, RP2) and CPython 3.8+. Written by: python3 promoter.py client
+# (ESP8266, ESP32, RP2) and CPython 3.8+. Written, with otapromoter_update.py
+# beside it, by: python3 promoter.py client -o otapromoter.py
 #
 #   import otapromoter
-#   otapromoter.update("http://192.168.1.10:9090")  # boot.py: update once
-#   otapromoter.watch("http://192.168.1.10:9090")   # development: update on save
-#   otapromoter.recover()                           # boot.py: only finish a switch
+#   otapromoter.run("http://192.168.1.10:9090")  # main.py: update, run app.py, follow saves
+#   otapromoter.poll()     # in the app's loop, on boards without _thread (ESP8266)
+#   otapromoter.confirm()  # the app vouches for a new version before its trial ends
+#   otapromoter.update("http://192.168.1.10:9090")  # or: update once
+#   otapromoter.recover()  # boot.py: only finish an interrupted switch
 #
-# An update first reads the list into <main_dir>/.promoter and checks it (safe
-# paths forming a tree, in walk order), then plans the switch against what is
-# on the board: a local file or folder in the way is refused, by name, before
-# anything changes. It streams each changed file into .promoter/stage, checks
-# its SHA-1, and only when all are there writes a journal (temp + rename) of
-# the deletions, folder removals and moves. Replaying the journal is
-# idempotent, and every entry point replays a journal left by a power cut
-# first: the board always holds exactly the old set of files or exactly the
-# new one. Every failure raises OTAError; the board keeps what it had.
-import binascii
+# This module is what stays in memory while the app runs: following the
+# server, crash reports and the trial. The rest (the update, the switch,
+# recovery and rollback) is otapromoter_update, imported only while it runs
+# and dropped after, so that the app has the heap.
+#
+# The board's state is in <main_dir>/.promoter: "state" (the list of the
+# version on the board), "journal" (a switch to finish), "stage/" (checked
+# downloads), "good" and "keep/" (while a version is on trial: the list of the
+# last confirmed version, and its files that the trial version replaced),
+# "trial" (starts during the trial), "rejected" (a version rolled back from),
+# "report" (a crash report not yet delivered).
 import errno
 import gc
 import json
 import os
 import socket
+import sys
 import time
-
-try:
-    from hashlib import sha1
-except ImportError:  # firmware built without TLS can lack it
-    sha1 = None
 
 try:
     _ms, _ms_diff, _ms_add = time.ticks_ms, time.ticks_diff, time.ticks_add
@@ -2348,23 +2429,17 @@ except AttributeError:  # CPython
     def _ms_add(a, b):
         return a + b
 
-VERSION = "1.1.0"
-ENOSPC = getattr(errno, "ENOSPC", 28)  # MicroPython's errno module lacks the name
+VERSION = "1.2.0"
 STATE_DIR = ".promoter"
-BUF_SIZE = 512
-TIMEOUT = 10  # s for a whole request (a file's body gets 1 s more per SLOW_RATE bytes)
-SLOW_RATE = 2048
+TIMEOUT = 10  # s for a whole request (a file's body gets more: otapromoter_update)
 LINE_MAX = 1024  # bytes of a status, header or list line
 HEADERS_MAX = 64
-RETRIES = 3  # attempts per file
-RESTARTS = 3  # times the list is re-read when the tree changes mid-update
+REPORT_MAX = 2048  # bytes of a crash report
+TRIAL = 10  # s a new version must run without raising to be kept
+RESTARTS = 2  # restarts during a trial that roll it back
 
 
 class OTAError(Exception):
-    pass
-
-
-class _Restart(Exception):
     pass
 
 
@@ -2374,22 +2449,12 @@ def _join(a, b):
     return a + b if a.endswith("/") else a + "/" + b
 
 
-def _kind(path):
-    # "d" (a folder), "f" (anything else) or None (nothing there).
-    try:
-        return "d" if os.stat(path)[0] & 0x4000 else "f"
-    except OSError:
-        return None
-
-
 def _exists(path):
-    return _kind(path) is not None
-
-
-def _mkdir(path):
-    # Check first: on a board, mkdir of a mount point ("/") can fail otherwise.
-    if _kind(path) != "d":
-        os.mkdir(path)
+    try:
+        os.stat(path)
+        return True
+    except OSError:
+        return False
 
 
 def _remove(path):
@@ -2398,48 +2463,6 @@ def _remove(path):
     except OSError as e:
         if e.args[0] != errno.ENOENT:
             raise
-
-
-def _rename(src, dst):
-    try:
-        os.rename(src, dst)
-    except OSError:
-        if _kind(dst) != "f":
-            raise
-        os.remove(dst)  # FAT cannot rename over a file; the journal covers the gap
-        os.rename(src, dst)
-
-
-def _lines(path):
-    # Yield the lines of a UTF-8 file one at a time (binary mode: the same
-    # on MicroPython and CPython, whatever the locale).
-    try:
-        f = open(path, "rb")
-    except OSError:
-        return
-    with f:
-        for line in f:
-            line = line.decode().rstrip("\n")
-            if line:
-                yield line
-
-
-def _entries(path):
-    # (checksum, size, path) of a list file: "<version>" then "<checksum> <size> <path>".
-    first = True
-    for line in _lines(path):
-        if first:
-            first = False
-            continue
-        cs, size, name = line.split(" ", 2)
-        yield cs, int(size), name
-
-
-def _listed(list_file, path):
-    found = False
-    for _, _, p in _entries(list_file):  # read to the end, so the file is closed
-        found = found or p == path
-    return found
 
 
 def _clear(folder):
@@ -2451,35 +2474,21 @@ def _clear(folder):
         _remove(_join(folder, name))
 
 
-def _free_bytes(path):
+def _read(path):
+    # The first line of a small file, or "" (read and closed at once).
     try:
-        st = os.statvfs(path)
-        return st[0] * st[4]
-    except (AttributeError, OSError):
-        return None
+        with open(path, "rb") as f:
+            return f.readline().decode().strip()
+    except (OSError, ValueError):
+        return ""
 
 
-# --- the list ---
+def _write(path, text):
+    with open(path, "wb") as f:
+        f.write(text.encode())
 
-def _checksum(text):
-    return len(text) == 40 and not text.strip("0123456789abcdef")
 
-
-def _parse(line):
-    # The path of a "<checksum> <size> <path>\n" line; OTAError unless it
-    # is well formed and its path safe: no control character, no empty, .
-    # or .. part, nothing in the module's own folder.
-    try:
-        cs, size, path = line.decode().rstrip("\n").split(" ", 2)
-        parts = path.split("/")
-        if (_checksum(cs) and size.isdigit() and len(size) < 11 and min(path) >= " "
-                and "\x7f" not in path and parts[0] != STATE_DIR
-                and "" not in parts and "." not in parts and ".." not in parts):
-            return parts
-    except ValueError:  # also UnicodeError
-        pass
-    raise OTAError("/files.txt: bad line %r" % line[:80])
-
+# --- HTTP ---
 
 def _why(e):
     return "timed out" if e.args and e.args[0] == errno.ETIMEDOUT else repr(e)
@@ -2489,17 +2498,6 @@ def _header_value(text):
     # One short line: a header value must not carry CR/LF.
     return text[:120].replace("\r", " ").replace("\n", " ")
 
-
-def _sums_to(h, path, cs):
-    # Finish a checksum as the server defines it (SHA-1 of the bytes, then the
-    # path) and compare; without sha1 (h is None) the size check stands alone.
-    if h is None:
-        return True
-    h.update(path.encode())
-    return binascii.hexlify(h.digest()).decode() == cs
-
-
-# --- HTTP ---
 
 class _Answer:
     # An HTTP answer read against one deadline (ticks in ms), in bounded lines.
@@ -2557,11 +2555,48 @@ class _Answer:
             if not self.pending:
                 return line
 
+    def head(self):
+        # Read the status line and the headers.
+        line = self.readline("status line")
+        if not line:
+            raise OTAError("no answer (connection closed)")
+        parts = line.split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            raise OTAError("not an HTTP answer")
+        self.status = int(parts[1])
+        for _ in range(HEADERS_MAX + 1):
+            line = self.readline("headers")
+            if line in (b"\r\n", b"\n"):
+                return self
+            if not line:
+                raise OTAError("the answer ended in its headers")
+            if line[:15].lower() == b"content-length:":
+                value = line[15:].strip()
+                if not value.isdigit():
+                    raise OTAError("bad Content-Length")
+                self.length = int(value)
+        raise OTAError("more than %d header lines" % HEADERS_MAX)
+
+    def send(self, data):
+        # Send a request, then read without blocking on MicroPython.
+        (self.sock.sendall if self.cpython else self.sock.write)(data)
+        if not self.cpython:
+            self.sock.setblocking(False)
+
+    def body(self, limit=512):
+        # The whole body of a short answer (a version, a report's), at most `limit` bytes.
+        buf = bytearray(limit)
+        got = 0
+        while self.status != 304 and got < limit and (self.length < 0 or got < self.length):
+            n = self.readinto(memoryview(buf)[got:])
+            if not n:
+                break
+            got += n
+        return bytes(buf[:got])
+
     def close(self):
         self.sock.close()
 
-
-# --- update ---
 
 class OTAPromoter:
     """Keeps the files of main_dir equal to what a promoter server serves."""
@@ -2584,368 +2619,966 @@ class OTAPromoter:
         self.host = host
         self.dir = main_dir
         self.state = _join(main_dir, STATE_DIR)
-        self.stage = _join(self.state, "stage")
         self.token = token
         self.device_id = _header_value(device_id or _device_id() or "")
         self.verbose = verbose
         self.timeout = timeout
         self.error = None  # reason of the last failed update, sent with the next request
-        self._warned = False
+        self.board_state = None  # what run() says the board does, sent with each request
+        self.keep = False  # keep what an update replaces, for a rollback (run() sets it)
+        self.out_of_memory = False  # the last update failed for want of heap
 
     def _say(self, msg):
         if self.verbose:
             print("otapromoter: " + msg)
 
-    def _get(self, path, etag=None, timeout=None):
-        # Send a GET; return the _Answer with its status line and headers read.
-        # The whole answer must arrive within `timeout` seconds.
-        timeout = timeout or self.timeout
-        deadline = _ms_add(_ms(), int(timeout * 1000))
+    def _file(self, name):
+        return _join(self.state, name)
+
+    def _connect(self, blocking=True):
+        # A socket connected (or, not blocking, connecting) to the server.
+        ai = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0]
+        sock = socket.socket(ai[0], ai[1], ai[2])
         try:
-            ai = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0]
-            sock = socket.socket(ai[0], ai[1], ai[2])
-        except OSError as e:
-            raise OTAError("cannot resolve %s: %r" % (self.host, e))
-        answer = _Answer(sock, deadline)
-        try:
-            sock.settimeout(timeout)
+            if blocking:
+                sock.settimeout(self.timeout)
+            else:
+                sock.setblocking(False)
             sock.connect(ai[-1])
-            req = "GET %s%s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nUser-Agent: otapromoter/%s\r\n" % (
-                self.base, path, self.host, VERSION)
-            if etag:
-                req += 'If-None-Match: "%s"\r\n' % etag
-            if self.token:
-                req += "Authorization: Bearer %s\r\n" % self.token
-            if self.device_id:
-                req += "X-Device-Id: %s\r\nX-Device-Version: %s\r\n" % (self.device_id, self._version())
-            if self.error:
-                req += "X-Device-Error: %s\r\n" % _header_value(self.error)
-            (sock.sendall if hasattr(sock, "sendall") else sock.write)((req + "\r\n").encode())
-            if not answer.cpython:
-                sock.setblocking(False)  # see _Answer
-            line = answer.readline("status line")
-            if not line:
-                raise OTAError("no answer (connection closed)")
-            parts = line.split(b" ", 2)
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-                raise OTAError("not an HTTP answer")
-            answer.status = int(parts[1])
-            for _ in range(HEADERS_MAX + 1):
-                line = answer.readline("headers")
-                if line in (b"\r\n", b"\n"):
-                    return answer
-                if not line:
-                    raise OTAError("the answer ended in its headers")
-                if line[:15].lower() == b"content-length:":
-                    value = line[15:].strip()
-                    if not value.isdigit():
-                        raise OTAError("bad Content-Length")
-                    answer.length = int(value)
-            raise OTAError("more than %d header lines" % HEADERS_MAX)
-        except OTAError as e:
-            answer.close()
-            raise OTAError("GET %s: %s" % (path, e))
-        except (OSError, ValueError) as e:
-            answer.close()
-            raise OTAError("GET %s from %s:%d failed: %s" % (path, self.host, self.port, _why(e)))
-
-    def _get_body(self, path, etag=None, timeout=None, limit=512):
-        # (status, body) of a small answer (a JSON one), read whole.
-        answer = self._get(path, etag, timeout)
-        buf = bytearray(limit)
-        got = 0
-        try:
-            while answer.status != 304 and got < limit and (answer.length < 0 or got < answer.length):
-                n = answer.readinto(memoryview(buf)[got:])
-                if not n:
-                    break
-                got += n
         except OSError as e:
-            raise OTAError("GET %s: %s" % (path, _why(e)))
-        finally:
-            answer.close()
-        return answer.status, bytes(buf[:got])
+            if blocking or e.args[0] not in (errno.EINPROGRESS, errno.EAGAIN):
+                sock.close()
+                raise
+        return sock
 
-    # --- state ---
-    def _version(self):
-        # Read and close at once: a half-read generator would keep the file
-        # open on MicroPython, which has no generator finalizers.
+    def _request(self, path, etags=(), body=None):
+        # The bytes of a request: a GET, or a POST of `body` (text).
+        req = "%s %s%s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nUser-Agent: otapromoter/%s\r\n" % (
+            "GET" if body is None else "POST", self.base, path, self.host, VERSION)
+        etags = ['"%s"' % t for t in etags if t]
+        if etags:
+            req += "If-None-Match: %s\r\n" % ", ".join(etags)
+        if self.token:
+            req += "Authorization: Bearer %s\r\n" % self.token
+        if self.device_id:
+            req += "X-Device-Id: %s\r\nX-Device-Version: %s\r\n" % (self.device_id, self.version())
+            if self.board_state:
+                req += "X-Device-State: %s\r\n" % _header_value(self.board_state)
+        if self.error:
+            req += "X-Device-Error: %s\r\n" % _header_value(self.error)
+        if body is not None:
+            body = body.encode()
+            req += "Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body)
+        return (req + "\r\n").encode() + (body or b"")
+
+    def _exchange(self, path, etags=(), timeout=None, body=None):
+        # (status, body) of a request with a short answer, read whole within
+        # `timeout` seconds.
+        timeout = timeout or self.timeout
+        answer = None
         try:
-            with open(_join(self.state, "state"), "rb") as f:
-                return f.readline().decode().strip()
-        except (OSError, ValueError):
-            return ""
+            answer = _Answer(self._connect(), _ms_add(_ms(), int(timeout * 1000)))
+            answer.send(self._request(path, etags, body))
+            return answer.head().status, answer.body()
+        except OSError as e:
+            raise OTAError("%s from %s:%d failed: %s" % (path, self.host, self.port, _why(e)))
+        except OTAError as e:
+            raise OTAError("%s: %s" % (path, e))
+        finally:
+            if answer:
+                answer.close()
 
     def version(self):
         """The version of the files on the board ('' before the first update)."""
-        return self._version()
+        return _read(self._file("state"))
 
-    # --- update ---
+    def etags(self):
+        # The versions the board does not want: its own, and one rolled back from.
+        return (self.version(), _read(self._file("rejected")))
+
     def check_and_update(self):
         """Bring the board to the server's version; True if files changed.
         Raises OTAError (the board keeps its files) on any failure."""
         try:
-            _recover(self.dir, self._say)
-            for _ in range(RESTARTS):
-                try:
-                    changed = self._update()
-                    self.error = None
-                    return changed
-                except _Restart:
-                    self._say("the files changed on the server during the update; starting over")
-            raise OTAError("the files kept changing on the server; try again later")
-        except (OSError, ValueError, MemoryError) as e:
-            self.error = "update failed: %r" % e
+            return _call("checked_update", self)
+        except MemoryError:  # no room for otapromoter_update itself
+            self.out_of_memory = True
+            self.error = "update failed: out of memory"
             raise OTAError(self.error)
-        except OTAError as e:
-            self.error = str(e)
-            raise
-        finally:
-            gc.collect()
 
-    def _update(self):
-        old = _join(self.state, "state")
-        new = _join(self.state, "new")
-        local = self._version()
-        answer = self._get("/files.txt", etag=local)
+    def parse_version(self, status, body):
+        # The server's version from a /files/version answer; None for a 304.
+        if status == 304:
+            return None
+        if status != 200:
+            raise OTAError("GET /files/version: HTTP %d" % status)
         try:
-            if answer.status == 304:
-                return False
-            if answer.status != 200:
-                raise OTAError("GET /files.txt: HTTP %d" % answer.status)
-            for folder in (self.dir, self.state, self.stage):
-                _mkdir(folder)
-            if not self._fetch_list(answer, new, local):
-                return False  # a server that ignores If-None-Match sent the same version
-        except OSError as e:
-            raise OTAError("reading /files.txt failed: %s" % _why(e))
-        finally:
-            answer.close()
-        try:
-            have = set()  # binary checksums of the promoted files now on the board
-            for cs, _, _ in _entries(old):
-                have.add(binascii.unhexlify(cs))
-            count, need, blocks, folders = self._plan(new, old, have)
-            free = _free_bytes(self.dir)
-            if free is not None and free < blocks * 4096 + 8192:
-                raise OTAError("not enough flash: the update needs about %d KB, %d KB free" % (
-                    (blocks * 4096 + 8192) // 1024, free // 1024))
-            self._say("%d files to download (%d bytes)" % (count, need))
-            buf = bytearray(BUF_SIZE)
-            for cs, size, path in _entries(new):
-                if binascii.unhexlify(cs) not in have:
-                    self._download(cs, size, path, buf)
-            buf = None
-            self._write_journal(new, old, have, folders)
-        except (OSError, OTAError) as e:
-            # Give the flash back; the board is unchanged.
-            for name in ("journal.tmp", "new"):
-                _remove(_join(self.state, name))
-            _clear(self.stage)
-            if isinstance(e, OSError):
-                raise OTAError("writing to flash failed: %r" % e)
-            raise
-        have = None
-        gc.collect()
-        _replay(self.dir, self._say)
-        self._say("now at version %s" % self._version())
-        if self.device_id:
-            try:  # tell the server which version this board runs now
-                self._get_body("/files/version")
-            except OTAError:
-                pass  # it hears it with the next request
-        return True
-
-    def _fetch_list(self, answer, new, local):
-        # Copy the list to flash, checking every line: a safe path, a tree in
-        # walk order (each path after the one before, none under a file), and
-        # no more than half the free flash. False if the version is unchanged.
-        tmp = new + ".tmp"
-        first = answer.readline("/files.txt")
-        version = first.strip().decode()
-        if not _checksum(version) or not first.endswith(b"\n"):
-            raise OTAError("/files.txt: bad first line")
-        if version == local:
-            return False
-        room = _free_bytes(self.dir)
-        total = len(first)
-        before = None  # the path of the line before, split into its parts
-        try:
-            with open(tmp, "wb") as f:
-                f.write(first)
-                while True:
-                    line = answer.readline("/files.txt")
-                    if not line:
-                        break
-                    total += len(line)
-                    if room is not None and total > room // 2:
-                        raise OTAError("/files.txt: larger than half the free flash")
-                    if not line.endswith(b"\n"):
-                        raise OTAError("/files.txt: cut in the middle of a line")
-                    parts = _parse(line)
-                    if before is not None and parts <= before:
-                        raise OTAError("/files.txt: %s is out of walk order" % "/".join(parts))
-                    if before is not None and parts[:len(before)] == before:
-                        raise OTAError("/files.txt: %s is listed as a file and as a folder"
-                                       % "/".join(before))
-                    before = parts
-                    f.write(line)
-            if answer.length >= 0 and total != answer.length:
-                raise OTAError("/files.txt: %d of %d bytes" % (total, answer.length))
-            _rename(tmp, new)
-        except BaseException:
-            _remove(tmp)
-            raise
-        return True
-
-    def _plan(self, new, old, have):
-        # Check, before anything changes, that the switch can be carried out
-        # here: a promoted file or folder in the way is removed by the switch,
-        # a local one is refused. Returns (files to fetch, their bytes, their
-        # 4 KB blocks, folders to remove, deepest first).
-        count = need = blocks = 0
-        folders = []
-        checked = set()  # folders of the list already looked at on the board
-        for cs, size, path in _entries(new):
-            parts = path.split("/")
-            for i in range(1, len(parts)):
-                folder = "/".join(parts[:i])
-                if folder in checked:
-                    continue
-                checked.add(folder)
-                if _kind(_join(self.dir, folder)) == "f" and not _listed(old, folder):
-                    raise OTAError("the board has a file %s of its own where the server has a "
-                                   "folder; move it away on the board" % folder)
-            if _kind(_join(self.dir, path)) == "d":
-                folders.extend(self._folder_in_the_way(path, old))
-            if binascii.unhexlify(cs) not in have:
-                count += 1
-                need += size
-                blocks += (size + 4095) // 4096 + 1
-        return count, need, blocks, folders
-
-    def _folder_in_the_way(self, path, old):
-        # The folders to remove, deepest first, to put a file at `path` where
-        # the board has a folder; OTAError if it holds a file never promoted.
-        found, todo = [], [path]
-        while todo:
-            folder = todo.pop()
-            found.append(folder)
-            for name in os.listdir(_join(self.dir, folder)):
-                sub = folder + "/" + name
-                if _kind(_join(self.dir, sub)) == "d":
-                    todo.append(sub)
-                elif not _listed(old, sub):
-                    raise OTAError("the board has a folder %s of its own (it holds %s) where the "
-                                   "server has a file; move it away on the board" % (path, sub))
-        found.reverse()
-        return found
-
-    def _download(self, cs, size, path, buf):
-        dest = _join(self.stage, cs)
-        if _exists(dest) and self._verify(dest, cs, size, path, buf):
-            return  # staged by an earlier, interrupted update
-        part = dest + ".part"
-        why = ""
-        for _ in range(RETRIES):
-            answer = self._get("/files/" + cs, timeout=self.timeout + size // SLOW_RATE)
-            h = None
-            try:
-                if answer.status == 404:
-                    raise _Restart()
-                if answer.status != 200:
-                    raise OTAError("GET /files/%s (%s): HTTP %d" % (cs, path, answer.status))
-                h = self._hasher()
-                got = 0
-                mv = memoryview(buf)
-                with open(part, "wb") as f:
-                    while got < size:
-                        n = answer.readinto(mv[:min(BUF_SIZE, size - got)])
-                        if not n:
-                            break
-                        f.write(mv[:n])
-                        if h:
-                            h.update(mv[:n])
-                        got += n
-            except OSError as e:
-                if e.args[0] in (ENOSPC, errno.ETIMEDOUT):  # retrying would not help
-                    _remove(part)
-                    raise OTAError(("flash full while writing %s" if e.args[0] == ENOSPC
-                                    else "%s: timed out") % path)
-                why = "%r" % e
-                got = -1
-            finally:
-                answer.close()
-            if got == size:
-                if _sums_to(h, path, cs):
-                    _rename(part, dest)
-                    self._say("got %s (%d bytes)" % (path, size))
-                    return
-                why = "checksum mismatch"
-            elif got >= 0:
-                why = "short read (%d of %d bytes)" % (got, size)
-            _remove(part)
-            self._say("%s: %s; retrying" % (path, why))
-        raise OTAError("%s: download failed (%s)" % (path, why))
-
-    def _hasher(self):
-        # A SHA-1 object, or None (once said) where the firmware lacks it.
-        if sha1:
-            return sha1()
-        if not self._warned:
-            self._warned = True
-            self._say("this firmware has no hashlib.sha1: checking sizes only, not checksums")
-        return None
-
-    def _verify(self, name, cs, size, path, buf):
-        # True if a staged file holds exactly the content named by cs.
-        h = self._hasher()
-        got = 0
-        mv = memoryview(buf)
-        with open(name, "rb") as f:
-            while True:
-                n = f.readinto(buf)
-                if not n:
-                    break
-                if h:
-                    h.update(mv[:n])
-                got += n
-        return got == size and _sums_to(h, path, cs)
-
-    def _write_journal(self, new, old, have, folders):
-        # Moves for every staged file, deletions for promoted paths that are
-        # gone, removals of the folders in the way; written to a temp file and
-        # renamed, so it is whole or absent.
-        tmp = _join(self.state, "journal.tmp")
-        with open(tmp, "wb") as f:
-            for cs, size, path in _entries(new):
-                bcs = binascii.unhexlify(cs)
-                if bcs in have:
-                    have.discard(bcs)
-                else:
-                    f.write(("M %s %s\n" % (cs, path)).encode())
-            for cs, size, path in _entries(old):
-                if binascii.unhexlify(cs) in have and not _listed(new, path):
-                    f.write(("D %s\n" % path).encode())
-            for folder in folders:
-                f.write(("R %s\n" % folder).encode())
-            f.write(b"S\n")
-        _rename(tmp, _join(self.state, "journal"))
+            return json.loads(body.decode())["version"]
+        except (ValueError, KeyError, TypeError):
+            raise OTAError("GET /files/version: bad answer")
 
     def wait_for_change(self, wait=60):
         """Hold a request until the server's version differs from the
         board's (or `wait` seconds pass); True if it differs."""
-        local = self._version()
-        status, body = self._get_body("/files/version?wait=%d" % wait, etag=local,
+        status, body = self._exchange("/files/version?wait=%d" % wait, self.etags(),
                                       timeout=wait + self.timeout)
-        if status == 304:
-            return False
-        if status != 200:
-            raise OTAError("GET /files/version: HTTP %d" % status)
+        version = self.parse_version(status, body)
+        return version is not None and version not in self.etags()
+
+    def report(self, text):
+        """Send a crash report (the text, cut to REPORT_MAX bytes) to the
+        server; True if it took it. Until then it waits in .promoter/report."""
+        if len(text) > REPORT_MAX:
+            text = text[:300] + "\n[...]\n" + text[-(REPORT_MAX - 310):]
         try:
-            return json.loads(body.decode())["version"] != local
-        except (ValueError, KeyError, TypeError):
-            raise OTAError("GET /files/version: bad answer")
+            if _exists(self.state):
+                _write(self._file("report"), text)
+        except OSError:
+            pass  # sent now or never
+        return self.send_report(text)
+
+    def send_report(self, text=None):
+        if text is None:
+            text = _read_all(self._file("report"))
+            if not text:
+                return True
+        try:
+            status = self._exchange("/report", body=text)[0]
+        except OTAError as e:
+            self._say("crash report not sent: %s" % e)
+            return False
+        if status >= 300:
+            self._say("crash report refused: HTTP %d" % status)
+        _remove(self._file("report"))  # delivered, or never to be taken
+        return True
+
+
+def _read_all(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(REPORT_MAX).decode()
+    except (OSError, ValueError):
+        return ""
+
+
+def _call(name, *args):
+    # Run a function of otapromoter_update: imported for it, and dropped
+    # after where the heap is small, to give its code back.
+    import otapromoter_update
+    try:
+        return getattr(otapromoter_update, name)(*args)
+    finally:
+        otapromoter_update = None
+        if hasattr(gc, "mem_free"):
+            sys.modules.pop("otapromoter_update", None)
+        gc.collect()
+
+
+# --- the trial ---
+
+def _end_trial(state):
+    # The version on the board is the good one now: forget the one before.
+    _remove(_join(state, "good"))
+    _clear(_join(state, "keep"))
+    _remove(_join(state, "trial"))
+
+
+# --- run ---
+
+def _traceback(e):
+    # The traceback as MicroPython prints it (as CPython does, on CPython).
+    try:
+        import io
+        out = io.StringIO()
+        sys.print_exception(e, out)
+        return out.getvalue()
+    except AttributeError:
+        import traceback
+        return "".join(traceback.format_exception(type(e), e, e.__traceback__))
+
+
+class _Runner:
+    # run(): the app, its trial, and following the server while it runs.
+
+    def __init__(self, ota, app, trial, restarts, rollback, on_update, wait):
+        self.ota = ota
+        self.app = app
+        self.trial_ms = int(trial * 1000)
+        self.restarts = restarts
+        self.rollback = rollback
+        self.on_update = on_update or _restart
+        self.wait = wait
+        self.started = None  # ticks when the app started its trial
+        self.lock = None
+        self.main = _thread_id()  # the thread that runs the app
+        self.ending = False  # the process is to end (see _restart)
+        self.sock = None  # poll(): the waiting request
+        self.sending = None  # poll(): the part of the request not yet sent
+        self.buf = bytearray(1)
+        self.read = self.write = None
+        self.deadline = 0
+        self.backoff = 1
+        self.retry_at = None
+
+    def on_trial(self):
+        return _exists(self.ota._file("good"))
+
+    def run_app(self):
+        # Import the app and call its main(); report what it raises.
+        try:
+            __import__(self.app)
+            main = getattr(sys.modules[self.app], "main", None)
+            if main:
+                main()
+            self.confirm()  # it returned: it ran without raising
+        except Exception as e:
+            self.crashed(e, "%s raised" % self.app)
+
+    def crashed(self, e, what):
+        trace = _traceback(e)
+        print(trace)
+        if self.started is not None and self.rollback and self._hold():
+            try:
+                _call("roll_back", self, what, trace)
+            finally:
+                self._release()
+            self.on_update()  # the rolled-back files are on the board, not in memory
+        else:
+            self.started = None
+            self.ota.board_state = "crashed"
+            self.ota.report("%s (version %s)\n%s" % (what, self.ota.version(), trace))
+
+    def _hold(self):
+        # Only one of confirm and rollback: a crash may come as the trial ends.
+        if self.lock:
+            self.lock.acquire()
+        if self.started is None or not self.on_trial():
+            self._release()
+            return False
+        return True
+
+    def _release(self):
+        if self.lock:
+            self.lock.release()
+
+    def confirm(self):
+        if self.started is not None and self._hold():
+            try:
+                _end_trial(self.ota.state)
+                self.started = None
+                self.ota.board_state = "running"
+                self.ota._say("version %s confirmed" % self.ota.version())
+            finally:
+                self._release()
+
+    def trial_over(self):
+        # Confirm the version once it ran `trial` seconds; ms until then, or None.
+        if self.started is None:
+            return None
+        left = self.trial_ms - _ms_diff(_ms(), self.started)
+        if left <= 0:
+            self.confirm()
+            return None
+        return left
+
+    def apply(self):
+        # A new version is published: update, then restart into it.
+        ota = self.ota
+        try:
+            if ota.check_and_update():
+                self.on_update()
+            self.backoff = 1
+            return
+        except OTAError as e:
+            ota._say(str(e))
+        if ota.out_of_memory and _read(ota._file("restarted")) != ota.version():
+            # The app holds the heap: an update at start has all of it. Once
+            # per version, so that a board too small for it does not loop.
+            _write(ota._file("restarted"), ota.version())
+            self.on_update()
+        self.retry_at = _ms_add(_ms(), self.backoff * 1000)
+        self.backoff = min(self.backoff * 2, 30)
+
+    def follow(self):
+        # Hold waiting requests for ever; apply each new version.
+        ota = self.ota
+        while True:
+            try:
+                ota.send_report()
+                left = self.trial_over()
+                wait = self.wait if left is None else min(self.wait, left // 1000 + 1)
+                if ota.wait_for_change(wait):
+                    self.apply()
+                else:
+                    self.backoff = 1
+            except Exception as e:  # OTAError; anything else is reported the same way
+                self._failed(e)
+            if self.retry_at is not None:
+                time.sleep(max(0, _ms_diff(self.retry_at, _ms())) / 1000)
+                self.retry_at = None
+
+    def poll(self):
+        # See poll(). Nothing here allocates while the request waits.
+        self.trial_over()
+        sock = self.sock
+        if sock is None:
+            if self.retry_at is None or _ms_diff(_ms(), self.retry_at) >= 0:
+                self._arm()
+            return False
+        try:
+            if self.sending:
+                self._send()
+                return False
+            n = self.read(self.buf)
+        except OSError as e:
+            if e.args[0] not in (errno.EAGAIN, errno.EINPROGRESS, errno.ENOTCONN):
+                return self._failed(e)
+            n = None
+        if n is None:
+            if _ms_diff(_ms(), self.deadline) >= 0:
+                return self._failed(OSError(errno.ETIMEDOUT))
+            return False
+        if not n:
+            return self._failed(OSError(errno.ECONNRESET))
+        # The answer has begun: read the rest at once (it is short).
+        answer = _Answer(sock, _ms_add(_ms(), self.ota.timeout * 1000))
+        answer.pending = bytes(self.buf)
+        if not answer.cpython:
+            sock.setblocking(False)
+        try:
+            version = self.ota.parse_version(answer.head().status, answer.body())
+        except (OSError, OTAError) as e:
+            return self._failed(e)
+        sock.close()
+        self.sock = None
+        if version is None or version in self.ota.etags():
+            self.backoff = 1
+            return False
+        self.apply()
+        return True
+
+    def _arm(self):
+        ota = self.ota
+        self.retry_at = None
+        try:
+            self.sock = ota._connect(blocking=False)
+        except OSError as e:
+            return self._failed(e)
+        cpython = hasattr(self.sock, "recv_into")
+        self.read = self.sock.recv_into if cpython else self.sock.readinto
+        self.write = self.sock.send if cpython else self.sock.write
+        self.sending = ota._request("/files/version?wait=%d" % self.wait, ota.etags())
+        self.deadline = _ms_add(_ms(), (self.wait + ota.timeout) * 1000)
+
+    def _send(self):
+        sock = self.sock
+        n = self.write(self.sending)
+        if n:
+            self.sending = self.sending[n:]
+
+    def _failed(self, e):
+        if self.sock:
+            self.sock.close()
+        self.sock = self.sending = None
+        self.ota._say("%s; again in %ds" % (e if isinstance(e, OTAError) else _why(e),
+                                            self.backoff))
+        self.retry_at = _ms_add(_ms(), self.backoff * 1000)
+        self.backoff = min(self.backoff * 2, 30)
+        return False
+
+
+# --- entry points ---
+
+_runner = None
+
+
+def _device_id():
+    try:
+        import machine
+        import binascii
+        return binascii.hexlify(machine.unique_id()).decode()
+    except (ImportError, AttributeError):
+        return None
+
+
+def _restart():
+    # A board resets. Without machine.reset (CPython, the Unix port) the
+    # process ends, for its supervisor to start it again, as a board would.
+    try:
+        import machine
+        machine.reset()
+    except (ImportError, AttributeError):
+        pass
+    if hasattr(os, "_exit"):
+        os._exit(0)  # CPython, from any thread
+    r = _runner
+    if r and r.lock and _thread_id() != r.main:
+        # The Unix port's follower thread: the main thread ends the process
+        # at the app's next poll() (an exception raised in a function given
+        # to micropython.schedule is printed and dropped, not raised).
+        r.ending = True
+    raise SystemExit(0)
+
+
+def _thread_id():
+    try:
+        import _thread
+        return _thread.get_ident()
+    except ImportError:
+        return None
+
+
+def run(url, app="app", main_dir="/", trial=TRIAL, restarts=RESTARTS, rollback=True,
+        on_update=None, wait=60, **kw):
+    """The one line of main.py: finish a switch, update once, run the app
+    (import `app`, call its main()), and follow the server while it runs: a
+    thread holds the waiting request where _thread exists, else the app calls
+    poll() in its loop. A new version is applied, then the board restarts
+    (on_update, by default machine.reset(), or the end of the process). A new
+    version is on trial until the app ran `trial` seconds without raising,
+    or called confirm(); if it raises, or the board restarts `restarts` times,
+    meanwhile, the board rolls back to the version before (not with
+    rollback=False). What the app raises is printed and reported to the
+    server. Returns never."""
+    global _runner
+    ota = OTAPromoter(url, main_dir, **kw)
+    ota.keep = True
+    ota.board_state = "running"
+    r = _runner = _Runner(ota, app, trial, restarts, rollback, on_update, wait)
+    try:
+        _call("start", r)
+        try:
+            import _thread
+            r.lock = _thread.allocate_lock()
+            _thread.start_new_thread(r.follow, ())
+        except ImportError:
+            _thread = None
+        r.run_app()
+        if _thread:
+            while not r.ending:  # the thread follows the server
+                time.sleep(0.1)
+            raise SystemExit(0)
+    except Exception as e:  # run() itself failed: say so, and still follow the server
+        r.crashed(e, "otapromoter.run failed")
+    r.follow()
+
+
+def poll():
+    """On boards without _thread (ESP8266), call this often in the app's
+    loop: it confirms a version whose trial is over, and checks the waiting
+    request without blocking. When a new version is published it applies
+    it and restarts the board. Returns False at once when nothing changed."""
+    r = _runner
+    if r and r.ending:
+        raise SystemExit(0)  # a new version is on the board: the process restarts
+    if r and not r.lock:
+        return r.poll()
+    return False
+
+
+def confirm():
+    """Keep the version on trial now, before its `trial` seconds are over."""
+    if _runner:
+        _runner.confirm()
+
+
+def recover(main_dir="/"):
+    """Finish a switch interrupted by a power cut or reset (call from boot.py).
+    True if there was one. Raises OTAError if part of it could not be done."""
+    return _call("recover", main_dir)
+
+
+def update(url, main_dir="/", **kw):
+    """Update once; True if files changed. Raises OTAError on failure."""
+    return OTAPromoter(url, main_dir, **kw).check_and_update()
+
+
+def watch(url, main_dir="/", on_update=None, wait=60, interval=2, **kw):
+    """Update whenever the server's version changes, for ever: holds a
+    waiting request, updates, then calls on_update (default: machine.reset()).
+    Whatever the server or the network does is reported, backed off from and
+    retried. A server that answers at once is asked no more often than every
+    `interval` seconds."""
+    ota = OTAPromoter(url, main_dir, **kw)
+    on_update = on_update or _restart
+    backoff = 1
+    while True:
+        try:
+            if ota.check_and_update():
+                on_update()
+            start = _ms()
+            changed = ota.wait_for_change(wait)
+            backoff = 1
+            spent = _ms_diff(_ms(), start) / 1000
+            if not changed and spent < interval:
+                time.sleep(interval - spent)
+        except Exception as e:  # OTAError; anything else is reported the same way
+            ota._say("%s; retrying in %ds" % (e, backoff))
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 30)
+'''
+
+DEVICE_UPDATE = r'''# otapromoter_update.py: the part of otapromoter (see there) imported only
+# while it runs, and dropped after: the update, the switch, recovery after a
+# power cut, the trial's bookkeeping at start and rollback.
+#
+# An update first reads the list into <main_dir>/.promoter/new and checks it
+# (safe paths forming a tree, in walk order), then plans the switch against
+# what is on the board: a local file or folder in the way is refused, by name,
+# before anything changes. It streams each changed file into .promoter/stage,
+# checks its SHA-1, and only when all are there writes the journal of the
+# switch. The lists on the board and on the server are both in walk order,
+# so they are compared line by line, never held in memory.
+#
+# A journal is written whole (temp + rename) and replayed by every entry
+# point after a power cut; each step is safe to repeat, so the board holds
+# exactly the old set of files or exactly the new one. Its steps:
+#   D path     delete a promoted file    K cs path  move it to keep/cs
+#   R folder   remove a folder           M cs path  move stage/cs (or keep/cs) there
+#   S          the new list is the state; any trial ends
+#   T          the same, and the version replaced is kept as "good": a trial
+import binascii
+import errno
+import gc
+import os
+import time
+
+from otapromoter import (OTAError, STATE_DIR, _Answer, _ms, _ms_add, _join, _exists,
+                         _remove, _clear, _read, _write, _why, _end_trial)
+
+try:
+    from hashlib import sha1
+except ImportError:  # firmware built without TLS can lack it
+    sha1 = None
+
+ENOSPC = getattr(errno, "ENOSPC", 28)  # MicroPython's errno module lacks the name
+BUF_SIZE = 512
+SLOW_RATE = 2048  # a file's body gets 1 s more per SLOW_RATE bytes
+RETRIES = 3  # attempts per file
+RESTARTS = 3  # times the list is re-read when the tree changes mid-update
+_warned = []
+
+
+class _Restart(Exception):
+    pass
+
+
+# --- files ---
+
+def _kind(path):
+    # "d" (a folder), "f" (anything else) or None (nothing there).
+    try:
+        return "d" if os.stat(path)[0] & 0x4000 else "f"
+    except OSError:
+        return None
+
+
+def _mkdir(path):
+    # Check first: on a board, mkdir of a mount point ("/") can fail otherwise.
+    if _kind(path) != "d":
+        os.mkdir(path)
+
+
+def _rename(src, dst):
+    try:
+        os.rename(src, dst)
+    except OSError:
+        if _kind(dst) != "f":
+            raise
+        os.remove(dst)  # FAT cannot rename over a file; the journal covers the gap
+        os.rename(src, dst)
+
+
+def _lines(path):
+    # Yield the lines of a UTF-8 file one at a time (binary mode: the same on
+    # MicroPython and CPython, whatever the locale). Read each to its end: on
+    # MicroPython a generator left half-read keeps its file open.
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return
+    with f:
+        for line in f:
+            line = line.decode().rstrip("\n")
+            if line:
+                yield line
+
+
+def _free_bytes(path):
+    try:
+        st = os.statvfs(path)
+        return st[0] * st[4]
+    except (AttributeError, OSError):
+        return None
+
+
+# --- lists ---
+
+def _entries(path):
+    # (checksum, size, path, path's parts) of each line of a list file, after
+    # its version line; OTAError unless they come in walk order.
+    before = None
+    for line in _lines(path):
+        if before is None:
+            before = []
+            continue
+        cs, size, name = line.split(" ", 2)
+        parts = name.split("/")
+        if parts <= before:
+            raise OTAError("%s: %s is out of walk order" % (path, name))
+        before = parts
+        yield cs, int(size), name, parts
+
+
+def _next(entries):
+    for entry in entries:
+        return entry
+    return None
+
+
+def _merge(a, b):
+    # Pairs (entry of list file a, entry of list file b) for the same path, in
+    # walk order; None where the path is not in that list. Both lists are in
+    # walk order, so this takes two lines of memory, whatever their length.
+    ia, ib = _entries(a), _entries(b)
+    ea, eb = _next(ia), _next(ib)
+    while ea or eb:
+        if not eb or (ea and ea[3] < eb[3]):
+            yield ea, None
+            ea = _next(ia)
+        elif not ea or eb[3] < ea[3]:
+            yield None, eb
+            eb = _next(ib)
+        else:
+            yield ea, eb
+            ea, eb = _next(ia), _next(ib)
+
+
+def _listed(list_file, path):
+    found = False
+    for entry in _entries(list_file):  # read to the end, so the file is closed
+        found = found or entry[2] == path
+    return found
+
+
+def _checksum(text):
+    return len(text) == 40 and not text.strip("0123456789abcdef")
+
+
+def _parse(line):
+    # The path of a "<checksum> <size> <path>\n" line; OTAError unless it
+    # is well formed and its path safe: no control character, no empty, .
+    # or .. part, nothing in the module's own folder.
+    try:
+        cs, size, path = line.decode().rstrip("\n").split(" ", 2)
+        parts = path.split("/")
+        if (_checksum(cs) and size.isdigit() and len(size) < 11 and min(path) >= " "
+                and "\x7f" not in path and parts[0] != STATE_DIR
+                and "" not in parts and "." not in parts and ".." not in parts):
+            return parts
+    except ValueError:  # also UnicodeError
+        pass
+    raise OTAError("/files.txt: bad line %r" % line[:80])
+
+
+def _fetch_list(ota, answer, new):
+    # Copy the list to flash, checking every line: a safe path, a tree in
+    # walk order (each path after the one before, none under a file), and
+    # no more than half the free flash. False if the version is not wanted.
+    tmp = new + ".tmp"
+    first = answer.readline("/files.txt")
+    version = first.strip().decode()
+    if not _checksum(version) or not first.endswith(b"\n"):
+        raise OTAError("/files.txt: bad first line")
+    if version in ota.etags():
+        return False
+    room = _free_bytes(ota.dir)
+    total = len(first)
+    before = None  # the path of the line before, split into its parts
+    try:
+        with open(tmp, "wb") as f:
+            f.write(first)
+            while True:
+                line = answer.readline("/files.txt")
+                if not line:
+                    break
+                total += len(line)
+                if room is not None and total > room // 2:
+                    raise OTAError("/files.txt: larger than half the free flash")
+                if not line.endswith(b"\n"):
+                    raise OTAError("/files.txt: cut in the middle of a line")
+                parts = _parse(line)
+                if before is not None and parts <= before:
+                    raise OTAError("/files.txt: %s is out of walk order" % "/".join(parts))
+                if before is not None and parts[:len(before)] == before:
+                    raise OTAError("/files.txt: %s is listed as a file and as a folder"
+                                   % "/".join(before))
+                before = parts
+                f.write(line)
+        if answer.length >= 0 and total != answer.length:
+            raise OTAError("/files.txt: %d of %d bytes" % (total, answer.length))
+        _rename(tmp, new)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return True
+
+
+# --- HTTP ---
+
+def _get(ota, path, etags=(), timeout=None):
+    # Send a GET; return the _Answer with its status line and headers read.
+    # The whole answer must arrive within `timeout` seconds.
+    timeout = timeout or ota.timeout
+    answer = None
+    try:
+        answer = _Answer(ota._connect(), _ms_add(_ms(), int(timeout * 1000)))
+        answer.send(ota._request(path, etags))
+        return answer.head()
+    except OTAError as e:
+        answer.close()
+        raise OTAError("GET %s: %s" % (path, e))
+    except (OSError, ValueError) as e:
+        if answer:
+            answer.close()
+        raise OTAError("GET %s from %s:%d failed: %s" % (path, ota.host, ota.port, _why(e)))
+
+
+# --- update ---
+
+def checked_update(ota):
+    # OTAPromoter.check_and_update: every failure is an OTAError, its
+    # message kept to be sent with the next request.
+    ota.out_of_memory = False
+    try:
+        _recover(ota.dir, ota._say)
+        changed = update(ota)
+        ota.error = None
+        return changed
+    except MemoryError:
+        ota.out_of_memory = True
+        ota.error = "update failed: out of memory"
+        raise OTAError(ota.error)
+    except (OSError, ValueError) as e:
+        ota.error = "update failed: %r" % e
+        raise OTAError(ota.error)
+    except OTAError as e:
+        ota.error = str(e)
+        raise
+    finally:
+        gc.collect()
+
+
+def update(ota):
+    for _ in range(RESTARTS):
+        try:
+            return _update(ota)
+        except _Restart:
+            ota._say("the files changed on the server during the update; starting over")
+    raise OTAError("the files kept changing on the server; try again later")
+
+
+def _update(ota):
+    old, new, stage = ota._file("state"), ota._file("new"), ota._file("stage")
+    answer = _get(ota, "/files.txt", ota.etags())
+    try:
+        if answer.status == 304:
+            return False
+        if answer.status != 200:
+            raise OTAError("GET /files.txt: HTTP %d" % answer.status)
+        for folder in (ota.dir, ota.state, stage):
+            _mkdir(folder)
+        if not ota.keep or not _exists(ota._file("good")):
+            _clear(ota._file("keep"))  # left by a trial that ended in a power cut
+        if not _fetch_list(ota, answer, new):
+            return False  # a server that ignores If-None-Match sent a version not wanted
+    except OSError as e:
+        raise OTAError("reading /files.txt failed: %s" % _why(e))
+    finally:
+        answer.close()
+    try:
+        count, need, blocks, folders = _plan(ota, new, old)
+        free = _free_bytes(ota.dir)
+        if free is not None and free < blocks * 4096 + 8192:
+            raise OTAError("not enough flash: the update needs about %d KB, %d KB free" % (
+                (blocks * 4096 + 8192) // 1024, free // 1024))
+        ota._say("%d files to download (%d bytes)" % (count, need))
+        buf = bytearray(BUF_SIZE)
+        for was, now in _merge(old, new):
+            if now and (not was or was[0] != now[0]):
+                _download(ota, now[0], now[1], now[2], buf)
+        buf = None
+        _write_journal(ota, new, old, folders)
+    except (OSError, OTAError) as e:
+        # Give the flash back; the board is unchanged.
+        for name in ("journal.tmp", "new"):
+            _remove(ota._file(name))
+        _clear(stage)
+        if isinstance(e, OSError):
+            raise OTAError("writing to flash failed: %r" % e)
+        raise
+    gc.collect()
+    _replay(ota.dir, ota._say)
+    _remove(ota._file("rejected"))  # a new version: one rolled back from may come again
+    ota._say("now at version %s" % ota.version())
+    if ota.device_id:
+        try:  # tell the server which version this board runs now
+            ota._exchange("/files/version")
+        except OTAError:
+            pass  # it hears it with the next request
+    return True
+
+
+def _plan(ota, new, old):
+    # Check, before anything changes, that the switch can be carried out
+    # here: a promoted file or folder in the way is removed by the switch,
+    # a local one is refused. Returns (files to fetch, their bytes, their
+    # 4 KB blocks, folders to remove, deepest first).
+    count = need = blocks = 0
+    folders = []
+    checked = set()  # folders of the list already looked at on the board
+    for was, now in _merge(old, new):
+        if not now:
+            continue
+        cs, size, path, parts = now
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            if folder in checked:
+                continue
+            checked.add(folder)
+            if _kind(_join(ota.dir, folder)) == "f" and not _listed(old, folder):
+                raise OTAError("the board has a file %s of its own where the server has a "
+                               "folder; move it away on the board" % folder)
+        if _kind(_join(ota.dir, path)) == "d":
+            folders.extend(_folder_in_the_way(ota, path, old))
+        if not was or was[0] != cs:
+            count += 1
+            need += size
+            blocks += (size + 4095) // 4096 + 1
+    return count, need, blocks, folders
+
+
+def _folder_in_the_way(ota, path, old):
+    # The folders to remove, deepest first, to put a file at `path` where
+    # the board has a folder; OTAError if it holds a file never promoted.
+    found, todo = [], [path]
+    while todo:
+        folder = todo.pop()
+        found.append(folder)
+        for name in os.listdir(_join(ota.dir, folder)):
+            sub = folder + "/" + name
+            if _kind(_join(ota.dir, sub)) == "d":
+                todo.append(sub)
+            elif not _listed(old, sub):
+                raise OTAError("the board has a folder %s of its own (it holds %s) where the "
+                               "server has a file; move it away on the board" % (path, sub))
+    found.reverse()
+    return found
+
+
+def _download(ota, cs, size, path, buf):
+    dest = _join(ota._file("stage"), cs)
+    if _exists(dest) and _verify(ota, dest, cs, size, path, buf):
+        return  # staged by an earlier, interrupted update
+    part = dest + ".part"
+    why = ""
+    for _ in range(RETRIES):
+        answer = _get(ota, "/files/" + cs, timeout=ota.timeout + size // SLOW_RATE)
+        h = None
+        try:
+            if answer.status == 404:
+                raise _Restart()
+            if answer.status != 200:
+                raise OTAError("GET /files/%s (%s): HTTP %d" % (cs, path, answer.status))
+            h = _hasher(ota)
+            got = 0
+            mv = memoryview(buf)
+            with open(part, "wb") as f:
+                while got < size:
+                    n = answer.readinto(mv[:min(BUF_SIZE, size - got)])
+                    if not n:
+                        break
+                    f.write(mv[:n])
+                    if h:
+                        h.update(mv[:n])
+                    got += n
+        except OSError as e:
+            if e.args[0] in (ENOSPC, errno.ETIMEDOUT):  # retrying would not help
+                _remove(part)
+                raise OTAError(("flash full while writing %s" if e.args[0] == ENOSPC
+                                else "%s: timed out") % path)
+            why = "%r" % e
+            got = -1
+        finally:
+            answer.close()
+        if got == size:
+            if _sums_to(h, path, cs):
+                _rename(part, dest)
+                ota._say("got %s (%d bytes)" % (path, size))
+                return
+            why = "checksum mismatch"
+        elif got >= 0:
+            why = "short read (%d of %d bytes)" % (got, size)
+        _remove(part)
+        ota._say("%s: %s; retrying" % (path, why))
+    raise OTAError("%s: download failed (%s)" % (path, why))
+
+
+def _hasher(ota):
+    # A SHA-1 object, or None (once said) where the firmware lacks it.
+    if sha1:
+        return sha1()
+    if not _warned:
+        _warned.append(1)
+        ota._say("this firmware has no hashlib.sha1: checking sizes only, not checksums")
+    return None
+
+
+def _sums_to(h, path, cs):
+    # Finish a checksum as the server defines it (SHA-1 of the bytes, then the
+    # path) and compare; without sha1 (h is None) the size check stands alone.
+    if h is None:
+        return True
+    h.update(path.encode())
+    return binascii.hexlify(h.digest()).decode() == cs
+
+
+def _verify(ota, name, cs, size, path, buf):
+    # True if a staged file holds exactly the content named by cs.
+    h = _hasher(ota)
+    got = 0
+    mv = memoryview(buf)
+    with open(name, "rb") as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            if h:
+                h.update(mv[:n])
+            got += n
+    return got == size and _sums_to(h, path, cs)
+
+
+def _write_journal(ota, new, old, folders):
+    # Moves for every staged file; for the promoted files that go, deletions
+    # (or moves to keep/, for a rollback, when run() updates); removals of
+    # the folders in the way. Written to a temp file and renamed, so it is
+    # whole or absent.
+    keep = ota.keep and _exists(old)
+    tmp = ota._file("journal.tmp")
+    with open(tmp, "wb") as f:
+        for was, now in _merge(old, new):
+            if now and (not was or was[0] != now[0]):
+                f.write(("M %s %s\n" % (now[0], now[2])).encode())
+            if was and (not now or was[0] != now[0]):
+                if keep:
+                    f.write(("K %s %s\n" % (was[0], was[2])).encode())
+                elif not now:
+                    f.write(("D %s\n" % was[2]).encode())
+        for folder in folders:
+            f.write(("R %s\n" % folder).encode())
+        f.write(b"T\n" if keep else b"S\n")
+    _rename(tmp, ota._file("journal"))
 
 
 # --- the switch ---
@@ -2961,10 +3594,10 @@ def _prune(main_dir, path):
 
 
 def _replay(main_dir, say=None):
-    # Carry out the journal: deletions and folder removals first, then the
-    # moves, so the way is clear; each step is safe to repeat after a power
-    # cut. A step the flash no longer allows (changed by hand) is skipped and
-    # the rest done; then OTAError says so.
+    # Carry out the journal: deletions, moves to keep/ and folder removals
+    # first, then the moves into place, so the way is clear. A step the flash
+    # no longer allows (changed by hand) is skipped and the rest done; then
+    # OTAError says so.
     state = _join(main_dir, STATE_DIR)
     journal = _join(state, "journal")
     failed = []
@@ -2972,12 +3605,12 @@ def _replay(main_dir, say=None):
         try:
             for line in _lines(journal):
                 op, arg = line[0], line[2:]
-                if (op in "DR") != clear:
+                if (op in "DKR") != clear:
                     continue
                 try:
                     _step(main_dir, state, op, arg, say)
                 except (OSError, ValueError) as e:
-                    failed.append((arg[41:] if op == "M" else arg, e))
+                    failed.append((arg[41:] if op in "KM" else arg, e))
         except (OSError, ValueError) as e:
             failed.append(("the journal", e))
     if failed:
@@ -2991,28 +3624,47 @@ def _replay(main_dir, say=None):
 
 
 def _step(main_dir, state, op, arg, say):
+    cs = None
+    if op in "KM":
+        cs, arg = arg.split(" ", 1)
     target = _join(main_dir, arg)
-    if op == "D":
+    keep = _join(state, "keep")
+    if op in "DK":
         if _kind(target) == "f":
-            os.remove(target)
-            if say:
+            if op == "D":
+                os.remove(target)
+            elif _exists(_join(keep, cs)):
+                return  # kept already: what is there now is the new file
+            else:
+                _mkdir(keep)
+                os.rename(target, _join(keep, cs))
+            if say and op == "D":
                 say("removed " + arg)
         _prune(main_dir, arg)
     elif op == "R":
         if _kind(target) == "d":
             os.rmdir(target)
     elif op == "M":
-        cs, arg = arg.split(" ", 1)
-        staged = _join(_join(state, "stage"), cs)
-        if _exists(staged):
+        source = _join(_join(state, "stage"), cs)
+        if not _exists(source):
+            source = _join(keep, cs)  # a rollback
+        if _exists(source):
             parts = arg.split("/")
             for i in range(1, len(parts)):
                 _mkdir(_join(main_dir, "/".join(parts[:i])))
-            _rename(staged, _join(main_dir, arg))
-        elif _kind(_join(main_dir, arg)) != "f":
+            _rename(source, target)
+        elif _kind(target) != "f":
             raise OSError(errno.ENOENT)  # its staged file is gone
-    elif op == "S" and _exists(_join(state, "new")):
-        _rename(_join(state, "new"), _join(state, "state"))
+    elif op in "ST":
+        new, good = _join(state, "new"), _join(state, "good")
+        if _exists(new):
+            if op == "T":
+                _remove(_join(state, "trial"))  # a new trial: no start counted yet
+                if not _exists(good) and _exists(_join(state, "state")):
+                    os.rename(_join(state, "state"), good)
+            _rename(new, _join(state, "state"))
+        if op == "S":
+            _end_trial(state)
 
 
 def _recover(main_dir, say=None):
@@ -3033,52 +3685,68 @@ def recover(main_dir="/"):
         raise OTAError("recover failed: %r" % e)
 
 
-# --- entry points ---
+def _roll_back(ota):
+    # Switch back to the last confirmed version (its list is "good"; the files
+    # the trial version replaced are in keep/), with a journal like an update's.
+    state = ota.state
+    with open(_join(state, "new"), "wb") as f:
+        for line in _lines(_join(state, "good")):
+            f.write((line + "\n").encode())
+    tmp = _join(state, "journal.tmp")
+    with open(tmp, "wb") as f:
+        for now, good in _merge(_join(state, "state"), _join(state, "good")):
+            if now and not good:
+                f.write(("D %s\n" % now[2]).encode())
+            elif good and (not now or now[0] != good[0]):
+                f.write(("M %s %s\n" % (good[0], good[2])).encode())
+        f.write(b"S\n")
+    _rename(tmp, _join(state, "journal"))
+    _replay(ota.dir, ota._say)
 
-def _device_id():
+
+# --- start and rollback ---
+
+def start(r):
+    # run(): finish a switch, send a report left from before, update once,
+    # and count this start if the version is on trial: past r.restarts,
+    # roll back.
+    ota = r.ota
+    _say_state(r)
+    ota.send_report()
     try:
-        import machine
-        return binascii.hexlify(machine.unique_id()).decode()
-    except (ImportError, AttributeError):
-        return None
+        checked_update(ota)
+    except OTAError as e:
+        ota._say("%s; going on with the files the board has" % e)
+    if r.on_trial():
+        starts = int(_read(ota._file("trial")) or "0") + 1
+        if starts > r.restarts and r.rollback:
+            roll_back(r, "it restarted %d times during its trial" % (starts - 1))
+        else:
+            _write(ota._file("trial"), str(starts))
+            r.started = _ms()
+    _say_state(r)
 
 
-def _reset():
+def _say_state(r):
+    # What the board tells the server it does, from the files.
+    rejected = _read(r.ota._file("rejected"))
+    r.ota.board_state = ("on trial" if r.on_trial() else
+                         "rolled back from " + rejected if rejected else "running")
+
+
+def roll_back(r, why, trace=""):
+    # Back to the last confirmed version; say why, once.
+    ota = r.ota
+    bad = ota.version()
+    _write(ota._file("rejected"), bad)
     try:
-        import machine
-    except ImportError:
-        return
-    machine.reset()
-
-
-def update(url, main_dir="/", **kw):
-    """Update once; True if files changed. Raises OTAError on failure."""
-    return OTAPromoter(url, main_dir, **kw).check_and_update()
-
-
-def watch(url, main_dir="/", on_update=None, wait=60, interval=2, **kw):
-    """Update whenever the server's version changes, for ever: holds a
-    waiting request, updates, then calls on_update (default: machine.reset()).
-    Whatever the server or the network does is reported, backed off from and
-    retried. A server that answers at once is asked no more often than every
-    `interval` seconds."""
-    ota = OTAPromoter(url, main_dir, **kw)
-    on_update = on_update or _reset
-    backoff = 1
-    while True:
-        try:
-            if ota.check_and_update():
-                on_update()
-            start = _ms()
-            changed = ota.wait_for_change(wait)
-            backoff = 1
-            spent = _ms_diff(_ms(), start) / 1000
-            if not changed and spent < interval:
-                time.sleep(interval - spent)
-        except Exception as e:  # OTAError; anything else is reported the same way
-            ota._say("%s; retrying in %ds" % (e, backoff))
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 30)
+        _roll_back(ota)
+    except (OSError, OTAError) as e:
+        trace += "\n" + str(e)
+    ota.board_state = "rolled back from " + bad
+    r.started = None
+    ota._say("rolled back from %s to %s: %s" % (bad, ota.version(), why))
+    ota.report("rolled back from %s to %s: %s\n%s" % (bad, ota.version(), why, trace))
 '''
 
 
@@ -3162,7 +3830,8 @@ def build_parser():
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     commands = parser.add_subparsers(dest="command", metavar="[command]")
     client = commands.add_parser("client", help="write the device module (to stdout)")
-    client.add_argument("-o", "--output", help="file to write, e.g. otapromoter.py")
+    client.add_argument("-o", "--output", help="file to write, e.g. otapromoter.py; "
+                        "otapromoter_update.py is written beside it")
     export = commands.add_parser(
         "export", help="write the API as static files for nginx, object storage or a CDN")
     export.add_argument("out", help="folder to write")
@@ -3219,16 +3888,21 @@ def serve(args):
 
 
 def write_client(args):
-    if args.output:
-        try:
-            with open(args.output, "w", encoding="utf-8") as f:
-                f.write(DEVICE_CLIENT)
-        except OSError as e:
-            raise PromoterError("%s: %s" % (args.output, e.strerror))
-        print("wrote %s (%d bytes); copy it to the board with: mpremote cp %s :" % (
-            args.output, len(DEVICE_CLIENT), args.output))
-    else:
+    """The device module: otapromoter.py, and otapromoter_update.py beside
+    it (or both to stdout, the first first)."""
+    if not args.output:
         sys.stdout.write(DEVICE_CLIENT)
+        sys.stdout.write(DEVICE_UPDATE)
+        return 0
+    update = os.path.join(os.path.dirname(args.output), "otapromoter_update.py")
+    for path, text in ((args.output, DEVICE_CLIENT), (update, DEVICE_UPDATE)):
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            raise PromoterError("%s: %s" % (path, e.strerror))
+    print("wrote %s and %s; copy both to the board with: mpremote cp %s %s :" % (
+        args.output, update, args.output, update))
     return 0
 
 
