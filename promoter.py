@@ -2243,7 +2243,8 @@ function ago(t) {
 }
 function text(id, value) { document.getElementById(id).textContent = value; }
 function fill(id, rows) {
-  var body = document.getElementById(id);
+  var body = document.getElementById(id), open = {};
+  body.querySelectorAll("details[open]").forEach(function (e) { open[e.dataset.text] = true; });
   body.textContent = "";
   rows.forEach(function (cells) {
     var row = body.insertRow();
@@ -2251,6 +2252,8 @@ function fill(id, rows) {
       var td = row.insertCell(), where = td;
       if (cell[2]) {  // the first line, and the whole text when opened
         var more = td.appendChild(document.createElement("details"));
+        more.dataset.text = cell[2];
+        more.open = open[cell[2]] === true;  // stays open across refreshes
         more.appendChild(document.createElement("summary")).textContent = cell[0];
         where = more.appendChild(document.createElement("pre"));
         where.textContent = cell[2];

@@ -3190,6 +3190,23 @@ class StatusPageTest(PromoterTest):
         self.assertIn("up to date", row[0])
         self.assertIn(served.version()[:12], row[0])
         self.assertTrue(browser.script("return window.notReloaded === true"))
+        # Its crash report: the first line, and the whole text when opened,
+        # as text, and still open after the page refreshes itself.
+        trace = 'Traceback (most recent call last):\n  File "app.py", line 3\nValueError: <b>x</b>'
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+        conn.request("POST", "/report", body=trace, headers={"X-Device-Id": "board-7"})
+        self.assertEqual(conn.getresponse().status, 204)
+        conn.close()
+        wait_until(lambda: "Traceback (most recent call last)" in body(), message="the report")
+        self.assertNotIn("ValueError", body())
+        browser.script("document.querySelector('#devices details').open = true")
+        wait_until(lambda: "ValueError: <b>x</b>" in body(), message="the whole report, as text")
+        refreshed = browser.script("return (window.marker = document.querySelector('#devices "
+                                   "details')) !== null")
+        self.assertTrue(refreshed)
+        wait_until(lambda: browser.script("return document.querySelector('#devices details') "
+                                          "!== window.marker"), message="a refresh of the page")
+        self.assertIn("ValueError: <b>x</b>", body())
         evil = "<script>document.title='x'</script><img src=x onerror=alert(1)>"  # 63 chars
         served.request("/files/version", headers={"X-Device-Id": evil})
         wait_until(lambda: evil in body(), message="the evil id shown as text")
