@@ -1716,7 +1716,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.server.track(self.connection, "busy")
         self.close_connection = True  # whatever happens to its body
         if not self.authorized():
-            return self.send_json(HTTPStatus.UNAUTHORIZED, {"error": "a valid token is required"})
+            return self.unauthorized()
         length = self.headers.get("Content-Length", "")
         if self.headers.get("Transfer-Encoding") or not length.strip().isdigit():
             return self.send_json(HTTPStatus.LENGTH_REQUIRED,
@@ -1760,8 +1760,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             except (UnicodeDecodeError, ValueError):
                 return self.send_error(HTTPStatus.BAD_REQUEST, "bad percent-encoding in URL")
         if not self.authorized():
-            return self.send_json(HTTPStatus.UNAUTHORIZED, {"error": "a valid token is required"},
-                                  extra={"WWW-Authenticate": 'Basic realm="promoter"'})
+            return self.unauthorized()
         self.server.devices.check_in(self.headers, self.client_address[0])
         snapshot = self.server.promoter.snapshot
         if path == "/":
@@ -1816,6 +1815,11 @@ class RequestHandler(BaseHTTPRequestHandler):
         elif scheme.lower() != "bearer":
             given = b""
         return hmac.compare_digest(given, token.encode("utf-8"))
+
+    def unauthorized(self):
+        # The Basic challenge makes a browser ask for the token (as a password).
+        self.send_json(HTTPStatus.UNAUTHORIZED, {"error": "a valid token is required"},
+                       extra={"WWW-Authenticate": 'Basic realm="promoter"'})
 
     def get_version(self, snapshot, query):
         tags = parse_etags(self.headers.get("If-None-Match"))
@@ -2899,8 +2903,7 @@ class _Runner:
             # per version, so that a board too small for it does not loop.
             _write(ota._file("restarted"), ota.version())
             self.on_update()
-        self.retry_at = _ms_add(_ms(), self.backoff * 1000)
-        self.backoff = min(self.backoff * 2, 30)
+        self._back_off()
 
     def follow(self):
         # Hold waiting requests for ever; apply each new version.
@@ -2946,8 +2949,6 @@ class _Runner:
         # The answer has begun: read the rest at once (it is short).
         answer = _Answer(sock, _ms_add(_ms(), self.ota.timeout * 1000))
         answer.pending = bytes(self.buf)
-        if not answer.cpython:
-            sock.setblocking(False)
         try:
             version = self.ota.parse_version(answer.head().status, answer.body())
         except (OSError, OTAError) as e:
@@ -2974,7 +2975,6 @@ class _Runner:
         self.deadline = _ms_add(_ms(), (self.wait + ota.timeout) * 1000)
 
     def _send(self):
-        sock = self.sock
         n = self.write(self.sending)
         if n:
             self.sending = self.sending[n:]
@@ -2985,9 +2985,13 @@ class _Runner:
         self.sock = self.sending = None
         self.ota._say("%s; again in %ds" % (e if isinstance(e, OTAError) else _why(e),
                                             self.backoff))
+        self._back_off()
+        return False
+
+    def _back_off(self):
+        # Try again in 1 s, then 2, 4... up to 30 s.
         self.retry_at = _ms_add(_ms(), self.backoff * 1000)
         self.backoff = min(self.backoff * 2, 30)
-        return False
 
 
 # --- entry points ---
@@ -3411,7 +3415,7 @@ def _update(ota):
             if now and (not was or was[0] != now[0]):
                 _download(ota, now[0], now[1], now[2], buf)
         buf = None
-        _write_journal(ota, new, old, folders)
+        _write_journal(ota, new, old, folders, ota.keep and _exists(old))
     except (OSError, OTAError) as e:
         # Give the flash back; the board is unchanged.
         for name in ("journal.tmp", "new"):
@@ -3562,12 +3566,11 @@ def _verify(ota, name, cs, size, path, buf):
     return got == size and _sums_to(h, path, cs)
 
 
-def _write_journal(ota, new, old, folders):
+def _write_journal(ota, new, old, folders, keep):
     # Moves for every staged file; for the promoted files that go, deletions
-    # (or moves to keep/, for a rollback, when run() updates); removals of
-    # the folders in the way. Written to a temp file and renamed, so it is
-    # whole or absent.
-    keep = ota.keep and _exists(old)
+    # (or, with `keep`, moves to keep/ for a rollback); removals of the
+    # folders in the way. Written to a temp file and renamed, so it is whole
+    # or absent.
     tmp = ota._file("journal.tmp")
     with open(tmp, "wb") as f:
         for was, now in _merge(old, new):
@@ -3695,15 +3698,9 @@ def _roll_back(ota):
     with open(_join(state, "new"), "wb") as f:
         for line in _lines(_join(state, "good")):
             f.write((line + "\n").encode())
-    tmp = _join(state, "journal.tmp")
-    with open(tmp, "wb") as f:
-        for now, good in _merge(_join(state, "state"), _join(state, "good")):
-            if now and not good:
-                f.write(("D %s\n" % now[2]).encode())
-            elif good and (not now or now[0] != good[0]):
-                f.write(("M %s %s\n" % (good[0], good[2])).encode())
-        f.write(b"S\n")
-    _rename(tmp, _join(state, "journal"))
+    # An update from the trial version to "good" whose files are all in
+    # keep/ (where the M step looks when stage/ lacks them).
+    _write_journal(ota, _join(state, "new"), _join(state, "state"), [], False)
     _replay(ota.dir, ota._say)
 
 
@@ -3714,7 +3711,7 @@ def start(r):
     # and count this start if the version is on trial: past r.restarts,
     # roll back.
     ota = r.ota
-    _say_state(r)
+    _say_state(r)  # for the update's requests; again below, after it
     ota.send_report()
     try:
         checked_update(ota)

@@ -2688,9 +2688,9 @@ class ReportEndpointTest(PromoterTest):
         trace = 'Traceback (most recent call last):\n  File "app.py", line 3\nValueError: x\n'
         self.assertEqual(self.post(served, trace)[0], 401)
         self.assertEqual(self.post(served, trace, token="s3cret")[0], 204)
-        device = served.get_json_with = None
         status, _, body = served.request("/status.json",
                                          headers={"Authorization": "Bearer s3cret"})
+        self.assertEqual(status, 200)
         device = json.loads(body)["devices"][0]
         self.assertEqual((device["id"], device["state"]), ("board-9", "crashed"))
         self.assertEqual(device["report"], trace.strip("\n"))
