@@ -31,9 +31,10 @@ rejects rules that backtrack without end); index (safe opening beneath the
 root, the walk, hashing, Snapshot, Promoter); watchers (Debouncer, the
 polling and inotify watchers); HTTP (the request handler, the parking of
 waiting requests, the server); status page; static export; device module
-(DEVICE_CLIENT, what stays in memory while the app runs: files, HTTP, the
-trial, entry points; DEVICE_UPDATE, imported only while it runs: files, lists,
-HTTP, update, the switch, start and rollback);
+(four files, each imported only when needed: DEVICE_CLIENT, always: files,
+HTTP, entry points; DEVICE_RUN, beside the app: the app, crash reports, the
+trial, following the server; DEVICE_UPDATE, while it runs: lists, downloads,
+the journal of an update or rollback; DEVICE_SWITCH: carrying out a journal);
 CLI.
 """
 
@@ -2395,8 +2396,9 @@ def export_static(root, out, port=DEFAULT_PORT, default_ignores=True):
 # --- device module -------------------------------------------------------------
 
 DEVICE_CLIENT = r'''# otapromoter.py: the device side of promoter.py, for MicroPython 1.19+
-# (ESP8266, ESP32, RP2) and CPython 3.8+. Written, with otapromoter_update.py
-# beside it, by: python3 promoter.py client -o otapromoter.py
+# (ESP8266, ESP32, RP2) and CPython 3.8+. Written, with otapromoter_run.py,
+# otapromoter_update.py and otapromoter_switch.py beside it, by:
+# python3 promoter.py client -o otapromoter.py
 #
 #   import otapromoter
 #   otapromoter.run("http://192.168.1.10:9090")  # main.py: update, run app.py, follow saves
@@ -2405,10 +2407,13 @@ DEVICE_CLIENT = r'''# otapromoter.py: the device side of promoter.py, for MicroP
 #   otapromoter.update("http://192.168.1.10:9090")  # or: update once
 #   otapromoter.recover()  # boot.py: only finish an interrupted switch
 #
-# This module is what stays in memory while the app runs: following the
-# server, crash reports and the trial. The rest (the update, the switch,
-# recovery and rollback) is otapromoter_update, imported only while it runs
-# and dropped after, so that the app has the heap.
+# The module is in four files, so that each step has the heap it needs.
+# This one (files, HTTP, the entry points) is always imported. The others
+# are imported only when needed: otapromoter_run (running the app, following
+# the server while it runs, crash reports, the trial) by run() once the update
+# at start is done; otapromoter_update (the list, the downloads, the journal
+# of a switch or a rollback) and otapromoter_switch (carrying out a journal,
+# at once or after a power cut) each only while it runs, and dropped after.
 #
 # The board's state is in <main_dir>/.promoter: "state" (the list of the
 # version on the board), "journal" (a switch to finish), "stage/" (checked
@@ -2441,7 +2446,6 @@ STATE_DIR = ".promoter"
 TIMEOUT = 10  # s for a whole request (a file's body gets more: otapromoter_update)
 LINE_MAX = 1024  # bytes of a status, header or list line
 HEADERS_MAX = 64
-REPORT_MAX = 2048  # bytes of a crash report
 TRIAL = 10  # s a new version must run without raising to be kept
 RESTARTS = 2  # restarts during a trial that roll it back
 
@@ -2493,6 +2497,46 @@ def _read(path):
 def _write(path, text):
     with open(path, "wb") as f:
         f.write(text.encode())
+
+
+def _kind(path):
+    # "d" (a folder), "f" (anything else) or None (nothing there).
+    try:
+        return "d" if os.stat(path)[0] & 0x4000 else "f"
+    except OSError:
+        return None
+
+
+def _mkdir(path):
+    # Check first: on a board, mkdir of a mount point ("/") can fail otherwise.
+    if _kind(path) != "d":
+        os.mkdir(path)
+
+
+def _rename(src, dst):
+    try:
+        os.rename(src, dst)
+    except OSError:
+        if _kind(dst) != "f":
+            raise
+        os.remove(dst)  # FAT cannot rename over a file; the journal covers the gap
+        os.rename(src, dst)
+
+
+def _lines(path):
+    # Yield the lines of a UTF-8 file one at a time (binary mode: the same on
+    # MicroPython and CPython, whatever the locale). Read each to its end: on
+    # MicroPython a generator left half-read keeps its file open.
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return
+    with f:
+        for line in f:
+            line = line.decode().rstrip("\n")
+            if line:
+                yield line
+
 
 
 # --- HTTP ---
@@ -2703,15 +2747,29 @@ class OTAPromoter:
         # The versions the board does not want: its own, and one rolled back from.
         return (self.version(), _read(self._file("rejected")))
 
+    def on_trial(self):
+        # A version is on trial while the list of the one before is kept.
+        return _exists(self._file("good"))
+
     def check_and_update(self):
         """Bring the board to the server's version; True if files changed.
         Raises OTAError (the board keeps its files) on any failure."""
+        self.out_of_memory = False
         try:
-            return _call("checked_update", self)
-        except MemoryError:  # no room for otapromoter_update itself
+            _recover(self.dir, self._say)
+            changed = _call("otapromoter_update", "update", self)
+            if changed:
+                _call("otapromoter_switch", "switch", self)
+            self.error = None
+            return changed
+        except MemoryError:
             self.out_of_memory = True
             self.error = "update failed: out of memory"
-            raise OTAError(self.error)
+        except (OSError, ValueError) as e:
+            self.error = "update failed: %r" % e
+        except OTAError as e:
+            self.error = str(e)
+        raise OTAError(self.error)  # kept, to be sent with the next request
 
     def parse_version(self, status, body):
         # The server's version from a /files/version answer; None for a 304.
@@ -2732,32 +2790,213 @@ class OTAPromoter:
         version = self.parse_version(status, body)
         return version is not None and version not in self.etags()
 
-    def report(self, text):
-        """Send a crash report (the text, cut to REPORT_MAX bytes) to the
-        server; True if it took it. Until then it waits in .promoter/report."""
-        if len(text) > REPORT_MAX:
-            text = text[:300] + "\n[...]\n" + text[-(REPORT_MAX - 310):]
-        try:
-            if _exists(self.state):
-                _write(self._file("report"), text)
-        except OSError:
-            pass  # sent now or never
-        return self.send_report(text)
 
-    def send_report(self, text=None):
-        if text is None:
-            text = _read_all(self._file("report"))
-            if not text:
-                return True
+def _call(module, name, *args):
+    # Run a function of another file of the module: imported for it, and
+    # dropped after where the heap is small, to give its code back.
+    gc.collect()  # its code goes in one piece, not into the gaps garbage leaves
+    m = __import__(module)
+    try:
+        return getattr(m, name)(*args)
+    finally:
+        m = None
+        if hasattr(gc, "mem_free"):
+            sys.modules.pop(module, None)
+        gc.collect()
+
+
+def _recover(main_dir, say=None):
+    # Finish a switch cut short by a power cut or reset; True if there was one.
+    state = _join(main_dir, STATE_DIR)
+    if _exists(_join(state, "journal")) or _exists(_join(state, "journal.tmp")):
+        return _call("otapromoter_switch", "recover", main_dir, say)
+    return False
+
+
+def _say_state(ota):
+    # What the board tells the server it does, from the files.
+    rejected = _read(ota._file("rejected"))
+    ota.board_state = ("on trial" if ota.on_trial() else
+                       "rolled back from " + rejected if rejected else "running")
+
+
+def _end_trial(state):
+    # The version on the board is the good one now: forget the one before.
+    _remove(_join(state, "good"))
+    _clear(_join(state, "keep"))
+    _remove(_join(state, "trial"))
+
+
+# --- entry points ---
+
+_runner = None
+
+
+def _device_id():
+    try:
+        import machine
+        import binascii
+        return binascii.hexlify(machine.unique_id()).decode()
+    except (ImportError, AttributeError):
+        return None
+
+
+def _restart():
+    # A board resets. Without machine.reset (CPython, the Unix port) the
+    # process ends, for its supervisor to start it again, as a board would.
+    try:
+        import machine
+        machine.reset()
+    except (ImportError, AttributeError):
+        pass
+    if hasattr(os, "_exit"):
+        os._exit(0)  # CPython, from any thread
+    r = _runner
+    if r and r.lock and _thread_id() != r.main:
+        # The Unix port's follower thread: the main thread ends the process
+        # at the app's next poll() (an exception raised in a function given
+        # to micropython.schedule is printed and dropped, not raised).
+        r.ending = True
+    raise SystemExit(0)
+
+
+def _thread_id():
+    try:
+        import _thread
+        return _thread.get_ident()
+    except ImportError:
+        return None
+
+
+def run(url, app="app", main_dir="/", trial=TRIAL, restarts=RESTARTS, rollback=True,
+        on_update=None, wait=60, **kw):
+    """The one line of main.py: finish a switch, update once, run the app
+    (import `app`, call its main()), and follow the server while it runs: a
+    thread holds the waiting request where _thread exists, else the app calls
+    poll() in its loop. A new version is applied, then the board restarts
+    (on_update, by default machine.reset(), or the end of the process). A new
+    version is on trial until the app ran `trial` seconds without raising,
+    or called confirm(); if it raises, or the board restarts `restarts` times,
+    meanwhile, the board rolls back to the version before (not with
+    rollback=False). What the app raises is printed and reported to the
+    server. Returns never."""
+    global _runner
+    ota = OTAPromoter(url, main_dir, **kw)
+    ota.keep = True
+    _say_state(ota)
+    failed = None
+    try:  # before otapromoter_run is imported: the update has the heap
+        ota.check_and_update()
+    except OTAError as e:
+        ota._say("%s; going on with the files the board has" % e)
+    except Exception as e:
+        failed = e
+    from otapromoter_run import Runner
+    _runner = Runner(ota, app, trial, rollback, on_update, wait)
+    _runner.run(failed, restarts)
+
+
+def poll():
+    """On boards without _thread (ESP8266), call this often in the app's
+    loop: it confirms a version whose trial is over, and checks the waiting
+    request without blocking. When a new version is published it applies
+    it and restarts the board. Returns False at once when nothing changed."""
+    r = _runner
+    if r and r.ending:
+        raise SystemExit(0)  # a new version is on the board: the process restarts
+    if r and not r.lock:
+        return r.poll()
+    return False
+
+
+def confirm():
+    """Keep the version on trial now, before its `trial` seconds are over."""
+    if _runner:
+        _runner.confirm()
+
+
+def recover(main_dir="/"):
+    """Finish a switch interrupted by a power cut or reset (call from boot.py).
+    True if there was one. Raises OTAError if part of it could not be done."""
+    try:
+        return _recover(main_dir)
+    except (OSError, ValueError) as e:
+        raise OTAError("recover failed: %r" % e)
+
+
+def update(url, main_dir="/", **kw):
+    """Update once; True if files changed. Raises OTAError on failure."""
+    return OTAPromoter(url, main_dir, **kw).check_and_update()
+
+
+def watch(url, main_dir="/", on_update=None, wait=60, interval=2, **kw):
+    """Update whenever the server's version changes, for ever: holds a
+    waiting request, updates, then calls on_update (default: machine.reset()).
+    Whatever the server or the network does is reported, backed off from and
+    retried. A server that answers at once is asked no more often than every
+    `interval` seconds."""
+    ota = OTAPromoter(url, main_dir, **kw)
+    on_update = on_update or _restart
+    backoff = 1
+    while True:
         try:
-            status = self._exchange("/report", body=text)[0]
-        except OTAError as e:
-            self._say("crash report not sent: %s" % e)
-            return False
-        if status >= 300:
-            self._say("crash report refused: HTTP %d" % status)
-        _remove(self._file("report"))  # delivered, or never to be taken
-        return True
+            if ota.check_and_update():
+                on_update()
+            start = _ms()
+            changed = ota.wait_for_change(wait)
+            backoff = 1
+            spent = _ms_diff(_ms(), start) / 1000
+            if not changed and spent < interval:
+                time.sleep(interval - spent)
+        except Exception as e:  # OTAError; anything else is reported the same way
+            ota._say("%s; retrying in %ds" % (e, backoff))
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 30)
+'''
+
+DEVICE_RUN = r'''# otapromoter_run.py: the part of otapromoter (see there) that run()
+# imports once the update at start is done, and that stays in memory beside
+# the app: running it, its trial, crash reports, and following the server
+# while it runs (a thread where _thread exists, else the app's poll()).
+import errno
+import sys
+import time
+
+from otapromoter import (OTAError, _Answer, _ms, _ms_diff, _ms_add, _exists, _remove, _read,
+                         _write, _why, _call, _end_trial, _say_state, _restart, _thread_id)
+
+REPORT_MAX = 2048  # bytes of a crash report
+
+
+# --- crash reports ---
+
+def report(ota, text):
+    # Send a crash report (the text, cut to REPORT_MAX bytes) to the server;
+    # True if it took it. Until then it waits in .promoter/report.
+    if len(text) > REPORT_MAX:
+        text = text[:300] + "\n[...]\n" + text[-(REPORT_MAX - 310):]
+    try:
+        if _exists(ota.state):
+            _write(ota._file("report"), text)
+    except OSError:
+        pass  # sent now or never
+    return send_report(ota, text)
+
+
+def send_report(ota, text=None):
+    if text is None:
+        text = _read_all(ota._file("report"))
+        if not text:
+            return True
+    try:
+        status = ota._exchange("/report", body=text)[0]
+    except OTAError as e:
+        ota._say("crash report not sent: %s" % e)
+        return False
+    if status >= 300:
+        ota._say("crash report refused: HTTP %d" % status)
+    _remove(ota._file("report"))  # delivered, or never to be taken
+    return True
 
 
 def _read_all(path):
@@ -2767,30 +3006,6 @@ def _read_all(path):
     except (OSError, ValueError):
         return ""
 
-
-def _call(name, *args):
-    # Run a function of otapromoter_update: imported for it, and dropped
-    # after where the heap is small, to give its code back.
-    import otapromoter_update
-    try:
-        return getattr(otapromoter_update, name)(*args)
-    finally:
-        otapromoter_update = None
-        if hasattr(gc, "mem_free"):
-            sys.modules.pop("otapromoter_update", None)
-        gc.collect()
-
-
-# --- the trial ---
-
-def _end_trial(state):
-    # The version on the board is the good one now: forget the one before.
-    _remove(_join(state, "good"))
-    _clear(_join(state, "keep"))
-    _remove(_join(state, "trial"))
-
-
-# --- run ---
 
 def _traceback(e):
     # The traceback as MicroPython prints it (as CPython does, on CPython).
@@ -2804,14 +3019,15 @@ def _traceback(e):
         return "".join(traceback.format_exception(type(e), e, e.__traceback__))
 
 
-class _Runner:
+# --- the app and the server ---
+
+class Runner:
     # run(): the app, its trial, and following the server while it runs.
 
-    def __init__(self, ota, app, trial, restarts, rollback, on_update, wait):
+    def __init__(self, ota, app, trial, rollback, on_update, wait):
         self.ota = ota
         self.app = app
         self.trial_ms = int(trial * 1000)
-        self.restarts = restarts
         self.rollback = rollback
         self.on_update = on_update or _restart
         self.wait = wait
@@ -2827,8 +3043,41 @@ class _Runner:
         self.backoff = 1
         self.retry_at = None
 
-    def on_trial(self):
-        return _exists(self.ota._file("good"))
+    def run(self, failed, restarts):
+        # The rest of otapromoter.run(), once the update at start is done
+        # (`failed`: what it raised, if it did).
+        try:
+            if failed:
+                raise failed
+            if self.ota.on_trial():
+                self.count_start(restarts)
+            _say_state(self.ota)
+            send_report(self.ota)  # one left from before a restart
+            try:
+                import _thread
+                self.lock = _thread.allocate_lock()
+                _thread.start_new_thread(self.follow, ())
+            except ImportError:
+                _thread = None
+            self.run_app()
+            if _thread:
+                while not self.ending:  # the thread follows the server
+                    time.sleep(0.1)
+                raise SystemExit(0)
+        except Exception as e:  # run() itself failed: say so, and still follow the server
+            self.crashed(e, "otapromoter.run failed")
+        self.follow()
+
+    def count_start(self, restarts):
+        # A start during the trial; past `restarts`, roll back.
+        ota = self.ota
+        starts = int(_read(ota._file("trial")) or "0") + 1
+        if starts > restarts and self.rollback:
+            report(ota, _call("otapromoter_update", "roll_back", ota,
+                              "it restarted %d times during its trial" % (starts - 1)))
+        else:
+            _write(ota._file("trial"), str(starts))
+            self.started = _ms()
 
     def run_app(self):
         # Import the app and call its main(); report what it raises.
@@ -2846,20 +3095,24 @@ class _Runner:
         print(trace)
         if self.started is not None and self.rollback and self._hold():
             try:
-                _call("roll_back", self, what, trace)
+                text = _call("otapromoter_update", "roll_back", self.ota, what, trace)
+            except Exception as e:  # no heap for it: the next start rolls back
+                text = "%s; the rollback failed (%r)\n%s" % (what, e, trace)
             finally:
+                self.started = None
                 self._release()
+            report(self.ota, text)
             self.on_update()  # the rolled-back files are on the board, not in memory
         else:
             self.started = None
             self.ota.board_state = "crashed"
-            self.ota.report("%s (version %s)\n%s" % (what, self.ota.version(), trace))
+            report(self.ota, "%s (version %s)\n%s" % (what, self.ota.version(), trace))
 
     def _hold(self):
         # Only one of confirm and rollback: a crash may come as the trial ends.
         if self.lock:
             self.lock.acquire()
-        if self.started is None or not self.on_trial():
+        if self.started is None or not self.ota.on_trial():
             self._release()
             return False
         return True
@@ -2910,7 +3163,7 @@ class _Runner:
         ota = self.ota
         while True:
             try:
-                ota.send_report()
+                send_report(ota)
                 left = self.trial_over()
                 wait = self.wait if left is None else min(self.wait, left // 1000 + 1)
                 if ota.wait_for_change(wait):
@@ -2992,142 +3245,12 @@ class _Runner:
         # Try again in 1 s, then 2, 4... up to 30 s.
         self.retry_at = _ms_add(_ms(), self.backoff * 1000)
         self.backoff = min(self.backoff * 2, 30)
-
-
-# --- entry points ---
-
-_runner = None
-
-
-def _device_id():
-    try:
-        import machine
-        import binascii
-        return binascii.hexlify(machine.unique_id()).decode()
-    except (ImportError, AttributeError):
-        return None
-
-
-def _restart():
-    # A board resets. Without machine.reset (CPython, the Unix port) the
-    # process ends, for its supervisor to start it again, as a board would.
-    try:
-        import machine
-        machine.reset()
-    except (ImportError, AttributeError):
-        pass
-    if hasattr(os, "_exit"):
-        os._exit(0)  # CPython, from any thread
-    r = _runner
-    if r and r.lock and _thread_id() != r.main:
-        # The Unix port's follower thread: the main thread ends the process
-        # at the app's next poll() (an exception raised in a function given
-        # to micropython.schedule is printed and dropped, not raised).
-        r.ending = True
-    raise SystemExit(0)
-
-
-def _thread_id():
-    try:
-        import _thread
-        return _thread.get_ident()
-    except ImportError:
-        return None
-
-
-def run(url, app="app", main_dir="/", trial=TRIAL, restarts=RESTARTS, rollback=True,
-        on_update=None, wait=60, **kw):
-    """The one line of main.py: finish a switch, update once, run the app
-    (import `app`, call its main()), and follow the server while it runs: a
-    thread holds the waiting request where _thread exists, else the app calls
-    poll() in its loop. A new version is applied, then the board restarts
-    (on_update, by default machine.reset(), or the end of the process). A new
-    version is on trial until the app ran `trial` seconds without raising,
-    or called confirm(); if it raises, or the board restarts `restarts` times,
-    meanwhile, the board rolls back to the version before (not with
-    rollback=False). What the app raises is printed and reported to the
-    server. Returns never."""
-    global _runner
-    ota = OTAPromoter(url, main_dir, **kw)
-    ota.keep = True
-    ota.board_state = "running"
-    r = _runner = _Runner(ota, app, trial, restarts, rollback, on_update, wait)
-    try:
-        _call("start", r)
-        try:
-            import _thread
-            r.lock = _thread.allocate_lock()
-            _thread.start_new_thread(r.follow, ())
-        except ImportError:
-            _thread = None
-        r.run_app()
-        if _thread:
-            while not r.ending:  # the thread follows the server
-                time.sleep(0.1)
-            raise SystemExit(0)
-    except Exception as e:  # run() itself failed: say so, and still follow the server
-        r.crashed(e, "otapromoter.run failed")
-    r.follow()
-
-
-def poll():
-    """On boards without _thread (ESP8266), call this often in the app's
-    loop: it confirms a version whose trial is over, and checks the waiting
-    request without blocking. When a new version is published it applies
-    it and restarts the board. Returns False at once when nothing changed."""
-    r = _runner
-    if r and r.ending:
-        raise SystemExit(0)  # a new version is on the board: the process restarts
-    if r and not r.lock:
-        return r.poll()
-    return False
-
-
-def confirm():
-    """Keep the version on trial now, before its `trial` seconds are over."""
-    if _runner:
-        _runner.confirm()
-
-
-def recover(main_dir="/"):
-    """Finish a switch interrupted by a power cut or reset (call from boot.py).
-    True if there was one. Raises OTAError if part of it could not be done."""
-    return _call("recover", main_dir)
-
-
-def update(url, main_dir="/", **kw):
-    """Update once; True if files changed. Raises OTAError on failure."""
-    return OTAPromoter(url, main_dir, **kw).check_and_update()
-
-
-def watch(url, main_dir="/", on_update=None, wait=60, interval=2, **kw):
-    """Update whenever the server's version changes, for ever: holds a
-    waiting request, updates, then calls on_update (default: machine.reset()).
-    Whatever the server or the network does is reported, backed off from and
-    retried. A server that answers at once is asked no more often than every
-    `interval` seconds."""
-    ota = OTAPromoter(url, main_dir, **kw)
-    on_update = on_update or _restart
-    backoff = 1
-    while True:
-        try:
-            if ota.check_and_update():
-                on_update()
-            start = _ms()
-            changed = ota.wait_for_change(wait)
-            backoff = 1
-            spent = _ms_diff(_ms(), start) / 1000
-            if not changed and spent < interval:
-                time.sleep(interval - spent)
-        except Exception as e:  # OTAError; anything else is reported the same way
-            ota._say("%s; retrying in %ds" % (e, backoff))
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 30)
 '''
 
-DEVICE_UPDATE = r'''# otapromoter_update.py: the part of otapromoter (see there) imported only
-# while it runs, and dropped after: the update, the switch, recovery after a
-# power cut, the trial's bookkeeping at start and rollback.
+DEVICE_UPDATE = r'''# otapromoter_update.py: the part of otapromoter (see there) that fetches
+# an update, imported only while it runs, and dropped after: the list, the
+# plan, the downloads, the journal of the switch (then carried out by
+# otapromoter_switch), and the journal of a rollback.
 #
 # An update first reads the list into <main_dir>/.promoter/new and checks it
 # (safe paths forming a tree, in walk order), then plans the switch against
@@ -3136,23 +3259,13 @@ DEVICE_UPDATE = r'''# otapromoter_update.py: the part of otapromoter (see there)
 # checks its SHA-1, and only when all are there writes the journal of the
 # switch. The lists on the board and on the server are both in walk order,
 # so they are compared line by line, never held in memory.
-#
-# A journal is written whole (temp + rename) and replayed by every entry
-# point after a power cut; each step is safe to repeat, so the board holds
-# exactly the old set of files or exactly the new one. Its steps:
-#   D path     delete a promoted file    K cs path  move it to keep/cs
-#   R folder   remove a folder           M cs path  move stage/cs (or keep/cs) there
-#   S          the new list is the state; any trial ends
-#   T          the same, and the version replaced is kept as "good": a trial
 import binascii
 import errno
-import gc
 import os
-import time
 
 from otapromoter import (OTAError, STATE_DIR, _Answer, _ms, _ms_add, _join, _exists,
-                         _remove, _clear, _read, _write, _why, _end_trial)
-
+                         _remove, _clear, _kind, _mkdir, _rename, _lines, _write,
+                         _why, _call)
 try:
     from hashlib import sha1
 except ImportError:  # firmware built without TLS can lack it
@@ -3171,45 +3284,6 @@ class _Restart(Exception):
 
 
 # --- files ---
-
-def _kind(path):
-    # "d" (a folder), "f" (anything else) or None (nothing there).
-    try:
-        return "d" if os.stat(path)[0] & 0x4000 else "f"
-    except OSError:
-        return None
-
-
-def _mkdir(path):
-    # Check first: on a board, mkdir of a mount point ("/") can fail otherwise.
-    if _kind(path) != "d":
-        os.mkdir(path)
-
-
-def _rename(src, dst):
-    try:
-        os.rename(src, dst)
-    except OSError:
-        if _kind(dst) != "f":
-            raise
-        os.remove(dst)  # FAT cannot rename over a file; the journal covers the gap
-        os.rename(src, dst)
-
-
-def _lines(path):
-    # Yield the lines of a UTF-8 file one at a time (binary mode: the same on
-    # MicroPython and CPython, whatever the locale). Read each to its end: on
-    # MicroPython a generator left half-read keeps its file open.
-    try:
-        f = open(path, "rb")
-    except OSError:
-        return
-    with f:
-        for line in f:
-            line = line.decode().rstrip("\n")
-            if line:
-                yield line
-
 
 def _free_bytes(path):
     try:
@@ -3353,30 +3427,9 @@ def _get(ota, path, etags=(), timeout=None):
 
 # --- update ---
 
-def checked_update(ota):
-    # OTAPromoter.check_and_update: every failure is an OTAError, its
-    # message kept to be sent with the next request.
-    ota.out_of_memory = False
-    try:
-        _recover(ota.dir, ota._say)
-        changed = update(ota)
-        ota.error = None
-        return changed
-    except MemoryError:
-        ota.out_of_memory = True
-        ota.error = "update failed: out of memory"
-        raise OTAError(ota.error)
-    except (OSError, ValueError) as e:
-        ota.error = "update failed: %r" % e
-        raise OTAError(ota.error)
-    except OTAError as e:
-        ota.error = str(e)
-        raise
-    finally:
-        gc.collect()
-
-
 def update(ota):
+    # Stage the server's version and write the journal of the switch; True
+    # if there is one to carry out, False if the board has that version.
     for _ in range(RESTARTS):
         try:
             return _update(ota)
@@ -3424,15 +3477,6 @@ def _update(ota):
         if isinstance(e, OSError):
             raise OTAError("writing to flash failed: %r" % e)
         raise
-    gc.collect()
-    _replay(ota.dir, ota._say)
-    _remove(ota._file("rejected"))  # a new version: one rolled back from may come again
-    ota._say("now at version %s" % ota.version())
-    if ota.device_id:
-        try:  # tell the server which version this board runs now
-            ota._exchange("/files/version")
-        except OTAError:
-            pass  # it hears it with the next request
     return True
 
 
@@ -3587,7 +3631,69 @@ def _write_journal(ota, new, old, folders, keep):
     _rename(tmp, ota._file("journal"))
 
 
-# --- the switch ---
+# --- rollback ---
+
+def roll_back(ota, why, trace=""):
+    # Back to the last confirmed version (its list is "good"; the files the
+    # trial version replaced are in keep/): an update from the trial version
+    # to "good" whose files are all in keep/ (where the M step looks when
+    # stage/ lacks them). Says why; returns the text of the report.
+    state = ota.state
+    bad = ota.version()
+    _write(ota._file("rejected"), bad)
+    try:
+        with open(_join(state, "new"), "wb") as f:
+            for line in _lines(_join(state, "good")):
+                f.write((line + "\n").encode())
+        _write_journal(ota, _join(state, "new"), _join(state, "state"), [], False)
+        _call("otapromoter_switch", "replay", ota.dir, ota._say)
+    except (OSError, OTAError) as e:
+        trace += "\n" + str(e)
+    ota.board_state = "rolled back from " + bad
+    ota._say("rolled back from %s to %s: %s" % (bad, ota.version(), why))
+    return "rolled back from %s to %s: %s\n%s" % (bad, ota.version(), why, trace)
+'''
+
+DEVICE_SWITCH = r'''# otapromoter_switch.py: the part of otapromoter (see there) that carries
+# out a switch: imported for it, after otapromoter_update has staged the
+# files and written the journal, and at start to finish one cut short.
+#
+# A journal is written whole (temp + rename) and replayed by every entry
+# point after a power cut; each step is safe to repeat, so the board holds
+# exactly the old set of files or exactly the new one. Its steps:
+#   D path     delete a promoted file    K cs path  move it to keep/cs
+#   R folder   remove a folder           M cs path  move stage/cs (or keep/cs) there
+#   S          the new list is the state; any trial ends
+#   T          the same, and the version replaced is kept as "good": a trial
+import errno
+import os
+
+from otapromoter import (OTAError, STATE_DIR, _join, _exists, _remove, _clear, _kind,
+                         _mkdir, _rename, _lines, _end_trial)
+
+
+def switch(ota):
+    # Carry out the journal an update wrote.
+    replay(ota.dir, ota._say)
+    _remove(ota._file("rejected"))  # a new version: one rolled back from may come again
+    ota._say("now at version %s" % ota.version())
+    if ota.device_id:
+        try:  # tell the server which version this board runs now
+            ota._exchange("/files/version")
+        except OTAError:
+            pass  # it hears it with the next request
+    return True
+
+
+def recover(main_dir, say=None):
+    # Finish a switch cut short; True if there was one.
+    state = _join(main_dir, STATE_DIR)
+    _remove(_join(state, "journal.tmp"))  # an unfinished journal: the old set stands
+    if _exists(_join(state, "journal")):
+        replay(main_dir, say)
+        return True
+    return False
+
 
 def _prune(main_dir, path):
     # Remove the folders above a deleted file while they are empty.
@@ -3599,7 +3705,7 @@ def _prune(main_dir, path):
             return
 
 
-def _replay(main_dir, say=None):
+def replay(main_dir, say=None):
     # Carry out the journal: deletions, moves to keep/ and folder removals
     # first, then the moves into place, so the way is clear. A step the flash
     # no longer allows (changed by hand) is skipped and the rest done; then
@@ -3672,82 +3778,12 @@ def _step(main_dir, state, op, arg, say):
         if op == "S":
             _end_trial(state)
 
-
-def _recover(main_dir, say=None):
-    state = _join(main_dir, STATE_DIR)
-    _remove(_join(state, "journal.tmp"))  # an unfinished journal: the old set stands
-    if _exists(_join(state, "journal")):
-        _replay(main_dir, say)
-        return True
-    return False
-
-
-def recover(main_dir="/"):
-    """Finish a switch interrupted by a power cut or reset (call from boot.py).
-    True if there was one. Raises OTAError if part of it could not be done."""
-    try:
-        return _recover(main_dir)
-    except (OSError, ValueError) as e:
-        raise OTAError("recover failed: %r" % e)
-
-
-def _roll_back(ota):
-    # Switch back to the last confirmed version (its list is "good"; the files
-    # the trial version replaced are in keep/), with a journal like an update's.
-    state = ota.state
-    with open(_join(state, "new"), "wb") as f:
-        for line in _lines(_join(state, "good")):
-            f.write((line + "\n").encode())
-    # An update from the trial version to "good" whose files are all in
-    # keep/ (where the M step looks when stage/ lacks them).
-    _write_journal(ota, _join(state, "new"), _join(state, "state"), [], False)
-    _replay(ota.dir, ota._say)
-
-
-# --- start and rollback ---
-
-def start(r):
-    # run(): finish a switch, send a report left from before, update once,
-    # and count this start if the version is on trial: past r.restarts,
-    # roll back.
-    ota = r.ota
-    _say_state(r)  # for the update's requests; again below, after it
-    ota.send_report()
-    try:
-        checked_update(ota)
-    except OTAError as e:
-        ota._say("%s; going on with the files the board has" % e)
-    if r.on_trial():
-        starts = int(_read(ota._file("trial")) or "0") + 1
-        if starts > r.restarts and r.rollback:
-            roll_back(r, "it restarted %d times during its trial" % (starts - 1))
-        else:
-            _write(ota._file("trial"), str(starts))
-            r.started = _ms()
-    _say_state(r)
-
-
-def _say_state(r):
-    # What the board tells the server it does, from the files.
-    rejected = _read(r.ota._file("rejected"))
-    r.ota.board_state = ("on trial" if r.on_trial() else
-                         "rolled back from " + rejected if rejected else "running")
-
-
-def roll_back(r, why, trace=""):
-    # Back to the last confirmed version; say why, once.
-    ota = r.ota
-    bad = ota.version()
-    _write(ota._file("rejected"), bad)
-    try:
-        _roll_back(ota)
-    except (OSError, OTAError) as e:
-        trace += "\n" + str(e)
-    ota.board_state = "rolled back from " + bad
-    r.started = None
-    ota._say("rolled back from %s to %s: %s" % (bad, ota.version(), why))
-    ota.report("rolled back from %s to %s: %s\n%s" % (bad, ota.version(), why, trace))
 '''
+
+# The files of the device module, in the order they are imported.
+DEVICE_FILES = (("otapromoter.py", DEVICE_CLIENT), ("otapromoter_run.py", DEVICE_RUN),
+                ("otapromoter_update.py", DEVICE_UPDATE),
+                ("otapromoter_switch.py", DEVICE_SWITCH))
 
 
 # --- CLI -------------------------------------------------------------------------
@@ -3831,7 +3867,7 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", metavar="[command]")
     client = commands.add_parser("client", help="write the device module (to stdout)")
     client.add_argument("-o", "--output", help="file to write, e.g. otapromoter.py; "
-                        "otapromoter_update.py is written beside it")
+                        "the module's other files are written beside it")
     export = commands.add_parser(
         "export", help="write the API as static files for nginx, object storage or a CDN")
     export.add_argument("out", help="folder to write")
@@ -3888,21 +3924,21 @@ def serve(args):
 
 
 def write_client(args):
-    """The device module: otapromoter.py, and otapromoter_update.py beside
-    it (or both to stdout, the first first)."""
+    """The device module: otapromoter.py, and its other files beside it (or
+    all to stdout, in the order they are imported)."""
     if not args.output:
-        sys.stdout.write(DEVICE_CLIENT)
-        sys.stdout.write(DEVICE_UPDATE)
+        sys.stdout.write("".join(text for _, text in DEVICE_FILES))
         return 0
-    update = os.path.join(os.path.dirname(args.output), "otapromoter_update.py")
-    for path, text in ((args.output, DEVICE_CLIENT), (update, DEVICE_UPDATE)):
+    folder = os.path.dirname(args.output)
+    paths = [args.output] + [os.path.join(folder, name) for name, _ in DEVICE_FILES[1:]]
+    for path, (_, text) in zip(paths, DEVICE_FILES):
         try:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
         except OSError as e:
             raise PromoterError("%s: %s" % (path, e.strerror))
-    print("wrote %s and %s; copy both to the board with: mpremote cp %s %s :" % (
-        args.output, update, args.output, update))
+    print("wrote %s; copy them to the board with: mpremote cp %s :" % (
+        ", ".join(paths), " ".join(paths)))
     return 0
 
 

