@@ -2884,16 +2884,19 @@ def run(url, app="app", main_dir="/", trial=TRIAL, restarts=RESTARTS, rollback=T
     ota = OTAPromoter(url, main_dir, **kw)
     ota.keep = True
     _say_state(ota)
-    failed = None
-    try:  # before otapromoter_run is imported: the update has the heap
-        ota.check_and_update()
-    except OTAError as e:
-        ota._say("%s; going on with the files the board has" % e)
+    failed = started = None
+    try:  # before otapromoter_run is imported, so that they have the heap
+        try:
+            ota.check_and_update()
+        except OTAError as e:
+            ota._say("%s; going on with the files the board has" % e)
+        if ota.on_trial():
+            started = _call("otapromoter_switch", "count_start", ota, restarts, rollback)
     except Exception as e:
         failed = e
     from otapromoter_run import Runner
-    _runner = Runner(ota, app, trial, rollback, on_update, wait)
-    _runner.run(failed, restarts)
+    _runner = Runner(ota, app, trial, rollback, on_update, wait, started)
+    _runner.run(failed)
 
 
 def poll():
@@ -3024,14 +3027,14 @@ def _traceback(e):
 class Runner:
     # run(): the app, its trial, and following the server while it runs.
 
-    def __init__(self, ota, app, trial, rollback, on_update, wait):
+    def __init__(self, ota, app, trial, rollback, on_update, wait, started):
         self.ota = ota
         self.app = app
         self.trial_ms = int(trial * 1000)
         self.rollback = rollback
         self.on_update = on_update or _restart
         self.wait = wait
-        self.started = None  # ticks when the app started its trial
+        self.started = started  # ticks when this start of a version on trial began
         self.lock = None
         self.main = _thread_id()  # the thread that runs the app
         self.ending = False  # the process is to end (see _restart)
@@ -3043,16 +3046,14 @@ class Runner:
         self.backoff = 1
         self.retry_at = None
 
-    def run(self, failed, restarts):
+    def run(self, failed):
         # The rest of otapromoter.run(), once the update at start is done
         # (`failed`: what it raised, if it did).
         try:
             if failed:
                 raise failed
-            if self.ota.on_trial():
-                self.count_start(restarts)
             _say_state(self.ota)
-            send_report(self.ota)  # one left from before a restart
+            send_report(self.ota)  # one left from before a restart, or a rollback's at start
             try:
                 import _thread
                 self.lock = _thread.allocate_lock()
@@ -3067,17 +3068,6 @@ class Runner:
         except Exception as e:  # run() itself failed: say so, and still follow the server
             self.crashed(e, "otapromoter.run failed")
         self.follow()
-
-    def count_start(self, restarts):
-        # A start during the trial; past `restarts`, roll back.
-        ota = self.ota
-        starts = int(_read(ota._file("trial")) or "0") + 1
-        if starts > restarts and self.rollback:
-            report(ota, _call("otapromoter_update", "roll_back", ota,
-                              "it restarted %d times during its trial" % (starts - 1)))
-        else:
-            _write(ota._file("trial"), str(starts))
-            self.started = _ms()
 
     def run_app(self):
         # Import the app and call its main(); report what it raises.
@@ -3656,7 +3646,8 @@ def roll_back(ota, why, trace=""):
 
 DEVICE_SWITCH = r'''# otapromoter_switch.py: the part of otapromoter (see there) that carries
 # out a switch: imported for it, after otapromoter_update has staged the
-# files and written the journal, and at start to finish one cut short.
+# files and written the journal, and at start to finish one cut short, or
+# to count a start of a version on trial.
 #
 # A journal is written whole (temp + rename) and replayed by every entry
 # point after a power cut; each step is safe to repeat, so the board holds
@@ -3668,8 +3659,8 @@ DEVICE_SWITCH = r'''# otapromoter_switch.py: the part of otapromoter (see there)
 import errno
 import os
 
-from otapromoter import (OTAError, STATE_DIR, _join, _exists, _remove, _clear, _kind,
-                         _mkdir, _rename, _lines, _end_trial)
+from otapromoter import (OTAError, STATE_DIR, _ms, _join, _exists, _remove, _clear, _read,
+                         _write, _kind, _mkdir, _rename, _lines, _call, _end_trial)
 
 
 def switch(ota):
@@ -3683,6 +3674,20 @@ def switch(ota):
         except OTAError:
             pass  # it hears it with the next request
     return True
+
+
+def count_start(ota, restarts, rollback):
+    # run(), after its update at start, while a version is on trial: count
+    # this start; past `restarts`, roll back (otapromoter_run sends the
+    # report). The ticks the trial's start began, or None.
+    starts = int(_read(ota._file("trial")) or "0") + 1
+    if starts > restarts and rollback:
+        _write(ota._file("report"), _call("otapromoter_update", "roll_back", ota,
+                                          "it restarted %d times during its trial"
+                                          % (starts - 1)))
+        return None
+    _write(ota._file("trial"), str(starts))
+    return _ms()
 
 
 def recover(main_dir, say=None):
