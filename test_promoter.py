@@ -3884,6 +3884,8 @@ def bench_requests(scratch, seconds):
 
 
 def bench_server_memory(scratch, count):
+    """(RSS, peak RSS) in MB of the server with `count` files indexed and its
+    bodies built."""
     root = os.path.join(scratch, "mem")
     os.makedirs(root)
     make_tree(root, count)
@@ -3896,10 +3898,38 @@ def bench_server_memory(scratch, count):
             conn.close()
         with open("/proc/%d/status" % server.proc.pid) as f:
             status = dict(line.split(":", 1) for line in f if ":" in line)
-        return int(status["VmHWM"].split()[0]) / 1024
+        return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
     finally:
         server.close()
         shutil.rmtree(root)
+
+
+RSS_FLOOR = r"""
+import sys
+def rss():
+    with open("/proc/self/status") as f:
+        return int(next(l for l in f if l.startswith("VmRSS")).split()[1]) / 1024
+start = rss()
+import argparse, ctypes, hashlib, hmac, json, logging, mimetypes, http.server, urllib.parse
+loaded = rss()
+if len(sys.argv) > 1:
+    exec(compile(open(sys.argv[1]).read(), sys.argv[1], "exec"), {"__name__": "promoter"})
+print(start, loaded, rss())
+"""
+
+
+def bench_rss_floor():
+    """(MB of a bare interpreter, with the standard modules promoter.py
+    imports, and with promoter.py compiled from source as a script is) for
+    this Python and, where it differs, Debian's /usr/bin/python3."""
+    rows = []
+    for python in dict.fromkeys([sys.executable, "/usr/bin/python3"]):
+        if os.access(python, os.X_OK):
+            out = subprocess.run([python, "-c", RSS_FLOOR, SCRIPT], capture_output=True,
+                                 text=True).stdout.split()
+            if len(out) == 3:
+                rows.append((python, [float(x) for x in out]))
+    return rows
 
 
 CLIENT_BENCH = r"""
@@ -4110,8 +4140,13 @@ def bench(quick=False):
               % (clients, size >> 20, peak, wall))
 
         counts = (0, 1000, 5000) if quick else (0, 1000, 5000, 10000, 50000)
-        print("5. server memory: peak RSS with N files indexed: " + "   ".join(
-            "%d: %.1f MB" % (count, bench_server_memory(scratch, count)) for count in counts))
+        print("5. server memory with N files indexed, RSS (peak): " + "   ".join(
+            "%d: %.1f MB (%.1f)" % ((count,) + bench_server_memory(scratch, count))
+            for count in counts))
+        for python, (start, loaded, compiled) in bench_rss_floor():
+            print("   %s: %.1f MB bare, %.1f MB with the standard modules promoter.py imports, "
+                  "%.1f MB once promoter.py is compiled from source (as a script is)"
+                  % (python, start, loaded, compiled))
         print()
 
         print("6. client (CPython, loopback): wall time and peak traced heap of one update")
