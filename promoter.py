@@ -5,7 +5,7 @@ Save a file on the PC; every board that runs the device module gets it a
 moment later, verified, and switched in crash-safely.
 
     python3 promoter.py --root . --port 9090      # serve and watch a folder
-    python3 promoter.py client -o otapromoter.py  # write the device module (2 files)
+    python3 promoter.py client -o otapromoter.py  # write the device module (4 files)
     python3 promoter.py export --root . OUT       # the API as static files
 
 The protocol (JSON is compact; every file response is immutable):
@@ -2571,7 +2571,8 @@ DEVICE_CLIENT = r'''# otapromoter.py: the device side of promoter.py, for MicroP
 # downloads), "good" and "keep/" (while a version is on trial: the list of the
 # last confirmed version, and its files that the trial version replaced),
 # "trial" (starts during the trial), "rejected" (a version rolled back from),
-# "report" (a crash report not yet delivered).
+# "report" (a crash report not yet delivered), "restarted" (the version at
+# which an update beside the app ran out of heap and the board restarted).
 import errno
 import gc
 import json
@@ -2687,7 +2688,6 @@ def _lines(path):
             line = line.decode().rstrip("\n")
             if line:
                 yield line
-
 
 
 # --- HTTP ---
@@ -2873,22 +2873,31 @@ class OTAPromoter:
             req += "Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body)
         return (req + "\r\n").encode() + (body or b"")
 
-    def _exchange(self, path, etags=(), timeout=None, body=None):
-        # (status, body) of a request with a short answer, read whole within
-        # `timeout` seconds.
+    def _open(self, path, etags=(), timeout=None, body=None):
+        # Send a request; the _Answer, its status line and headers read. The
+        # whole answer must arrive within `timeout` seconds.
         timeout = timeout or self.timeout
         answer = None
         try:
             answer = _Answer(self._connect(), _ms_add(_ms(), int(timeout * 1000)))
             answer.send(self._request(path, etags, body))
-            return answer.head().status, answer.body()
-        except OSError as e:
-            raise OTAError("%s from %s:%d failed: %s" % (path, self.host, self.port, _why(e)))
-        except OTAError as e:
-            raise OTAError("%s: %s" % (path, e))
-        finally:
+            return answer.head()
+        except (OSError, ValueError, OTAError) as e:
             if answer:
                 answer.close()
+            if isinstance(e, OTAError):
+                raise OTAError("%s: %s" % (path, e))
+            raise OTAError("%s from %s:%d failed: %s" % (path, self.host, self.port, _why(e)))
+
+    def _exchange(self, path, etags=(), timeout=None, body=None):
+        # (status, body) of a request with a short answer.
+        answer = self._open(path, etags, timeout, body)
+        try:
+            return answer.status, answer.body()
+        except OSError as e:
+            raise OTAError("%s: %s" % (path, _why(e)))
+        finally:
+            answer.close()
 
     def version(self):
         """The version of the files on the board ('' before the first update)."""
@@ -3404,9 +3413,8 @@ import binascii
 import errno
 import os
 
-from otapromoter import (OTAError, STATE_DIR, _Answer, _ms, _ms_add, _join, _exists,
-                         _remove, _clear, _kind, _mkdir, _rename, _lines, _write,
-                         _why, _call)
+from otapromoter import (OTAError, STATE_DIR, _join, _exists, _remove, _clear, _kind,
+                         _mkdir, _rename, _lines, _write, _why, _call)
 try:
     from hashlib import sha1
 except ImportError:  # firmware built without TLS can lack it
@@ -3546,26 +3554,6 @@ def _fetch_list(ota, answer, new):
     return True
 
 
-# --- HTTP ---
-
-def _get(ota, path, etags=(), timeout=None):
-    # Send a GET; return the _Answer with its status line and headers read.
-    # The whole answer must arrive within `timeout` seconds.
-    timeout = timeout or ota.timeout
-    answer = None
-    try:
-        answer = _Answer(ota._connect(), _ms_add(_ms(), int(timeout * 1000)))
-        answer.send(ota._request(path, etags))
-        return answer.head()
-    except OTAError as e:
-        answer.close()
-        raise OTAError("GET %s: %s" % (path, e))
-    except (OSError, ValueError) as e:
-        if answer:
-            answer.close()
-        raise OTAError("GET %s from %s:%d failed: %s" % (path, ota.host, ota.port, _why(e)))
-
-
 # --- update ---
 
 def update(ota):
@@ -3581,7 +3569,7 @@ def update(ota):
 
 def _update(ota):
     old, new, stage = ota._file("state"), ota._file("new"), ota._file("stage")
-    answer = _get(ota, "/files.txt", ota.etags())
+    answer = ota._open("/files.txt", ota.etags())
     try:
         if answer.status == 304:
             return False
@@ -3675,7 +3663,7 @@ def _download(ota, cs, size, path, buf):
     part = dest + ".part"
     why = ""
     for _ in range(RETRIES):
-        answer = _get(ota, "/files/" + cs, timeout=ota.timeout + size // SLOW_RATE)
+        answer = ota._open("/files/" + cs, timeout=ota.timeout + size // SLOW_RATE)
         h = None
         try:
             if answer.status == 404:

