@@ -16,6 +16,8 @@ The protocol (JSON is compact; every file response is immutable):
     GET /files/<checksum>   the bytes; Content-Disposition, X-Target-Path, ETag
     GET /, /status.json     the status page: files and boards (X-Device-* headers)
     POST /report            a board's crash report (text), kept and logged
+    GET /mpy<N>/files...    the same API with each .py compiled to .mpy of format N
+                            (with --mpy; without it, or for another N, the plain one)
 
 With --token, every request needs "Authorization: Bearer TOKEN".
 
@@ -2636,7 +2638,9 @@ function fill(id, rows) {
   });
 }
 function show(s) {
-  text("root", s.root); text("version", s.version.slice(0, 12));
+  text("root", s.root);
+  text("version", s.version.slice(0, 12) +
+       (s.mpy_version ? " (.mpy view " + s.mpy_version.slice(0, 12) + ")" : ""));
   text("changed", ago(s.changed_at));
   text("root-state", s.root_missing ? "The root folder is missing (moved, deleted or unmounted): " +
        "boards keep getting this version until a folder is back at that path." : "");

