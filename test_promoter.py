@@ -1741,6 +1741,32 @@ class BoardTest(PromoterTest):
         expected.update(tree_files(self.root))
         return expected
 
+    def cut_at_every_step(self, pristine, old, new, **kw):
+        """Update a copy of `pristine`, killed at its 1st, 2nd... flash
+        operation, until an update runs to its end (giving `new`). After
+        each cut, recover() alone must leave exactly `old` or `new`, and the
+        next update `new`. Returns how many cuts left each:
+        {"old": n, "new": n}."""
+        outcomes = {"old": 0, "new": 0}
+        for limit in range(1, 1000):
+            shutil.rmtree(self.board.dir)
+            shutil.copytree(pristine, self.board.dir, symlinks=True)
+            killed = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir,
+                                       json.dumps(kw), limit)
+            if killed.returncode != -signal.SIGKILL:
+                self.assertEqual(self.board.files(), new, killed.stdout + killed.stderr)
+                return outcomes
+            # What the next boot sees after recover() alone: old or new, whole.
+            result = self.board.python("import sys, otapromoter; otapromoter.recover(sys.argv[1])",
+                                       self.board.dir)
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            now = self.board.files()
+            self.assertIn(now, (old, new), "a mix after a power cut at step %d" % limit)
+            outcomes["old" if now == old else "new"] += 1
+            self.board.update(self.served.url, expect=(now == old), **kw)
+            self.assertEqual(self.board.files(), new, "step %d" % limit)
+        self.fail("the update never ran to its end")
+
     def change_tree(self, change):
         """Apply a change to the served folder; wait until it is served."""
         version = self.served.version()
@@ -1901,28 +1927,7 @@ class DeviceTest(BoardTest):
         new = self.expected()
         self.assertNotEqual(old, new)
 
-        def reset_board():
-            shutil.rmtree(self.board.dir)
-            shutil.copytree(pristine, self.board.dir, symlinks=True)
-
-        reset_board()
-        full = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir, "{}", 10 ** 9)
-        steps = int(full.stdout.split("STEPS")[1])
-        self.assertEqual(self.board.files(), new)
-        outcomes = {"old": 0, "new": 0}
-        for limit in range(1, steps + 1):
-            reset_board()
-            killed = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir, "{}", limit)
-            self.assertEqual(killed.returncode, -signal.SIGKILL, (limit, killed.stderr))
-            # What the next boot sees after recover() alone: old or new, whole.
-            result = self.board.python("import sys, otapromoter; otapromoter.recover(sys.argv[1])",
-                                       self.board.dir)
-            self.assertEqual(result.returncode, 0, result.stderr)
-            now = self.board.files()
-            self.assertIn(now, (old, new), "a mix after a power cut at step %d" % limit)
-            outcomes["old" if now == old else "new"] += 1
-            self.board.update(self.served.url, expect=(now == old))
-            self.assertEqual(self.board.files(), new, "step %d" % limit)
+        outcomes = self.cut_at_every_step(pristine, old, new)
         # The cuts fell both before and after the switch point.
         self.assertGreater(outcomes["old"], 5, outcomes)
         self.assertGreater(outcomes["new"], 3, outcomes)
@@ -2232,22 +2237,7 @@ class SwitchTest(BoardTest):
         write(self.root, "main.py", "print('new')\n")
         self.settle()
         new = self.expected()
-        outcomes = {"old": 0, "new": 0}
-        for limit in range(1, 100):
-            shutil.rmtree(self.board.dir)
-            shutil.copytree(pristine, self.board.dir)
-            killed = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir, "{}", limit)
-            if killed.returncode != -signal.SIGKILL:
-                self.assertEqual(self.board.files(), new)
-                break
-            result = self.board.python("import sys, otapromoter; otapromoter.recover(sys.argv[1])",
-                                       self.board.dir)
-            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-            now = self.board.files()
-            self.assertIn(now, (old, new), "a mix after a power cut at step %d" % limit)
-            outcomes["old" if now == old else "new"] += 1
-            self.board.update(self.served.url, expect=(now == old))
-            self.assertEqual(self.board.files(), new, "step %d" % limit)
+        outcomes = self.cut_at_every_step(pristine, old, new)
         self.assertGreater(outcomes["old"], 3, outcomes)
         self.assertGreater(outcomes["new"], 3, outcomes)
 
@@ -2889,6 +2879,36 @@ class MpyViewTest(PromoterTest):
         self.assertEqual(util["checksum"], checksum(mpy_cross_output(
             b"def f():\n    return 43\n", "lib/util.py"), "lib/util.mpy"))
 
+    def test_the_device_module_served_from_the_folder_is_compiled_too(self):
+        for name, text in DEVICE_MODULES:
+            write(self.root, name, text)
+        wait_until(lambda: self.view() is not None and "otapromoter_switch.mpy" in
+                   [f["path"] for f in self.view()["files"]], message="the module compiled")
+        files = {f["path"]: f for f in self.view()["files"]}
+        for name, text in DEVICE_MODULES:
+            self.assertNotIn(name, files)
+            compiled = mpy_cross_output(text.encode(), name)
+            self.assertEqual(files[name[:-3] + ".mpy"]["checksum"],
+                             checksum(compiled, name[:-3] + ".mpy"))
+
+    def test_a_failing_mpy_cross_leaves_that_file_source_never_half_a_view(self):
+        fake = os.path.join(self.tmp, "mpy-cross")
+        with open(fake, "w") as f:
+            f.write('#!/bin/sh\nfor a; do last="$a"; done\n'
+                    'if grep -q CRASH "$last" 2>/dev/null; then echo "Segmentation fault" >&2; '
+                    'exit 139; fi\nexec "%s" "$@"\n' % MPY_CROSS)
+        os.chmod(fake, 0o755)
+        write(self.root, "lib/crash.py", "X = 1  # CRASH\n")
+        served = self.serve(mpy_cross=fake, mpy=self.mpy)
+        listing = lambda: served.get_json(self.prefix + "/files") if served.request(
+            self.prefix + "/files")[0] == 200 else None
+        wait_until(listing, message="the view built")
+        paths = [f["path"] for f in listing()["files"]]
+        self.assertIn("lib/crash.py", paths)  # source: its compile failed
+        self.assertIn("lib/util.mpy", paths)
+        self.assertIn("lib/crash.py:0: Segmentation fault; served as source in the .mpy view",
+                      self.log.text())
+
     def test_a_module_that_does_not_compile_is_served_as_source_in_the_view(self):
         write(self.root, "lib/util.py", "def f(:\n")
         wait_until(lambda: self.view() is not None and "lib/util.py" in
@@ -2951,25 +2971,7 @@ class MpyBoardTest(BoardTest):
         old, new = self.board.files(), self.expected_mpy()
         pristine = os.path.join(self.tmp, "pristine")
         shutil.copytree(self.board.dir, pristine)
-        kw = json.dumps({"mpy": self.mpy})
-        outcomes = {"old": 0, "new": 0}
-        for limit in range(1, 100):
-            shutil.rmtree(self.board.dir)
-            shutil.copytree(pristine, self.board.dir)
-            killed = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir, kw, limit)
-            if killed.returncode != -signal.SIGKILL:
-                self.assertEqual(self.board.files(), new, killed.stdout + killed.stderr)
-                break
-            result = self.board.python("import sys, otapromoter; otapromoter.recover(sys.argv[1])",
-                                       self.board.dir)
-            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-            now = self.board.files()
-            self.assertIn(now, (old, new), "a mix after a power cut at step %d" % limit)
-            outcomes["old" if now == old else "new"] += 1
-            self.board.update(self.served.url, expect=(now == old), mpy=self.mpy)
-            self.assertEqual(self.board.files(), new, "step %d" % limit)
-        else:
-            self.fail("the update never finished")
+        outcomes = self.cut_at_every_step(pristine, old, new, mpy=self.mpy)
         self.assertGreater(outcomes["old"], 3, outcomes)
         self.assertGreater(outcomes["new"], 3, outcomes)
 
