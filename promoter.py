@@ -296,13 +296,14 @@ class Rules:
                 return True
         return False
 
-    def ignored(self, relpath):
-        """True if the path or any folder above it is ignored."""
+    def ignored(self, relpath, is_dir=False):
+        """True if the path or any folder above it is ignored (is_dir: the
+        path is a folder, so folder rules apply to it too)."""
         parts = relpath.split("/")
         for i in range(1, len(parts)):
             if self.matches("/".join(parts[:i]), is_dir=True):
                 return True
-        return self.matches(relpath)
+        return self.matches(relpath, is_dir)
 
 
 # A rule is tried in a child process on names made to trigger catastrophic
@@ -806,6 +807,8 @@ class Snapshot:
             else:
                 st = lstat_beneath(root, relpath)
                 kind, st = classify(root, relpath, st) if st else (None, None)
+                if kind == "dir" and rules.matches(relpath, is_dir=True):
+                    continue  # a folder made since the last walk, which a folder rule hides
             if kind == "dir":
                 found.extend(item for item in walk(root, rules, relpath, on_dir, notices)
                              if item[1] != "dir")
@@ -1574,7 +1577,7 @@ class InotifyWatcher(Watcher):
                 self._next_root_check = 0.0  # checked right after this read
             return  # a subfolder: its parent reports the DELETE/MOVED_FROM
         relpath = folder + "/" + name if folder else name
-        if relpath != IGNORE_FILE and self.promoter.rules.ignored(relpath):
+        if relpath != IGNORE_FILE and self.promoter.rules.ignored(relpath, mask & IN_ISDIR):
             return
         if mask & IN_ISDIR:
             if mask & (IN_MOVED_FROM | IN_DELETE):
@@ -2947,22 +2950,19 @@ def run(url, app="app", main_dir="/", trial=10, restarts=2, rollback=True, on_up
     printed and reported to the server. Never returns."""
     args = (url, main_dir, app, trial, restarts, rollback, wait, kw)
     reset = on_update or _hard_reset
-    start = None
-    try:
-        start = _start(args, reset, None)
-        if start is False:  # the work first (each file imported only for its part)
-            start = _start(args, reset, __import__("otapromoter_client").work(args, None, reset))
-    except Exception as e:  # no heap? a broken file? the app runs without updates
-        print("otapromoter: %r" % e)
+    start = run = None  # the run file's content, if the work was done first
+    for _ in (1, 2):  # the second time, after the work (each file imported for its part)
+        try:
+            start = __import__("otapromoter_start").start(args, reset, run)
+            sys.modules.pop("otapromoter_start")
+            if start is not False:
+                break
+            run = __import__("otapromoter_client").work(args, None, reset)
+        except Exception as e:  # no heap? a broken file? the app runs without updates
+            print("otapromoter: %r" % e)
+            start = None
+            break
     __import__("otapromoter_run").run(args, start)
-
-
-def _start(*args):
-    # otapromoter_start.start, its code given back before the next step.
-    try:
-        return __import__("otapromoter_start").start(*args)
-    finally:
-        sys.modules.pop("otapromoter_start", None)
 
 
 def poll():
