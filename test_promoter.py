@@ -161,8 +161,8 @@ class Served:
 
     def __init__(self, root, poll=None, max_connections=64, idle_timeout=2.0, token=None, port=0,
                  head_timeout=promoter.HEAD_TIMEOUT, mpy_cross=MPY_CROSS, mpy=None,
-                 hold_broken=False):
-        self.promoter = promoter.Promoter(root, mpy_cross=mpy_cross, mpy=mpy,
+                 hold_broken=False, default_ignores=True):
+        self.promoter = promoter.Promoter(root, default_ignores, mpy_cross=mpy_cross, mpy=mpy,
                                           hold_broken=hold_broken)
         self.server = promoter.PromoterServer(("127.0.0.1", port), self.promoter,
                                               max_connections, idle_timeout, token, head_timeout)
@@ -412,6 +412,20 @@ class WatchHelpers:
 
 class WatchTests(WatchHelpers):
     """Editor saves and folder changes, for both watchers."""
+
+    def test_folders_made_while_serving_follow_the_folder_rules(self):
+        # A folder rule ("...ends in /") hides a folder made after start as it
+        # hides one there at start: a repository cloned in, a board's own
+        # folder (a board running in the served folder), a rule of the user's.
+        write(self.root, promoter.IGNORE_FILE, "build/\n")
+        served = self.start()
+        for path in (".git/config", "lib/.git/HEAD", promoter.STATE_DIR + "/state",
+                     promoter.STATE_DIR + "/stage/x", "build/out.bin", "lib/new/mod.py"):
+            write(self.root, path, "made while serving\n")
+        self.wait_content(served, "lib/new/mod.py", b"made while serving\n")
+        self.settle(served)
+        self.assertEqual(sorted(served.files()), ["lib/new/mod.py", "lib/util.py", "main.py",
+                                                  "zz-marker.txt"])
 
     def test_write_in_place_gives_one_version(self):
         served = self.start()
@@ -2016,6 +2030,345 @@ class DeviceModuleSourceTest(unittest.TestCase):
             for name in os.listdir(tmp):
                 with open(os.path.join(tmp, name), "rb") as f:
                     self.assertEqual(f.read(2), b"M\x06", name)  # .mpy, format 6
+
+
+class DeviceUnitTest(PromoterTest):
+    """The device module's decisions, called in-process: its files written to
+    a folder and imported by this CPython (no subprocess; a server only where
+    the decision is about what one answers). Each test has its own board
+    folder, made of real files."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.lib = tempfile.mkdtemp(prefix="promoter-device-")
+        for name, text in DEVICE_MODULES:
+            write(cls.lib, name, text)
+        sys.path.insert(0, cls.lib)
+        cls.modules = {name[:-3]: __import__(name[:-3]) for name, _ in DEVICE_MODULES}
+
+    @classmethod
+    def tearDownClass(cls):
+        sys.path.remove(cls.lib)
+        for name in cls.modules:
+            sys.modules.pop(name, None)
+        shutil.rmtree(cls.lib)
+
+    def setUp(self):
+        super().setUp()
+        self.client = self.modules["otapromoter_client"]
+        self.dir = os.path.join(self.tmp, "board")
+        self.state = os.path.join(self.dir, promoter.STATE_DIR)
+        os.makedirs(os.path.join(self.state, promoter.BOARD_FILES["STAGE"]))
+
+    def ota(self, url="http://127.0.0.1:9", **kw):
+        kw.setdefault("verbose", False)
+        return self.client.OTAPromoter(url, self.dir, **kw)
+
+    def board_file(self, name, text=None):
+        """Write (or read) a file of the board's own folder, by its protocol name."""
+        path = os.path.join(self.state, promoter.BOARD_FILES[name])
+        if text is None:
+            with open(path) as f:
+                return f.read()
+        write(self.state, promoter.BOARD_FILES[name], text)
+
+    def listing(self, *files):
+        """The text of a list file: a version line, then a line per (path, bytes)."""
+        lines = ["%s %d %s\n" % (checksum(data, path), len(data), path) for path, data in files]
+        version = hashlib.sha1("".join(line.split()[0] for line in lines).encode()).hexdigest()
+        return version + "\n" + "".join(lines)
+
+    # --- the list
+
+    def test_a_list_line_is_whole_well_formed_safe_and_in_walk_order(self):
+        check = self.modules["otapromoter_list"].check_line
+        cs = "a" * 40
+        self.assertEqual(check(b"%s 12 lib/util.py\n" % cs.encode(), None), ["lib", "util.py"])
+        self.assertEqual(check(("%s 0 caf\u00e9/x.py\n" % cs).encode(), ["a"]),
+                         ["caf\u00e9", "x.py"])
+        self.assertEqual(check(b"%s 1 a-b.py\n" % cs.encode(), ["a", "b.py"]), ["a-b.py"])
+        for line, before, why in (
+                ("%s 1 x.py" % cs, None, "cut in the middle of a line"),
+                ("%s 1 x.py\n" % cs.upper(), None, "bad line"),
+                ("%s 1 x.py\n" % cs[:39], None, "bad line"),
+                ("%s -1 x.py\n" % cs, None, "bad line"),
+                ("%s 1e3 x.py\n" % cs, None, "bad line"),
+                ("%s 99999999999 x.py\n" % cs, None, "bad line"),
+                ("%s 1\n" % cs, None, "bad line"),
+                ("%s 1 nul\x00.py\n" % cs, None, "bad line"),
+                ("%s 1 tab\there.py\n" % cs, None, "bad line"),
+                ("%s 1 del\x7f.py\n" % cs, None, "bad line"),
+                ("%s 1 /etc/passwd\n" % cs, None, "bad line"),
+                ("%s 1 lib//x.py\n" % cs, None, "bad line"),
+                ("%s 1 lib/./x.py\n" % cs, None, "bad line"),
+                ("%s 1 ../x.py\n" % cs, None, "bad line"),
+                ("%s 1 %s/state\n" % (cs, promoter.STATE_DIR), None, "bad line"),
+                ("%s 1 a.py\n" % cs, ["b.py"], "a.py is out of walk order"),
+                ("%s 1 a.py\n" % cs, ["a.py"], "a.py is out of walk order"),
+                ("%s 1 a/b.py\n" % cs, ["a"], "a is listed as a file and as a folder")):
+            with self.subTest(line=line):
+                with self.assertRaises(self.client.OTAError) as raised:
+                    check(line.encode("utf-8", "surrogateescape"), before)
+                self.assertIn(why, str(raised.exception))
+        with self.assertRaises(self.client.OTAError):  # not UTF-8
+            check(b"%s 1 \xff.py\n" % cs.encode(), None)
+
+    # --- the plan
+
+    def test_the_plan_fetches_what_changed_removes_promoted_folders_and_refuses_local_ones(self):
+        plan = self.modules["otapromoter_list"]._plan
+        old = [("config/a.py", b"A"), ("lib/util.py", b"1"), ("main.py", b"m")]
+        write(self.dir, "config/a.py", "A")
+        write(self.dir, "lib/util.py", "1")
+        write(self.dir, "main.py", "m")
+        self.board_file("STATE", self.listing(*old))
+        new = [("config", b"now a file"), ("lib/util.py", b"2"), ("main.py", b"m")]
+        self.board_file("NEW", self.listing(*new))
+        ota = self.ota()
+        state, new_list = ota.state + "state", ota.state + "new"
+        self.assertEqual(plan(ota, new_list, state), ["config"])  # a promoted folder in the way
+        write(self.dir, "config/mine.txt", "the board's own")
+        with self.assertRaises(self.client.OTAError) as raised:
+            plan(ota, new_list, state)
+        self.assertIn("the board has a folder config of its own (it holds config/mine.txt)",
+                      str(raised.exception))
+        os.remove(os.path.join(self.dir, "config/mine.txt"))
+        write(self.dir, "data", "a local file")
+        self.board_file("NEW", self.listing(("data/log.txt", b"x"), *new[1:]))
+        with self.assertRaises(self.client.OTAError) as raised:
+            plan(ota, new_list, state)
+        self.assertIn("the board has a file data of its own where the server has a folder",
+                      str(raised.exception))
+
+    # --- the journal
+
+    def stage(self, path, data):
+        write(os.path.join(self.state, "stage"), checksum(data, path), data)
+
+    def test_a_journal_replayed_once_or_again_switches_exactly_and_keeps_for_a_rollback(self):
+        switch = self.modules["otapromoter_switch"]
+        old = [("gone.py", b"bye"), ("lib/util.py", b"1"), ("main.py", b"m")]
+        new = [("lib/new.py", b"n"), ("lib/util.py", b"2"), ("main.py", b"m")]
+        for path, data in old:
+            write(self.dir, path, data)
+        self.board_file("STATE", self.listing(*old))
+        self.board_file("NEW", self.listing(*new))
+        for path, data in new[:2]:
+            self.stage(path, data)
+        ota = self.ota()
+        switch._journal(ota.state, ota.state + "new", ota.state + "state", [], True)
+        journal = self.board_file("JOURNAL")
+        self.assertEqual(sorted(line[0] for line in journal.splitlines()),
+                         ["K", "K", "M", "M", "T"])
+        main = self.dir + "/"
+        for _ in range(2):  # a power cut after it finished: replayed again, the same
+            shutil.copy(os.path.join(self.state, "journal"), os.path.join(self.tmp, "j"))
+            switch.replay(main)
+            self.assertEqual({p: open(os.path.join(self.dir, p), "rb").read() for p in
+                              ("lib/new.py", "lib/util.py", "main.py")},
+                             {"lib/new.py": b"n", "lib/util.py": b"2", "main.py": b"m"})
+            self.assertFalse(os.path.exists(os.path.join(self.dir, "gone.py")))
+            shutil.copy(os.path.join(self.tmp, "j"), os.path.join(self.state, "journal"))
+        os.remove(os.path.join(self.state, "journal"))
+        # What the new version replaced is kept, for a rollback to the old one.
+        self.assertEqual(self.board_file("GOOD"), self.listing(*old))
+        self.assertEqual(sorted(os.listdir(os.path.join(self.state, "keep"))),
+                         sorted([checksum(b"bye", "gone.py"), checksum(b"1", "lib/util.py")]))
+
+    def trial_switch(self, trial):
+        """Switch from version B (on trial, after A) to C with B's trial file
+        as given; the list kept as "good" afterwards, and keep/'s files."""
+        switch = self.modules["otapromoter_switch"]
+        a, b, c = ([("main.py", v)] for v in (b"A", b"B", b"C"))
+        write(self.dir, "main.py", "B")
+        self.board_file("GOOD", self.listing(*a))
+        write(os.path.join(self.state, "keep"), checksum(b"A", "main.py"), "A")
+        self.board_file("STATE", self.listing(*b))
+        if trial is not None:
+            self.board_file("TRIAL", trial)
+        self.board_file("NEW", self.listing(*c))
+        self.stage("main.py", b"C")
+        ota = self.ota()
+        switch._journal(ota.state, ota.state + "new", ota.state + "state", [], True)
+        switch.replay(self.dir + "/")
+        self.assertEqual(open(os.path.join(self.dir, "main.py")).read(), "C")
+        good = {self.listing(*a): "A", self.listing(*b): "B"}[self.board_file("GOOD")]
+        return good, sorted(os.listdir(os.path.join(self.state, "keep")))
+
+    def test_the_version_to_go_back_to_is_the_last_one_that_ran_without_crashing(self):
+        kept = {v: checksum(v.encode(), "main.py") for v in "AB"}
+        # B started once and was replaced while running: it is the one now
+        # (and keep/ holds B's file only, not A's).
+        self.assertEqual(self.trial_switch("1"), ("B", [kept["B"]]))
+        for trial in ("2", "crashed", None):  # restarted, crashed, never started
+            with self.subTest(trial=trial):
+                shutil.rmtree(self.state)
+                os.makedirs(os.path.join(self.state, "stage"))
+                self.assertEqual(self.trial_switch(trial), ("A", [kept["A"], kept["B"]]))
+
+    # --- the trial, crash reports, the run file
+
+    def before(self, event, rollback=True, restarts=2):
+        """What the work does first; the traceback it prints is kept in self.printed."""
+        import contextlib
+        import io
+        work = self.modules["otapromoter_work"]
+        args = ("http://127.0.0.1:9", self.dir, "app", 10, restarts, rollback, 5, {})
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            hold = work.before(self.ota(), args, event)
+        self.printed = out.getvalue()
+        return hold
+
+    def on_trial(self, good=b"v1", bad=b"v2"):
+        write(self.dir, "app.py", bad)
+        self.board_file("GOOD", self.listing(("app.py", good)))
+        self.board_file("STATE", self.listing(("app.py", bad)))
+        write(os.path.join(self.state, "keep"), checksum(good, "app.py"), good)
+
+    def crash(self):
+        try:
+            raise ValueError("the app's bug")
+        except ValueError as e:
+            return e
+
+    def test_a_crash_on_trial_rolls_back_and_leaves_a_report_for_the_server(self):
+        self.on_trial()
+        self.assertFalse(self.before(self.crash()))
+        self.assertIn("ValueError: the app's bug", self.printed)  # on the board's console too
+        self.assertEqual(open(os.path.join(self.dir, "app.py"), "rb").read(), b"v1")
+        report = self.board_file("REPORT")
+        self.assertIn("rolled back from %s" % self.listing(("app.py", b"v2")).split()[0], report)
+        self.assertIn("ValueError: the app's bug", report)  # kept: the server did not answer
+        self.assertEqual(self.board_file("REJECTED"), self.listing(("app.py", b"v2")).split()[0])
+
+    def test_a_crash_not_on_trial_or_without_rollback_holds_and_is_not_gone_back_to(self):
+        self.board_file("STATE", self.listing(("app.py", b"v1")))
+        self.assertTrue(self.before(self.crash()))
+        self.assertIn("app raised (version ", self.board_file("REPORT"))
+        self.on_trial()
+        self.assertTrue(self.before(self.crash(), rollback=False))
+        self.assertEqual(open(os.path.join(self.dir, "app.py"), "rb").read(), b"v2")
+        self.assertEqual(self.board_file("TRIAL"), "crashed")
+
+    def test_starts_otapromoter_did_not_make_are_counted_and_roll_a_trial_back(self):
+        self.on_trial()
+        self.board_file("TRIAL", "1")
+        self.assertFalse(self.before(None))
+        self.assertEqual(self.board_file("TRIAL"), "2")
+        self.assertFalse(self.before(None))  # a third start: it restarted twice
+        self.assertIn("it restarted 2 times during its trial", self.board_file("REPORT"))
+        self.assertEqual(open(os.path.join(self.dir, "app.py"), "rb").read(), b"v1")
+
+    def test_a_report_the_server_did_not_take_is_kept_and_sent_later(self):
+        work = self.modules["otapromoter_work"]
+        answers = []
+
+        class Reports(TestServer):
+            def respond(self, path, head, conn):
+                conn.sendall(b"HTTP/1.1 %s\r\nContent-Length: 0\r\n\r\n" % answers.pop(0))
+
+        server = Reports(self)
+        for status, kept in ((b"429 Too Many Requests", True), (b"503 Busy", True),
+                             (b"500 Oops", True), (b"400 Bad Request", False),
+                             (b"204 No Content", False)):
+            with self.subTest(status=status):
+                self.board_file("REPORT", "Traceback: the app's bug\n")
+                answers.append(status)
+                work.send_report(self.ota(server.url, device_id="b1"))
+                self.assertEqual(os.path.exists(os.path.join(self.state, "report")), kept)
+        self.board_file("REPORT", "x" * (promoter.REPORT_MAX * 2))  # bounded when sent
+        work.send_report(self.ota("http://127.0.0.1:9", device_id="b1"))  # no server there
+        self.assertTrue(os.path.exists(os.path.join(self.state, "report")))
+
+    def test_the_run_file_holds_what_a_start_needs_and_a_failed_version_to_wait_past(self):
+        work = self.modules["otapromoter_work"]
+        self.board_file("STATE", self.listing(("app.py", b"v1")))
+        args = ("http://127.0.0.1:9", self.dir, "app", 10, 2, True, 25, {"device_id": "b1"})
+        ota = self.ota(device_id="b1")
+        ota.error, ota.wanted = "update failed: out of memory", "f" * 40
+        run = work.after(ota, args, False, False)
+        slot = {name: i for i, (name, _) in enumerate(promoter.RUN_SLOTS)}
+        with open(os.path.join(self.state, "run")) as f:
+            self.assertEqual(json.load(f), run)
+        self.assertEqual(run[slot["ARGS"]], repr(args))
+        head = run[slot["HEAD"]]
+        self.assertIn("/files/version?wait=25", head)
+        self.assertIn('"%s"' % ("f" * 40), head)  # the failed version: only a newer one restarts
+        self.assertIn("X-Device-Error: update failed: out of memory", head)
+        self.assertEqual((run[slot["RETRY"]], run[slot["PAUSE"]]), (10000, 0))
+        ota.error = None
+        run = work.after(ota, args, False, False)
+        self.assertNotIn("f" * 40, run[slot["HEAD"]])
+        self.assertEqual((run[slot["RETRY"]], run[slot["PAUSE"]]), (0, 0))
+
+
+class DeviceProtocolTest(BoardTest):
+    """The server and the device module keep one protocol: what a board sends
+    is within what the server keeps, and a board's own folder is never
+    served, even when the board runs in the served folder itself."""
+
+    def test_a_board_running_in_the_served_folder_is_never_served_its_own_state(self):
+        board = Board(self, "root")  # the served folder is the board's
+        self.assertEqual(board.dir, self.root)
+        board.update(self.served.url)
+        self.assertTrue(os.path.isdir(os.path.join(self.root, promoter.STATE_DIR, "stage")))
+        write(self.root, "main.py", "print('edited')\n")  # a save, with .promoter/ beside it
+        wait_until(lambda: self.served.files()["main.py"]["size"] == 16, message="the save")
+        self.assertFalse([p for p in self.served.files() if p.startswith(promoter.STATE_DIR)])
+        board.update(self.served.url)  # no "bad line" for its own files
+        self.assertEqual(board.files()["main.py"], b"print('edited')\n")
+        served = self.serve(default_ignores=False)  # never served, whatever the rules
+        self.assertFalse([p for p in served.files() if promoter.STATE_DIR in p])
+        self.assertIn("main.py", served.files())
+
+    def test_what_a_board_sends_is_within_what_the_server_keeps(self):
+        heads = []
+
+        class Recorder(FaultProxy):
+            def respond(self, path, head, conn):
+                heads.append(head.decode("latin-1"))
+                FaultProxy.respond(self, path, head, conn)
+
+        proxy = Recorder(self, self.served.port)
+        self.board.update(proxy.url, device_id="b" * 300 + "\r\nX-Injected: yes")
+        code = ("import sys, otapromoter\n"
+                "ota = otapromoter.OTAPromoter(sys.argv[1], sys.argv[2], device_id='b1',"
+                " verbose=False)\n"
+                "ota.error = 'e' * 5000 + '\\r\\nX-Injected: yes'\n"
+                "ota.board_state = 's' * 5000\n"
+                "ota.wait_for_change(0)\n")
+        result = self.board.python(code, proxy.url, self.board.dir)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        caps = {promoter.ID_HEADER: promoter.ID_MAX, promoter.VERSION_HEADER: promoter.VERSION_MAX,
+                promoter.STATE_HEADER: promoter.STATE_MAX, promoter.ERROR_HEADER: promoter.ERROR_MAX}
+        seen = set()
+        for head in heads:
+            self.assertNotIn("X-Injected", head)
+            for line in head.split("\r\n")[1:]:
+                name, _, value = line.partition(": ")
+                if name in caps:
+                    seen.add(name)
+                    self.assertLessEqual(len(value), caps[name], line[:60])
+        self.assertEqual(seen, set(caps))
+        device = self.served.get_json("/status.json")["devices"]
+        self.assertEqual(sorted(len(d["id"]) for d in device), [2, promoter.ID_MAX])
+
+    def test_a_long_crash_report_is_cut_to_what_the_server_takes(self):
+        # Lines that differ (CPython folds repeated ones) make a long traceback.
+        app = "".join("def f%d():\n    f%d()\n" % (n, n + 1) for n in range(80)) + (
+            "def f80():\n    1 / 0\ndef main():\n    f0()\n")
+        write(self.root, "app.py", app)
+        wait_until(lambda: "app.py" in self.served.files(), message="app.py served")
+        board = Supervised(self, self.board, self.served.url, wait=5)
+        wait_until(lambda: self.served.get_json("/status.json")["devices"] and
+                   self.served.get_json("/status.json")["devices"][0]["report"], 30,
+                   message="the report; output:\n" + board.output())
+        report = self.served.get_json("/status.json")["devices"][0]["report"]
+        self.assertLessEqual(len(report.encode()), promoter.REPORT_MAX)
+        self.assertIn("[...]", report)  # its head and its tail
+        self.assertIn("ZeroDivisionError", report)
+        self.assertNotIn(" 413 ", self.log.text())
 
 
 @NEEDS_MICROPYTHON
