@@ -2371,6 +2371,131 @@ class DeviceProtocolTest(BoardTest):
         self.assertNotIn(" 413 ", self.log.text())
 
 
+# --- the device module on an ESP8266's heap -------------------------------------------
+
+# An app as a new user writes one: a sensor read in a loop that calls poll()
+# (only under run(): alone it runs without otapromoter), about 20 names. It
+# prints what it holds of the heap once it has run a while.
+MEASURING_APP = """import gc, sys, time
+
+SENSOR_PIN = 4
+THRESHOLD = 21.5
+history = []
+
+
+class Reading:
+    def __init__(self, value, when):
+        self.value = value
+        self.when = when
+
+
+def read_sensor(pin):
+    return 20.0 + (time.ticks_ms() % 100) / 50
+
+
+def smooth(values, window=4):
+    tail = values[-window:]
+    return sum(tail) / len(tail)
+
+
+def record(reading):
+    history.append(reading.value)
+    if len(history) > 16:
+        del history[0]
+
+
+def report(average):
+    return {"average": average, "state": "warm" if average > THRESHOLD else "cool"}
+
+
+def main():
+    ota = sys.modules.get("otapromoter")
+    for _ in range(40):
+        reading = Reading(read_sensor(SENSOR_PIN), time.ticks_ms())
+        record(reading)
+        report(smooth(history))
+        if ota:
+            ota.poll()
+        time.sleep_ms(5)
+    gc.collect()
+    print("HELD", gc.mem_alloc())
+    raise SystemExit
+"""
+
+
+def heap_held(build, lib, board, url=None, heap="32k"):
+    """gc.mem_alloc() in the measuring app's main(): alone, or under run() from
+    the server at url (already installed on the board, and waiting)."""
+    code = "import sys\nsys.path.append(%r)\n" % board
+    code += ("import otapromoter\notapromoter.run(%r, main_dir=%r, device_id='b1', wait=5)\n"
+             % (url, board) if url else "import app\napp.main()\n")
+    for _ in range(2):  # under run(), the first start may be the work's, then a restart
+        out = subprocess.run([build, "-X", "heapsize=" + heap, "-c", code], cwd=lib,
+                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        held = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("HELD ")]
+        if held:
+            return int(held[0])
+    raise AssertionError("the app did not run: " + out.stdout + out.stderr)
+
+
+def first_install(build, lib, url, board, heap_kb, via):
+    """A first install (through update() or run(), which restarts when done)
+    in a heap of heap_kb KB; the process's exit code and output."""
+    code = "import sys\nimport otapromoter\n" + {
+        "update()": "otapromoter.update(sys.argv[1], sys.argv[2], verbose=False)\n",
+        "run()": "otapromoter.run(sys.argv[1], main_dir=sys.argv[2], verbose=False)\n"}[via]
+    shutil.rmtree(board, ignore_errors=True)
+    os.makedirs(board)
+    out = subprocess.run([build, "-X", "heapsize=%dk" % heap_kb, "-c", code, url, board],
+                         cwd=lib, capture_output=True, text=True, timeout=120,
+                         stdin=subprocess.DEVNULL)
+    return out.returncode, out.stdout + out.stderr
+
+
+@NEEDS_MICROPYTHON32
+@NEEDS_MPY_CROSS
+class ESP8266HeapTest(BoardTest):
+    """The device module as .mpy on the 32-bit MicroPython without _thread
+    (like an ESP8266): what the app runs beside under run(), and the heap a
+    first install needs. --bench reports the exact figures."""
+
+    def setUp(self):
+        super().setUp()
+        self.lib = os.path.join(self.tmp, "mpylib")
+        compile_device_module(self.lib)
+
+    def test_what_the_app_runs_beside_under_run(self):
+        write(self.root, "app.py", MEASURING_APP)
+        wait_until(lambda: "app.py" in self.served.files(), message="app.py served")
+        under_run = heap_held(MICROPYTHON32, self.lib, self.board.dir, self.served.url)
+        alone = heap_held(MICROPYTHON32, self.lib, self.board.dir)
+        print("\n    the app loses %.2f KB under run()" % ((under_run - alone) / 1024),
+              end=" ... ", file=sys.stderr)
+        # Issue 18's goal is 4 KB; this build reaches 4.9 KB (was 17.1 KB).
+        self.assertLess(under_run - alone, 5.25 * 1024)
+
+    def test_a_first_install_fits_in_what_an_esp8266_has_free(self):
+        for i in range(49):
+            write(self.root, "lib/mod_%02d.py" % i, "VALUE = %d  # a module of the project\n" % i)
+        write(self.root, "big.bin", os.urandom(256 * 1024))
+        wait_until(lambda: len(self.served.files()) == 54, message="54 files served")
+        many = os.path.join(self.tmp, "many")
+        for i in range(400):
+            write(many, "d%d/m%03d.py" % (i % 8, i), "V = %d\n" % i)
+        served_many = Served(many)
+        self.addCleanup(served_many.close)
+        # KB of heap, each 1 KB above the smallest that works here (--bench);
+        # issue 18's goals: 16 KB (54 files), 18 KB (400 files).
+        for url, root, via, heap in ((self.served.url, self.root, "update()", 18),
+                                     (self.served.url, self.root, "run()", 19),
+                                     (served_many.url, many, "update()", 18),
+                                     (served_many.url, many, "run()", 19)):
+            with self.subTest(files=len(tree_files(root)), via=via, heap=heap):
+                code, out = first_install(MICROPYTHON32, self.lib, url, self.board.dir, heap, via)
+                self.assertEqual(code, 0, out)
+                self.assertEqual(Board.files(self.board), tree_files(root))
+
+
 @NEEDS_MICROPYTHON
 class MicroPythonTest(BoardTest):
     """The device module run by a real MicroPython (the Unix port)."""
@@ -2402,32 +2527,6 @@ class MicroPythonTest(BoardTest):
         self.assertIn("removed lib/sub/deep.py", out)
         self.assertEqual(self.board.files(), self.expected())
         self.assertNotIn("lib/sub", self.board.folders())
-
-    @NEEDS_MPY_CROSS
-    def test_50_files_and_a_256_kb_file_in_an_esp8266_heap(self):
-        for i in range(49):
-            write(self.root, "lib/mod_%02d.py" % i, "VALUE = %d  # a module of the project\n" % i)
-        write(self.root, "big.bin", os.urandom(256 * 1024))
-        wait_until(lambda: len(self.served.files()) == 54, message="54 files served")
-        compiled = os.path.join(self.tmp, "compiled")
-        os.mkdir(compiled)
-        compile_device_module(compiled)
-        code = ("import gc, sys\nimport otapromoter\ngc.collect()\n"
-                "print('FREE', gc.mem_free())\n"
-                "print('RESULT', otapromoter.update(sys.argv[1], sys.argv[2], verbose=False))\n")
-        if not os.access(MICROPYTHON32, os.X_OK):
-            self.skipTest("no ../shared/tools/micropython32-nothread (32-bit, like an ESP8266)")
-        # 26 KB of heap on a 32-bit build, less than an ESP8266 has free after
-        # boot (30-35 KB); --bench finds the smallest that works (24-25 KB).
-        result = subprocess.run([MICROPYTHON32, "-X", "heapsize=26k", "-c", code, self.served.url,
-                                 self.board.dir], cwd=compiled, capture_output=True, text=True,
-                                timeout=60)
-        out = result.stdout + result.stderr
-        free = int(out.split("FREE")[1].split()[0])
-        print("\n    MicroPython (32-bit): updated 54 files (one of 256 KB) with %d bytes of free "
-              "heap" % free, end=" ... ", file=sys.stderr)
-        self.assertIn("RESULT True", out)
-        self.assertEqual(self.board.files(), self.expected())
 
     def test_watch_on_micropython(self):
         lines = self.board.watch(self.served.url, python=MICROPYTHON)
@@ -2782,6 +2881,7 @@ class Supervised:
 
     def __init__(self, test, board, url, interpreter=sys.executable, options=(), lib=None, **kw):
         self.lines, self.exits, self.starts = [], [], 0
+        self.times = {}  # line: when it first came (time.monotonic())
         self.lock = threading.Lock()
         self.proc = None
         self.stopped = False
@@ -2803,6 +2903,7 @@ class Supervised:
                                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
                 self.starts += 1
             for line in self.proc.stdout:
+                self.times.setdefault(line.rstrip("\n"), time.monotonic())
                 self.lines.append(line.rstrip("\n"))
             self.exits.append(self.proc.wait())
 
@@ -2886,6 +2987,18 @@ class DevLoopTest(PromoterTest):
                    message="a third start at the third version")
         board.wait_for_line("APP v2", 2)
         self.assertIn("secrets.py", os.listdir(self.board.dir))
+
+    def test_a_save_runs_on_the_board_within_half_a_second(self):
+        board = self.start()
+        board.wait_for_line("APP v1")
+        wait_until(lambda: self.served.server.parking.count == 1, 20,
+                   message="the board waits for a new version")
+        saved = time.monotonic()
+        write(self.root, "app.py", APP % "v2")
+        board.wait_for_line("APP v2")
+        took = board.times["APP v2"] - saved
+        print("\n    save -> new app running: %.3f s" % took, end=" ... ", file=sys.stderr)
+        self.assertLess(took, 1.0)  # issue 18: under 0.5 s; a margin for a busy machine
 
     def test_an_app_raising_on_trial_is_reported_and_rolled_back_and_not_applied_again(self):
         board = self.start(trial=0.5)
@@ -4118,6 +4231,7 @@ class BenchServer:
         self.proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         self.port = port
+        self.url = "http://127.0.0.1:%d" % port
         wait_until(self._up, timeout=120, message="the server to start")
 
     def _up(self):
@@ -4692,43 +4806,102 @@ def bench_client(scratch, runs):
 
 
 def bench_micropython_heap(scratch, build):
-    """(build, KB of heap held by the imported otapromoter.mpy, KB held
-    beside the app under run() (otapromoter_run.mpy too), smallest heap in KB
-    that installs 49 modules and a 256 KB file) on a MicroPython build; None
-    without it or mpy-cross."""
+    """(build, KB the measuring app loses under run(), KB the device files
+    hold once imported beside it, {(files, via): smallest heap in KB for a
+    first install}) on a MicroPython build; None without it or mpy-cross."""
     if not (build and os.access(build, os.X_OK) and MPY_CROSS):
         return None
-    root = os.path.join(scratch, "mproot")
-    for i in range(49):
-        write(root, "lib/mod_%02d.py" % i, "VALUE = %d  # a module of the project\n" % i)
-    write(root, "big.bin", os.urandom(256 * 1024))
     lib = os.path.join(scratch, "mplib")
     shutil.rmtree(lib, ignore_errors=True)
     compile_device_module(lib)
+    board = os.path.join(scratch, "mpboard")
     held = subprocess.run([build, "-X", "heapsize=128k", "-c", "import gc\ngc.collect()\n"
-                           "free = gc.mem_free()\nimport otapromoter\ngc.collect()\n"
-                           "print(free - gc.mem_free())\nimport otapromoter_run\ngc.collect()\n"
-                           "print(free - gc.mem_free())"], cwd=lib, capture_output=True,
-                          text=True).stdout.split()
+                           "free = gc.mem_free()\nimport otapromoter, otapromoter_run\n"
+                           "gc.collect()\nprint(free - gc.mem_free())"], cwd=lib,
+                          capture_output=True, text=True).stdout.split()
+    root = os.path.join(scratch, "approot")
+    write(root, "app.py", MEASURING_APP)
     server = start_promoter(root)
-    code = ("import sys\nimport otapromoter\n"
-            "otapromoter.update(sys.argv[1], sys.argv[2], verbose=False)\nprint('OK')\n")
-    smallest = None
     try:
-        for heap in range(64, 12, -1):
-            board = os.path.join(scratch, "mpboard")
-            shutil.rmtree(board, ignore_errors=True)
-            os.makedirs(board)
-            out = subprocess.run([build, "-X", "heapsize=%dk" % heap, "-c", code,
-                                  "http://127.0.0.1:%d" % server.port, board],
-                                 cwd=lib, capture_output=True, text=True).stdout.split()
-            if out[-1:] != ["OK"]:
-                break
-            smallest = heap
+        shutil.rmtree(board, ignore_errors=True)
+        os.makedirs(board)
+        lost = (heap_held(build, lib, board, server.url) - heap_held(build, lib, board)) / 1024
     finally:
         server.close()
+    smallest = {}
+    trees = (("54", [("lib/mod_%02d.py" % i, "VALUE = %d  # a module of the project\n" % i)
+                     for i in range(49)] + [("big.bin", os.urandom(256 * 1024))]),
+             ("400", [("d%d/m%03d.py" % (i % 8, i), "V = %d\n" % i) for i in range(400)]))
+    for files, tree in trees:
+        root = os.path.join(scratch, "tree" + files)
+        for path, data in tree:
+            write(root, path, data)
+        server = start_promoter(root)
+        try:
+            for via in ("update()", "run()"):
+                # Downward from a heap that works, to the first that does not
+                # (success near the edge is not monotonic: fragmentation).
+                for heap in range(40, 8, -1):
+                    if first_install(build, lib, server.url, board, heap, via)[0] != 0:
+                        break
+                    smallest[files, via] = heap
+        finally:
+            server.close()
+            shutil.rmtree(root)
+    return os.path.basename(build), lost, int(held[-1]) / 1024, smallest
+
+
+def bench_save_to_app(scratch, build, options, saves):
+    """Median and p95 s from a save to the new app's first line under run(),
+    the board restarted by a supervisor loop as a board resets."""
+    root = os.path.join(scratch, "saveroot")
+    write(root, "app.py", APP % "v0")
+    server = start_promoter(root)
+    lib = os.path.join(scratch, "savelib")
+    shutil.rmtree(lib, ignore_errors=True)
+    os.makedirs(lib)
+    if build == sys.executable:
+        run_cli(["client", "-o", os.path.join(lib, "otapromoter.py")])
+    else:
+        compile_device_module(lib)
+    board = os.path.join(scratch, "saveboard")
+    shutil.rmtree(board, ignore_errors=True)
+    os.makedirs(board)
+    seen = {}  # line: when it first came
+    stop, procs = [], []
+
+    def supervise():
+        while not stop:
+            proc = subprocess.Popen([build] + list(options) + ["-c", RUN_APP, server.url, board,
+                                                                json.dumps({"wait": 30})],
+                                    cwd=lib, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, stdin=subprocess.DEVNULL,
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            procs.append(proc)
+            for line in proc.stdout:
+                seen.setdefault(line.strip(), time.monotonic())
+            proc.wait()
+
+    thread = threading.Thread(target=supervise, daemon=True)
+    thread.start()
+    took = []
+    try:
+        wait_until(lambda: "APP v0" in seen, timeout=60, message="the first start")
+        for n in range(1, saves + 1):
+            time.sleep(0.3)  # benchmark only: let the board settle into its waiting request
+            saved = time.monotonic()
+            write(root, "app.py", APP % ("v%d" % n))
+            wait_until(lambda: "APP v%d" % n in seen, timeout=30, message="save %d" % n)
+            took.append(seen["APP v%d" % n] - saved)
+    finally:
+        stop.append(True)
+        for proc in procs:
+            proc.kill()
+        server.close()
+        thread.join(10)
         shutil.rmtree(root)
-    return os.path.basename(build), int(held[-2]) / 1024, int(held[-1]) / 1024, smallest
+        shutil.rmtree(board, ignore_errors=True)
+    return median(took), p95(took)
 
 
 def app_module(size):
@@ -4930,12 +5103,23 @@ def bench(quick=False):
                           % (os.path.basename(build), kb, py, py_ms, mpy, mpy_ms))
         heaps = [h for h in (bench_micropython_heap(scratch, b) for b in (MICROPYTHON32, MICROPYTHON))
                  if h]
-        for heap in heaps:
-            print("   MicroPython (%s, .mpy): otapromoter holds %.1f KB once imported, %.1f KB "
-                  "with otapromoter_run (what the app runs beside under run()); 49 modules + "
-                  "a 256 KB file install in a %s KB heap" % heap)
+        for name, lost, held, smallest in heaps:
+            print("   MicroPython (%s, .mpy): the measuring app loses %.2f KB under run() "
+                  "(goal: 4 KB; 1.2: 17.1 KB); otapromoter and otapromoter_run hold %.1f KB "
+                  "imported" % (name, lost, held))
+            print("      smallest heap for a first install: 54 files (one of 256 KB): %s KB "
+                  "through update(), %s KB through run() (goal 16 KB; 1.2: 25 KB); 400 files: "
+                  "%s KB, %s KB (goal 18 KB; 1.2: 25 KB)" % tuple(
+                      smallest.get(key, "-") for key in (("54", "update()"), ("54", "run()"),
+                                                          ("400", "update()"), ("400", "run()"))))
         if not heaps:
             print("   MicroPython: skipped (needs micropython and mpy-cross)")
+        for build, options in ((sys.executable, ()), (MICROPYTHON, ()),
+                               (MICROPYTHON32, ("-X", "heapsize=32k"))):
+            if build and os.access(build, os.X_OK) and MPY_CROSS:
+                med, top = bench_save_to_app(scratch, build, options, 3 if quick else 10)
+                print("   run() on %s: save -> the new app's first line: median %s, p95 %s "
+                      "(goal: under 0.5 s)" % (os.path.basename(build), ms(med), ms(top)))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
