@@ -5,7 +5,7 @@ Save a file on the PC; every board that runs the device module gets it a
 moment later, verified, and switched in crash-safely.
 
     python3 promoter.py --root . --port 9090      # serve and watch a folder
-    python3 promoter.py client -o otapromoter.py  # write the device module (4 files)
+    python3 promoter.py client -o otapromoter.py  # write the device module's files
     python3 promoter.py export --root . OUT       # the API as static files
 
 The protocol (JSON is compact; every file response is immutable):
@@ -28,17 +28,20 @@ version  = SHA-1 hex of the checksums concatenated in walk order
 Python 3.8+ standard library only; Linux inotify through ctypes, with a
 stat-polling fallback elsewhere.
 
-The module, in order: constants; ignore rules (Rules, and the probe that
-rejects rules that backtrack without end); index (safe opening beneath the
-root, the walk, hashing, Snapshot, Promoter); watchers (Debouncer, the
-polling and inotify watchers); compile (Compiler: each saved .py compiled
-off the publish path, for its syntax errors and the .mpy view); HTTP (the request handler, the parking of
-waiting requests, the server); status page; static export; device module
-(four files, each imported only when needed: DEVICE_CLIENT, always: files,
-HTTP, entry points; DEVICE_RUN, beside the app: the app, crash reports, the
-trial, following the server; DEVICE_UPDATE, while it runs: lists, downloads,
-the journal of an update or rollback; DEVICE_SWITCH: carrying out a journal);
-CLI.
+The module, in order: constants; the protocol (what the server and the
+device module share, written once: paths, line format, header names and
+caps, the boards' own files; device_sources fills it into the device
+module); ignore rules (Rules, and the probe that rejects rules that
+backtrack without end); index (safe opening beneath the root, the walk,
+hashing, Snapshot, Promoter); watchers (Debouncer, the polling and inotify
+watchers); compile (Compiler: each saved .py compiled off the publish path,
+for its syntax errors and the .mpy view); HTTP (the request handler, the
+parking of waiting requests, the server); status page; static export;
+device module (eight files, each imported only when needed: DEVICE_MAIN,
+the API; DEVICE_RUN, the runner beside the app; DEVICE_START, a start;
+DEVICE_CLIENT, files, lists, HTTP, OTAPromoter and the work's order;
+DEVICE_WORK, crash reports, the trial, the run file, watch; DEVICE_LIST,
+DEVICE_FETCH, DEVICE_SWITCH, an update's three steps); CLI.
 """
 
 import argparse
