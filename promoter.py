@@ -37,11 +37,11 @@ hashing, Snapshot, Promoter); watchers (Debouncer, the polling and inotify
 watchers); compile (Compiler: each saved .py compiled off the publish path,
 for its syntax errors and the .mpy view); HTTP (the request handler, the
 parking of waiting requests, the server); status page; static export;
-device module (eight files, each imported only when needed: DEVICE_MAIN,
+device module (nine files, each imported only when needed: DEVICE_MAIN,
 the API; DEVICE_RUN, the runner beside the app; DEVICE_START, a start;
-DEVICE_CLIENT, files, lists, HTTP, OTAPromoter and the work's order;
-DEVICE_WORK, crash reports, the trial, the run file, watch; DEVICE_LIST,
-DEVICE_FETCH, DEVICE_SWITCH, an update's three steps); CLI.
+DEVICE_CLIENT, files, lists, HTTP, OTAPromoter; DEVICE_WORK, the order of
+run()'s work; DEVICE_TRIAL, crash reports, the trial, the run file, watch;
+DEVICE_LIST, DEVICE_FETCH, DEVICE_SWITCH, an update's three steps); CLI.
 """
 
 import argparse
@@ -185,7 +185,8 @@ RUN_SLOTS = (
     ("HOST", "the server's host"),
     ("PORT", "and port"),
     ("HEAD", "the waiting request's head but the board's state (read when needed)"),
-    ("BOARD", "the board's state, sent with each request"),
+    ("BOARD", "the board's state, sent with each request (but \"on trial\" while TRIAL runs)"),
+    ("HOLD", "the app crashed, and stays: it does not run until the next version"),
     ("PAUSE", "ms after SINCE before the next request"),
     ("RETRY", "ms after T0 before a failed update is tried again, or 0"),
     ("DEADLINE", "ms a waiting request may take"),
@@ -203,7 +204,6 @@ RUN_SLOTS = (
     ("THREADED", "a thread follows the server"),
     ("ENDING", "the Unix port's thread asks poll() to end the process"),
     ("RESET", "what restarts the board"),
-    ("HOLD", "the app crashed, and stays: it does not run until the next version"),
 )
 
 
@@ -219,7 +219,6 @@ def device_sources():
                   REPORT_MAX=REPORT_MAX)
     values = {name: repr(value) for name, value in values.items()}
     # Slot names are const(): MicroPython compiles them away (no name, no heap).
-    values.update(("RUN_" + name, str(i)) for i, (name, _) in enumerate(RUN_SLOTS))
     values["RUN_SLOTS"] = (
         "try:\n    from micropython import const\nexcept ImportError:  # CPython\n"
         "    const = int\n" + "".join("_%s = const(%d)  # %s\n" % (name, i, text)
@@ -2907,9 +2906,10 @@ DEVICE_MAIN = r'''# otapromoter.py: the device side of promoter.py, for MicroPyt
 #                       trial clock, the crash catch; with this file, all that
 #                       stays in memory beside the app under run()
 #   otapromoter_start   a start: the run file the last work wrote, or the work
-#   otapromoter_client  files, lists, HTTP, OTAPromoter, the work's order
-#   otapromoter_work    the work around an update: crash reports, the trial,
-#                       the run file; also watch()
+#   otapromoter_client  files, lists, HTTP, OTAPromoter, update()
+#   otapromoter_work    run()'s work, in its order (none of it in update())
+#   otapromoter_trial   the work before and after its update: crash reports,
+#                       the trial, the run file; also watch()
 #   otapromoter_list, otapromoter_fetch, otapromoter_switch
 #                       the three steps of an update: the list and the plan,
 #                       the downloads, the journal of the switch
@@ -2919,12 +2919,18 @@ DEVICE_MAIN = r'''# otapromoter.py: the device side of promoter.py, for MicroPyt
 # in a heap that work never touched.
 import os
 import sys
+import time
+
+if not hasattr(time, "ticks_ms"):  # CPython: MicroPython's ms clock, for every file
+    time.ticks_ms = lambda: int(time.time() * 1000)
+    time.ticks_diff = int.__sub__
 
 
 def __getattr__(name):
     # update(), watch(), recover(), OTAPromoter, OTAError: otapromoter_client's,
     # imported when first asked for (run() needs none of them).
-    return getattr(__import__("otapromoter_client"), name)
+    import otapromoter_client
+    return getattr(otapromoter_client, name)
 
 
 def _hard_reset():
@@ -2954,18 +2960,23 @@ def run(url, app="app", main_dir="/", trial=10, restarts=2, rollback=True, on_up
     args = (url, main_dir, app, trial, restarts, rollback, wait, kw)
     reset = on_update or _hard_reset
     start = run = None  # the run file's content, if the work was done first
-    for _ in (1, 2):  # the second time, after the work (each file imported for its part)
-        try:
-            start = __import__("otapromoter_start").start(args, reset, run)
-            sys.modules.pop("otapromoter_start")
+    # Import statements, not __import__("..."): a name is kept once, a string
+    # in the file would be kept too.
+    try:
+        for _ in (1, 2):  # the second time, after the work (each file imported for its part)
+            import otapromoter_start as part
+            del sys.modules["otapromoter_start"]  # gone with `part`, before the app
+            start = part.start(args, reset, run)
             if start is not False:
                 break
-            run = __import__("otapromoter_client").work(args, None, reset)
-        except Exception as e:  # no heap? a broken file? the app runs without updates
-            print("otapromoter: %r" % e)
-            start = None
-            break
-    __import__("otapromoter_run").run(args, start)
+            import otapromoter_work as part
+            run = part.work(args, None, reset)
+    except Exception as e:  # no heap? a broken file? the app runs without updates
+        print("otapromoter: %r" % e)
+        start = None
+    part = None
+    import otapromoter_run
+    otapromoter_run.run(args, start)
 
 
 def poll():
@@ -2994,28 +3005,7 @@ import otapromoter
 
 $RUN_SLOTS
 
-_ms = getattr(time, "ticks_ms", None) or (lambda: int(time.time() * 1000))
-_diff = getattr(time, "ticks_diff", None) or int.__sub__  # CPython: no ticks
 _run = None  # the run file, extended by otapromoter_start (slots above)
-
-
-def _restart(update):
-    # Restart, marked as otapromoter's doing, so that the next start does not
-    # count it against a trial; update: that start updates first.
-    try:
-        if update:
-            os.remove(_run[_DIR] + $RUN)
-        open(_run[_DIR] + $RESTART, "wb").close()
-    except OSError:
-        pass
-    _run[_RESET]()
-
-
-def _head():
-    # The waiting request's head, from the run file: read when it is needed,
-    # not kept in memory beside the app.
-    with open(_run[_DIR] + $RUN) as f:
-        return json.load(f)[_HEAD].encode()
 
 
 def _step():
@@ -3023,7 +3013,7 @@ def _step():
     # version is out, or a failed update is to be tried again. Nothing is
     # allocated while the request waits.
     r = _run
-    t = _diff(_ms(), r[_T0])
+    t = time.ticks_diff(time.ticks_ms(), r[_T0])
     if r[_TRIAL] is not None and t >= r[_TRIAL]:
         confirm()
     if r[_RETRY] and t >= r[_RETRY]:
@@ -3032,13 +3022,17 @@ def _step():
     why = None
     try:
         if s is None:  # connect without blocking, and queue the request
-            if _diff(_ms(), r[_SINCE]) < r[_PAUSE]:
+            if time.ticks_diff(time.ticks_ms(), r[_SINCE]) < r[_PAUSE]:
                 return False
             ai = socket.getaddrinfo(r[_HOST], r[_PORT], 0, socket.SOCK_STREAM)[0]
             s = r[_SOCK] = socket.socket(ai[0], ai[1], ai[2])
-            r[_READ] = getattr(s, "readinto", None) or s.recv_into
-            r[_OUT] = _head() + ($STATE_HEADER ": %s\r\n\r\n" % r[_BOARD]).encode()
-            r[_SINCE] = _ms()
+            r[_READ] = s.makefile("rb", 0).readinto  # None while nothing came, on CPython too
+            # The head is read from the run file when needed, not kept beside
+            # the app; the board's state goes in its %s.
+            with open(r[_DIR] + $RUN) as f:
+                a = json.load(f)[_HEAD]
+            r[_OUT] = (a % ("on trial" if r[_TRIAL] is not None else r[_BOARD])).encode()
+            r[_SINCE] = time.ticks_ms()
             s.setblocking(False)
             s.connect(ai[-1])
         elif r[_OUT]:
@@ -3053,14 +3047,16 @@ def _step():
                     a += n
                 s.close()
                 r[_SOCK] = None
-                r[_SINCE] = _ms()
-                status = a[9:12]
-                n = a.find(b'"version":"') + 10
-                if status == b"200" and a[n:n + 42] not in _head():
-                    return True  # a version not in the request's If-None-Match
-                if status not in (b"200", b"304", b"502", b"504"):  # 502, 504: a proxy gave up
+                r[_SINCE] = time.ticks_ms()
+                a = a.decode()
+                status = int(a[9:12])
+                n = a.rfind("version") + 9  # the body's, at the end
+                with open(r[_DIR] + $RUN) as f:
+                    if status == 200 and a[n:n + 42] not in json.load(f)[_HEAD]:
+                        return True  # a version not in the request's If-None-Match
+                if status not in (200, 304, 502, 504):  # 502, 504: a proxy gave up
                     raise OSError(status)
-                r[_PAUSE] = 2000 if status == b"200" else 0  # a server that answers at once
+                r[_PAUSE] = 2000 if status == 200 else 0  # a server that answers at once
                 r[_BACKOFF] = 1
                 return False
     except OSError as e:  # not ready yet (CPython's timeout says it in words), or failed
@@ -3068,13 +3064,13 @@ def _step():
             why = e  # ENOTCONN
     except Exception as e:
         why = e
-    if why is None and r[_SOCK] and _diff(_ms(), r[_SINCE]) > r[_DEADLINE]:
+    if why is None and r[_SOCK] and time.ticks_diff(time.ticks_ms(), r[_SINCE]) > r[_DEADLINE]:
         why = OSError(110)  # ETIMEDOUT
     if why is not None:  # again in 1 s, 2, 4... up to 30 s
         if r[_SOCK]:
             r[_SOCK].close()
             r[_SOCK] = None
-        r[_SINCE] = _ms()
+        r[_SINCE] = time.ticks_ms()
         r[_PAUSE] = r[_BACKOFF] * 1000
         if r[_VERBOSE]:
             print("otapromoter: %s; again in %ds" % (why, r[_BACKOFF]))
@@ -3087,7 +3083,11 @@ def _follow():
     while not _step():
         time.sleep(0.05)
     _run[_ENDING] = True  # the Unix port, where this ends only the thread: poll() ends it all
-    _restart(True)
+    try:  # as at the end of run()
+        os.rename(_run[_DIR] + $RUN, _run[_DIR] + $RESTART)
+    except OSError:
+        pass
+    _run[_RESET]()
 
 
 def run(args, start):
@@ -3096,7 +3096,7 @@ def run(args, start):
     _run = start
     app = args[2]
     if start:
-        start[_T0] = start[_SINCE] = _ms()
+        start[_T0] = start[_SINCE] = time.ticks_ms()
     event = "exit"  # what ended the app: it returned (or is held), poll() saw an "update", a crash
     if not start or not start[_HOLD]:
         if start:
@@ -3119,8 +3119,6 @@ def run(args, start):
                 raise  # the app's own exit, or the Unix port's thread
             event = "update"
         except Exception as e:
-            if not start:
-                raise  # without updates: as if run() were not there
             event = e
         # The app is gone: give its heap back for the work (MicroPython's
         # sys.modules holds only modules from files).
@@ -3130,14 +3128,20 @@ def run(args, start):
                 if not name.startswith("otapromoter"):
                     del sys.modules[name]
         gc.collect()
-    if not start:
-        return
+    if not start:  # the start failed (printed): the app ran without updates; try again
+        print("otapromoter: the app ended (%r); restarting in 5 s" % (event,))
+        time.sleep(5)
+        otapromoter._hard_reset()
     try:
-        __import__("otapromoter_client").work(args, event, start[_RESET])
+        import otapromoter_work
+        otapromoter_work.work(args, event, start[_RESET])
     except Exception as e:  # no heap? a broken file? the next start does it
         print("otapromoter: %r" % e)
     if event == "update":
-        _restart(True)
+        try:  # the next start updates first, and knows the restart was otapromoter's
+            os.rename(start[_DIR] + $RUN, start[_DIR] + $RESTART)
+        except OSError:
+            pass
     start[_RESET]()  # a crash: the next start counts it against a trial
 
 
@@ -3155,12 +3159,10 @@ def confirm():
     # See otapromoter.confirm.
     r = _run
     if r and r[_TRIAL] is not None:
-        r[_TRIAL], r[_BOARD] = None, "running"
-        try:
-            os.remove(r[_DIR] + $GOOD)  # first: the board is not on trial from now on
+        r[_TRIAL] = None
+        try:  # not on trial from now on; what it kept for a rollback goes with the next update
+            os.remove(r[_DIR] + $GOOD)
             print("otapromoter: version confirmed")
-            for name in os.listdir(r[_DIR] + $KEEP):  # what the trial kept for a rollback
-                os.remove(r[_DIR] + $KEEP + "/" + name)
         except OSError:
             pass
 '''
@@ -3176,23 +3178,19 @@ import os
 $RUN_SLOTS
 
 
-def _exists(path):
-    try:
-        os.stat(path)
-        return True
-    except OSError:
-        return False
-
-
 def start(args, reset, run):
     # The runner's state (see otapromoter_run), from `run`, what the work
     # wrote to the run file, or else from the run file itself; False if the
     # work is to be done first.
     d = args[1].rstrip("/") + "/" + $STATE_DIR + "/"
+    try:
+        names = os.listdir(d)  # one listing, not a helper: each name a file defines is kept
+    except OSError:
+        names = ()
     ours = False
     if run is None:
-        ours = _exists(d + $RESTART)
-        if ours or not _exists(d + $GOOD):
+        ours = $RESTART in names
+        if ours or $GOOD not in names:
             try:
                 with open(d + $RUN) as f:
                     run = json.load(f)
@@ -3209,9 +3207,9 @@ def start(args, reset, run):
     run[_DIR], run[_RESET], run[_BUF] = d, reset, bytearray(1)
     run[_BACKOFF] = 1
     run[_DUE] = run[_THREADED] = run[_ENDING] = False
-    run[_HOLD] = ours and run[_BOARD] == "crashed"  # it crashed, and stays
-    if not run[_HOLD] and _exists(d + $GOOD):
-        run[_TRIAL], run[_BOARD] = int(args[3] * 1000), "on trial"
+    run[_HOLD] = ours and run[_HOLD]  # it crashed, and stays, till the next version or reset
+    if not run[_HOLD] and $GOOD in names:
+        run[_TRIAL] = int(args[3] * 1000)
     return run
 '''
 
@@ -3244,10 +3242,7 @@ try:
 except ImportError:  # CPython
     const = int
 
-_ms = getattr(time, "ticks_ms", None) or (lambda: int(time.time() * 1000))
-_diff = getattr(time, "ticks_diff", None) or int.__sub__  # CPython: no ticks
 _TIMEOUT = const(10)  # s for a whole request (a file's body gets more: otapromoter_fetch)
-_SMALL_HEAP = const(64 << 10)  # bytes: a board with less runs its app after a restart (see work)
 
 
 class OTAError(Exception):
@@ -3460,13 +3455,16 @@ class OTAPromoter:
             sock = self.sock = socket.socket(ai[0], ai[1], ai[2])
             sock.settimeout(self.timeout)
             sock.connect(ai[-1])
-            self.t0, self.budget = _ms(), int((timeout or self.timeout) * 1000)
+            self.t0, self.budget = time.ticks_ms(), int((timeout or self.timeout) * 1000)
             self.pending, self.length = b"", -1
+            h += "\r\n"
             if hasattr(sock, "recv_into"):  # CPython
-                sock.sendall((h + "\r\n").encode() + (data or b""))
-            else:  # MicroPython: its reads are made without blocking (see _read)
-                sock.write((h + "\r\n").encode() + (data or b""))
-                sock.setblocking(False)
+                sock.sendall(h.encode() + (data or b""))
+            else:  # MicroPython: a str is written as its UTF-8, with no copy
+                sock.write(h)
+                if data:
+                    sock.write(data)
+                sock.setblocking(False)  # its reads are made without blocking (see _read)
             line = self._line().split(b" ", 2)
             if len(line) < 2 or not line[0].startswith(b"HTTP/") or not line[1].isdigit():
                 raise OTAError("not an HTTP answer" if line[0] else "no answer (connection closed)")
@@ -3510,7 +3508,7 @@ class OTAPromoter:
             return n
         sock = self.sock
         while True:
-            left = self.budget - _diff(_ms(), self.t0)
+            left = self.budget - time.ticks_diff(time.ticks_ms(), self.t0)
             if left <= 0:
                 raise OSError(errno.ETIMEDOUT)
             try:
@@ -3520,7 +3518,7 @@ class OTAPromoter:
                 else:
                     n = sock.readinto(buf)
             except OSError:
-                if self.budget > _diff(_ms(), self.t0):
+                if self.budget > time.ticks_diff(time.ticks_ms(), self.t0):
                     raise
                 n = None  # CPython's timeout: the deadline above says so
             if n is not None:
@@ -3578,7 +3576,7 @@ class OTAPromoter:
     def wait_for_change(self, wait=60):
         """Hold a request until the server's version differs from the
         board's (or `wait` seconds pass); True if it differs."""
-        return _call("otapromoter_work", "wait_for_change", self, wait)
+        return _call("otapromoter_trial", "wait_for_change", self, wait)
 
 
 # --- entry points (see otapromoter) ---
@@ -3600,21 +3598,34 @@ def recover(main_dir="/", say=None):
 
 
 def watch(url, main_dir="/", **kw):
-    return _call("otapromoter_work", "watch", url, main_dir, kw)
+    return _call("otapromoter_trial", "watch", url, main_dir, kw)
+'''
+
+DEVICE_WORK = r'''# otapromoter_work.py: the part of otapromoter (see there) that orders
+# run()'s work; imported for it, at a start that has some or once the app is
+# gone. It is a file of its own so that an update() has none of it in the
+# heap, and the work has none of otapromoter_trial's during its update.
+import gc
+import time
+
+from otapromoter_client import OTAPromoter, OTAError, _call, _kind, _remove
+
+$RUN_SLOTS
+_SMALL_HEAP = const(64 << 10)  # bytes: a board with less runs its app after a restart
 
 
 def work(args, event, reset):
     # run()'s work: at a start that has some (event None), or once the app is
     # gone: its main() returned, or it was not run, being held ("exit"),
     # poll() saw an "update", or it raised (event is what it raised).
-    # otapromoter_work acts on how the last run ended, the update runs, then
-    # otapromoter_work writes the run file, each step with the heap to itself.
+    # otapromoter_trial acts on how the last run ended, the update runs, then
+    # otapromoter_trial writes the run file, each step with the heap to itself.
     # Then the board restarts (reset()); at a start on a large heap the run
     # file's content is returned instead, for the app to run now.
     if event == "exit":  # follow the server, with no app
         r = __import__("otapromoter_run")
-        while r._run[$RUN_THREADED]:  # its thread does
-            if r._run[$RUN_ENDING]:
+        while r._run[_THREADED]:  # its thread does
+            if r._run[_ENDING]:
                 raise SystemExit(0)
             time.sleep(0.1)
         while not r._step():
@@ -3628,7 +3639,7 @@ def work(args, event, reset):
     hold = False
     if event is not None or ota.on_trial() and not ours or _kind(ota.state + $REPORT):
         try:  # how the last run ended, and a crash report
-            hold = _call("otapromoter_work", "before", ota, args, event)
+            hold = _call("otapromoter_trial", "before", ota, args, event)
         except Exception as e:  # no heap for it? the next start tries again
             ota._say(repr(e))
     try:
@@ -3636,7 +3647,7 @@ def work(args, event, reset):
     except OTAError as e:
         ota._say("%s; going on with the files the board has" % e)
         updated = False
-    info = _call("otapromoter_work", "after", ota, args, updated, hold)
+    info = _call("otapromoter_trial", "after", ota, args, updated, hold)
     if event is None and not (hasattr(gc, "mem_free")
                               and gc.mem_free() + gc.mem_alloc() < _SMALL_HEAP):
         return info  # a heap this work hardly dents: the app runs now
@@ -3647,16 +3658,15 @@ def work(args, event, reset):
     reset()
 '''
 
-DEVICE_WORK = r'''# otapromoter_work.py: the part of otapromoter (see there) that run()'s work
-# imports before its update and again after it, dropped each time: it acts
-# on how the last run ended (a crash, restarts during a trial), sends the
-# crash report, and writes the run file that the next starts run the app by.
-# Also watch(), and OTAPromoter.wait_for_change().
+DEVICE_TRIAL = r'''# otapromoter_trial.py: the part of otapromoter (see there) that run()'s work
+# (otapromoter_work) imports before its update and again after it, dropped
+# each time: it acts on how the last run ended (a crash, restarts during a
+# trial), sends the crash report, and writes the run file that the next
+# starts run the app by. Also watch(), and OTAPromoter.wait_for_change().
 import json
 import sys
 import time
 
-from otapromoter_client import _ms, _diff
 from otapromoter_client import OTAPromoter, OTAError, _read, _write, _kind, _remove, _call
 
 $RUN_SLOTS
@@ -3763,8 +3773,11 @@ def after(ota, args, updated, hold):
     rejected = _read(ota.state + $REJECTED)
     info = [None] * (_VERBOSE + 1)
     info[_ARGS], info[_HOST], info[_PORT] = repr(args), ota.host, ota.port
-    info[_HEAD] = ota._head("%s?wait=%d" % ($VERSION_PATH, wait), etags)
-    info[_BOARD] = ("crashed" if hold and not updated else
+    # The head, with the board's state to fill in (as a % format).
+    info[_HEAD] = ota._head("%s?wait=%d" % ($VERSION_PATH, wait), etags).replace(
+        "%", "%%") + $STATE_HEADER ": %s\r\n\r\n"
+    info[_HOLD] = hold and not updated
+    info[_BOARD] = ("crashed" if info[_HOLD] else
                     "rolled back from " + rejected if rejected else "running")
     info[_PAUSE], info[_RETRY], info[_DEADLINE] = pause, retry, (wait + ota.timeout) * 1000
     info[_VERBOSE] = ota.verbose
@@ -3818,10 +3831,10 @@ def watch(url, main_dir, kw):
         try:
             if ota.check_and_update():
                 on_update()
-            t0 = _ms()
+            t0 = time.ticks_ms()
             changed = wait_for_change(ota, wait)
             backoff = 1
-            spent = _diff(_ms(), t0) / 1000
+            spent = time.ticks_diff(time.ticks_ms(), t0) / 1000
             if not changed and spent < interval:
                 time.sleep(interval - spent)
         except Exception as e:  # OTAError; anything else is reported the same way
@@ -4312,6 +4325,7 @@ DEVICE_TEMPLATES = (("otapromoter.py", DEVICE_MAIN),
                     ("otapromoter_start.py", DEVICE_START),
                     ("otapromoter_client.py", DEVICE_CLIENT),
                     ("otapromoter_work.py", DEVICE_WORK),
+                    ("otapromoter_trial.py", DEVICE_TRIAL),
                     ("otapromoter_list.py", DEVICE_LIST),
                     ("otapromoter_fetch.py", DEVICE_FETCH),
                     ("otapromoter_switch.py", DEVICE_SWITCH))
@@ -4504,8 +4518,12 @@ def write_client(args):
     paths = []
     for source, text in device_sources():
         path = os.path.join(folder, source[:-3] + ".mpy" if compiled else source)
-        data, error = compile_source(text.encode("utf-8"), source, mpy_cross) if compiled else (
-            text.encode("utf-8"), None)
+        # Compiled, each is named as MicroPython names it when it loads it
+        # from the board's current folder (its __file__): one name kept in
+        # the heap, not two; tracebacks give lines of the .py that -o
+        # otapromoter.py writes.
+        data, error = compile_source(text.encode("utf-8"), os.path.basename(path), mpy_cross) \
+            if compiled else (text.encode("utf-8"), None)
         if error:  # a bug of ours, or an mpy-cross that cannot read it
             raise PromoterError("%s: mpy-cross says line %d: %s" % (source, error[0], error[1]))
         try:
