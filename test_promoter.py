@@ -1670,10 +1670,19 @@ class TestServer:
         self.listener.listen(16)
         self.port = self.listener.getsockname()[1]
         self.url = "http://127.0.0.1:%d" % self.port
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
         test.addCleanup(self.close)
 
     def close(self):
+        # shutdown() ends the accept() under way; close() alone does not, and
+        # that thread could then accept on the socket number reused by the
+        # server of a later test, taking its connections.
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.thread.join(5)
         self.listener.close()
 
     def _accept(self):
