@@ -184,7 +184,7 @@ RUN_SLOTS = (
     ("ARGS", "run()'s arguments, as text: the file serves those only"),
     ("HOST", "the server's host"),
     ("PORT", "and port"),
-    ("HEAD", "the waiting request's head but the board's state (read when needed)"),
+    ("HEAD", "the waiting request's head, %s for the board's state (read when needed)"),
     ("BOARD", "the board's state, sent with each request (but \"on trial\" while TRIAL runs)"),
     ("HOLD", "the app crashed, and stays: it does not run until the next version"),
     ("PAUSE", "ms after SINCE before the next request"),
@@ -198,7 +198,7 @@ RUN_SLOTS = (
     ("BACKOFF", "s before the next request after a failure"),
     ("SOCK", "the waiting request's socket"),
     ("OUT", "its bytes not sent yet"),
-    ("READ", "the socket's readinto (MicroPython) or recv_into"),
+    ("READ", "the readinto of the socket's file: None while nothing has come"),
     ("BUF", "1 byte"),
     ("DUE", "poll() ended the app for an update"),
     ("THREADED", "a thread follows the server"),
@@ -226,7 +226,6 @@ def device_sources():
         + "_SLOTS = const(%d)" % len(RUN_SLOTS))
     return [(name, re.sub(r"\$([A-Z_]+)\b", lambda m: values[m.group(1)], text))
             for name, text in DEVICE_TEMPLATES]
-
 
 
 # --- ignore rules ------------------------------------------------------------
@@ -3393,7 +3392,8 @@ class OTAPromoter:
         self.verbose = verbose
         self.timeout = timeout
         self.error = None  # why the last update failed, sent with the next requests
-        self.board_state = None  # what run() says the board does, sent with each request
+        self.board_state = None  # what the board does, sent with each request (run()'s runner
+        # sends its own state with the waiting request)
         self.keep = False  # keep what an update replaces, for a rollback (run() sets it)
         self.wanted = None  # the server's version the last update went for
         self.sock = None  # the request under way (one at a time)

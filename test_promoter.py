@@ -2088,7 +2088,8 @@ class DeviceUnitTest(PromoterTest):
 
     def listing(self, *files):
         """The text of a list file: a version line, then a line per (path, bytes)."""
-        lines = ["%s %d %s\n" % (checksum(data, path), len(data), path) for path, data in files]
+        lines = [promoter.LIST_LINE % (checksum(data, path), len(data), path)
+                 for path, data in files]
         version = hashlib.sha1("".join(line.split()[0] for line in lines).encode()).hexdigest()
         return version + "\n" + "".join(lines)
 
@@ -2178,9 +2179,9 @@ class DeviceUnitTest(PromoterTest):
         for _ in range(2):  # a power cut after it finished: replayed again, the same
             shutil.copy(os.path.join(self.state, "journal"), os.path.join(self.tmp, "j"))
             switch.replay(main)
-            self.assertEqual({p: open(os.path.join(self.dir, p), "rb").read() for p in
-                              ("lib/new.py", "lib/util.py", "main.py")},
-                             {"lib/new.py": b"n", "lib/util.py": b"2", "main.py": b"m"})
+            self.assertEqual({p: self.board_text(p) for p in ("lib/new.py", "lib/util.py",
+                                                              "main.py")},
+                             {"lib/new.py": "n", "lib/util.py": "2", "main.py": "m"})
             self.assertFalse(os.path.exists(os.path.join(self.dir, "gone.py")))
             shutil.copy(os.path.join(self.tmp, "j"), os.path.join(self.state, "journal"))
         os.remove(os.path.join(self.state, "journal"))
@@ -2526,7 +2527,7 @@ class ESP8266HeapTest(BoardTest):
         write(self.root, "app.py", "def main():\n    pass\n")
         wait_until(lambda: "app.py" in self.served.files(), message="app.py served")
         started = time.monotonic()
-        code, out, files = first_install(MICROPYTHON32, self.lib, self.served.url, 12, "run()")
+        code, out, _ = first_install(MICROPYTHON32, self.lib, self.served.url, 12, "run()")
         self.assertEqual(code, 0, out)  # the Unix port's restart: the process ends
         self.assertIn("MemoryError", out)
         self.assertIn("restarting in 5 s", out)
@@ -4914,6 +4915,7 @@ def bench_micropython_heap(scratch, build):
 def bench_save_to_app(scratch, build, options, saves):
     """Median and p95 s from a save to the new app's first line under run(),
     the board restarted by a supervisor loop as a board resets."""
+    import types
     root = os.path.join(scratch, "saveroot")
     write(root, "app.py", APP % "v0")
     server = start_promoter(root)
@@ -4924,43 +4926,30 @@ def bench_save_to_app(scratch, build, options, saves):
         run_cli(["client", "-o", os.path.join(lib, "otapromoter.py")])
     else:
         compile_device_module(lib)
-    board = os.path.join(scratch, "saveboard")
-    shutil.rmtree(board, ignore_errors=True)
-    os.makedirs(board)
-    seen = {}  # line: when it first came
-    stop, procs = [], []
+    board = types.SimpleNamespace(dir=os.path.join(scratch, "saveboard"))
+    shutil.rmtree(board.dir, ignore_errors=True)
+    os.makedirs(board.dir)
 
-    def supervise():
-        while not stop:
-            proc = subprocess.Popen([build] + list(options) + ["-c", RUN_APP, server.url, board,
-                                                                json.dumps({"wait": 30})],
-                                    cwd=lib, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, stdin=subprocess.DEVNULL,
-                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
-            procs.append(proc)
-            for line in proc.stdout:
-                seen.setdefault(line.strip(), time.monotonic())
-            proc.wait()
+    class Cleanups(list):  # what Supervised asks of a test
+        addCleanup = list.append
 
-    thread = threading.Thread(target=supervise, daemon=True)
-    thread.start()
+    cleanups = Cleanups()
     took = []
     try:
-        wait_until(lambda: "APP v0" in seen, timeout=60, message="the first start")
+        supervised = Supervised(cleanups, board, server.url, build, options, lib, wait=30)
+        supervised.wait_for_line("APP v0", timeout=60)
         for n in range(1, saves + 1):
             time.sleep(0.3)  # benchmark only: let the board settle into its waiting request
             saved = time.monotonic()
             write(root, "app.py", APP % ("v%d" % n))
-            wait_until(lambda: "APP v%d" % n in seen, timeout=30, message="save %d" % n)
-            took.append(seen["APP v%d" % n] - saved)
+            supervised.wait_for_line("APP v%d" % n, timeout=30)
+            took.append(supervised.times["APP v%d" % n] - saved)
     finally:
-        stop.append(True)
-        for proc in procs:
-            proc.kill()
+        for cleanup in cleanups:
+            cleanup()
         server.close()
-        thread.join(10)
         shutil.rmtree(root)
-        shutil.rmtree(board, ignore_errors=True)
+        shutil.rmtree(board.dir, ignore_errors=True)
     return median(took), p95(took)
 
 
