@@ -130,8 +130,9 @@ CACHE_BYTES = 16 << 20  # verified file bodies kept in memory (LRU)
 CACHE_MAX_FILE = 4 << 20  # larger files are streamed, not cached
 STREAM_CHUNK = 64 << 10
 MAX_DEVICES = 1000  # boards remembered for the status page
-REPORTS_PER_BOARD = 5  # crash reports taken from one board per REPORT_WINDOW...
-REPORTS_IN_ALL = 60  # ...and from all boards together; more get 429
+REPORTS_PER_BOARD = 60  # crash reports taken from one board per REPORT_WINDOW (a
+# developer saving a crashing app every second never meets it)...
+REPORTS_IN_ALL = 600  # ...and from all boards together; more get 429
 REPORT_WINDOW = 60.0  # s
 STATUS_REFRESH = 2  # s between refreshes of the status page
 CHECKSUM_RE = re.compile(r"[0-9a-f]{40}")
@@ -177,6 +178,7 @@ BOARD_FILES = {
     "FAILED": "failed",  # a version whose update failed, and how many times
     "RUN": "run",  # what a start needs to run the app (RUN_SLOTS)
     "RESTART": "restart",  # the board restarted itself: not a start to count
+    "RESTARTS": "restarts",  # starts it did not make since the app last ran `trial` s
 }
 # The run file (a JSON list) and, after it, the runner's own state beside the
 # app (one list: on MicroPython every name of a module costs heap):
@@ -185,14 +187,15 @@ RUN_SLOTS = (
     ("HOST", "the server's host"),
     ("PORT", "and port"),
     ("HEAD", "the waiting request's head, %s for the board's state (read when needed)"),
-    ("BOARD", "the board's state, sent with each request (but \"on trial\" while TRIAL runs)"),
+    ("BOARD", "the board's state, sent with each request"),
+    ("AFTER", "its state once TRIAL is over"),
     ("HOLD", "the app crashed, and stays: it does not run until the next version"),
     ("PAUSE", "ms after SINCE before the next request"),
     ("RETRY", "ms after T0 before a failed update is tried again, or 0"),
     ("DEADLINE", "ms a waiting request may take"),
     ("VERBOSE", "print what it does"),
     ("DIR", "the runner's own: the state folder, with its /"),
-    ("TRIAL", "ms the version on trial must run after T0 (None: not on trial)"),
+    ("TRIAL", "ms the app must run after T0 to confirm its version, or end a run of restarts"),
     ("T0", "when the app started"),
     ("SINCE", "when the request was armed, or ended"),
     ("BACKOFF", "s before the next request after a failure"),
@@ -201,6 +204,7 @@ RUN_SLOTS = (
     ("READ", "the readinto of the socket's file: None while nothing has come"),
     ("BUF", "1 byte"),
     ("DUE", "poll() ended the app for an update"),
+    ("STALE", "the waiting request says a state that is no longer true: send it again"),
     ("THREADED", "a thread follows the server"),
     ("ENDING", "the Unix port's thread asks poll() to end the process"),
     ("RESET", "what restarts the board"),
@@ -2003,9 +2007,11 @@ class DeviceTable:
             state = clean_header(headers.get(STATE_HEADER), STATE_MAX)
             if state:
                 device["state"] = state
+            # A board sends its last update's error with each request until an
+            # update succeeds: a request without one clears it.
             error = clean_header(headers.get(ERROR_HEADER), ERROR_MAX)
-            if error:
-                device.update(last_error=error, last_error_at=now)
+            if error != device["last_error"]:
+                device.update(last_error=error, last_error_at=now if error else None)
             self._devices[device_id] = device
             while len(self._devices) > self.limit:
                 self._devices.popitem(last=False)
@@ -3018,6 +3024,11 @@ def _step():
     if r[_RETRY] and t >= r[_RETRY]:
         return True
     s = r[_SOCK]
+    if s and r[_STALE]:  # sent "on trial", and the trial is over: the server hears it now
+        s.close()
+        s = r[_SOCK] = None
+        r[_PAUSE] = 0
+    r[_STALE] = False
     why = None
     try:
         if s is None:  # connect without blocking, and queue the request
@@ -3030,7 +3041,7 @@ def _step():
             # the app; the board's state goes in its %s.
             with open(r[_DIR] + $RUN) as f:
                 a = json.load(f)[_HEAD]
-            r[_OUT] = (a % ("on trial" if r[_TRIAL] is not None else r[_BOARD])).encode()
+            r[_OUT] = (a % r[_BOARD]).encode()
             r[_SINCE] = time.ticks_ms()
             s.setblocking(False)
             s.connect(ai[-1])
@@ -3159,6 +3170,12 @@ def confirm():
     r = _run
     if r and r[_TRIAL] is not None:
         r[_TRIAL] = None
+        r[_BOARD] = r[_AFTER]
+        r[_STALE] = True
+        try:  # it ran: not a run of restarts
+            os.remove(r[_DIR] + $RESTARTS)
+        except OSError:
+            pass
         try:  # not on trial from now on; what it kept for a rollback goes with the next update
             os.remove(r[_DIR] + $GOOD)
             print("otapromoter: version confirmed")
@@ -3169,8 +3186,9 @@ def confirm():
 DEVICE_START = r'''# otapromoter_start.py: the part of otapromoter (see there) that makes a start
 # of run(), imported before the app and dropped before it runs: the runner's
 # state from the run file the last work wrote, or after the work, if this
-# start has some (none for these arguments, an update asked for, a start of
-# a version on trial that otapromoter did not make: the work counts it).
+# start has some (none for these arguments, an update asked for, a start that
+# otapromoter did not make: a power cut, a crash it could not catch, a hang;
+# the work counts it, and checks for a new version before the app runs).
 import json
 import os
 
@@ -3189,7 +3207,7 @@ def start(args, reset, run):
     ours = False
     if run is None:
         ours = $RESTART in names
-        if ours or $GOOD not in names:
+        if ours:
             try:
                 with open(d + $RUN) as f:
                     run = json.load(f)
@@ -3205,9 +3223,9 @@ def start(args, reset, run):
     run[_ARGS] = run[_HEAD] = None  # compared; read when needed
     run[_DIR], run[_RESET], run[_BUF] = d, reset, bytearray(1)
     run[_BACKOFF] = 1
-    run[_DUE] = run[_THREADED] = run[_ENDING] = False
+    run[_DUE] = run[_THREADED] = run[_ENDING] = run[_STALE] = False
     run[_HOLD] = ours and run[_HOLD]  # it crashed, and stays, till the next version or reset
-    if not run[_HOLD] and $GOOD in names:
+    if not run[_HOLD] and ($GOOD in names or $RESTARTS in names):
         run[_TRIAL] = int(args[3] * 1000)
     return run
 '''
@@ -3442,15 +3460,15 @@ class OTAPromoter:
         return h
 
     def _open(self, path, etags=(), timeout=None, data=None):
-        # Send a request (a POST of `data`, bytes, if given) and read the
-        # answer's status line and headers; its status. The whole answer must
+        # Send a request (a POST of the file named `data`, if given, read
+        # in small pieces) and read the answer's status line and headers; its status. The whole answer must
         # come within `timeout` seconds: _line() and _read() read its body,
         # _close() ends it. OTAError on any failure.
         try:
             h = self._head(path, etags)
-            if data is not None:
+            if data:
                 h = "POST" + h[3:] + "Content-Type: text/plain; charset=utf-8\r\n" \
-                    "Content-Length: %d\r\n" % len(data)
+                    "Content-Length: %d\r\n" % os.stat(data)[6]
             ai = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0]
             sock = self.sock = socket.socket(ai[0], ai[1], ai[2])
             sock.settimeout(self.timeout)
@@ -3459,11 +3477,19 @@ class OTAPromoter:
             self.pending, self.length = b"", -1
             h += "\r\n"
             if hasattr(sock, "recv_into"):  # CPython
-                sock.sendall(h.encode() + (data or b""))
+                send = sock.sendall
+                send(h.encode())
             else:  # MicroPython: a str is written as its UTF-8, with no copy
-                sock.write(h)
-                if data:
-                    sock.write(data)
+                send = sock.write
+                send(h)
+            if data:
+                with open(data, "rb") as f:
+                    buf = bytearray(256)
+                    n = f.readinto(buf)
+                    while n:
+                        send(memoryview(buf)[:n])
+                        n = f.readinto(buf)
+            if not hasattr(sock, "recv_into"):
                 sock.setblocking(False)  # its reads are made without blocking (see _read)
             line = self._line().split(b" ", 2)
             if len(line) < 2 or not line[0].startswith(b"HTTP/") or not line[1].isdigit():
@@ -3562,8 +3588,8 @@ class OTAPromoter:
                 self._say("the files changed on the server during the update; starting over")
             else:
                 raise OTAError("the files kept changing on the server; try again later")
+            self.error = None  # not sent with the switch's check-in
             _call("otapromoter_switch", "run", self, folders)
-            self.error = None
             return True
         except MemoryError:
             self.error = "update failed: out of memory"
@@ -3608,7 +3634,7 @@ DEVICE_WORK = r'''# otapromoter_work.py: the part of otapromoter (see there) tha
 import gc
 import time
 
-from otapromoter_client import OTAPromoter, OTAError, _call, _kind, _remove
+from otapromoter_client import OTAPromoter, OTAError, _call, _kind, _remove, recover
 
 $RUN_SLOTS
 _SMALL_HEAP = const(64 << 10)  # bytes: a board with less runs its app after a restart
@@ -3637,16 +3663,24 @@ def work(args, event, reset):
     ours = _kind(ota.state + $RESTART)
     _remove(ota.state + $RESTART)
     hold = False
-    if event is not None or ota.on_trial() and not ours or _kind(ota.state + $REPORT):
+    if event is not None or not ours or _kind(ota.state + $REPORT):
         try:  # how the last run ended, and a crash report
+            recover(ota.dir, ota._say)  # a rollback cut short
             hold = _call("otapromoter_trial", "before", ota, args, event)
-        except Exception as e:  # no heap for it? the next start tries again
+        except Exception as e:
             ota._say(repr(e))
+            if event is not None and isinstance(e, MemoryError):
+                reset()  # the heap the app left is too cut up: the next start does it all
     try:
         updated = ota.check_and_update()
     except OTAError as e:
         ota._say("%s; going on with the files the board has" % e)
         updated = False
+        if event is not None and ota.error.endswith("out of memory"):
+            # Not in the heap the app left: at the next start, which has
+            # it all (no run file: that start updates first).
+            open(ota.state + $RESTART, "wb").close()
+            reset()
     info = _call("otapromoter_trial", "after", ota, args, updated, hold)
     if event is None and not (hasattr(gc, "mem_free")
                               and gc.mem_free() + gc.mem_alloc() < _SMALL_HEAP):
@@ -3664,6 +3698,7 @@ DEVICE_TRIAL = r'''# otapromoter_trial.py: the part of otapromoter (see there) t
 # trial), sends the crash report, and writes the run file that the next
 # starts run the app by. Also watch(), and OTAPromoter.wait_for_change().
 import json
+import os
 import sys
 import time
 
@@ -3693,37 +3728,48 @@ def _traceback(e):
     return text
 
 
+def _report(ota, text):
+    with open(ota.state + $REPORT, "wb") as f:
+        f.write(_cut(text.encode()))
+
+
 def before(ota, args, event):
     # Act on how the last run ended: a crash (event), or a start otapromoter
-    # did not make during a trial (event None); send a crash report. True if
-    # the app is not to run (it crashed in this version, which stays: not on
-    # trial, or rollback=False).
+    # did not make (event None: a power cut, a crash it could not catch, a
+    # hang), counted against a trial and as a run of restarts; send a crash
+    # report. True if the app is not to run (it crashed in this version,
+    # which stays: not on trial, or rollback=False).
     url, main_dir, app, trial, restarts, rollback, wait, kw = args
-    report, count = ota.state + $REPORT, ota.state + $TRIAL
+    count = ota.state + $TRIAL
     hold = False
-    text = None
     if isinstance(event, Exception):
-        what, trace = app + " raised", _traceback(event)
+        # The report and the trial's end are written first: if the heap runs
+        # out in the rollback, the next start rolls back (it counts "crashed").
+        text = "%s raised (version %s)\n%s" % (app, ota.version(), _traceback(event))
+        _report(ota, text)
+        if ota.on_trial():
+            _write(count, "crashed")  # not a version to go back to
         if ota.on_trial() and rollback:
-            text = _call("otapromoter_switch", "roll_back", ota, what) + "\n" + trace
+            _report(ota, _call("otapromoter_switch", "roll_back", ota, text))
         else:
-            text = "%s (version %s)\n%s" % (what, ota.version(), trace)
             hold = True
-            if ota.on_trial():
-                _write(count, "crashed")  # not a version to go back to
-    elif event is None and ota.on_trial():
-        # A start otapromoter did not make (a crash it could not catch, a hang,
-        # a power cut): counted against the trial.
-        starts = _read(count)
-        starts = int(starts) + 1 if starts.isdigit() else restarts + 1
-        if starts > restarts and rollback:
-            text = _call("otapromoter_switch", "roll_back", ota,
-                         "it restarted %d times during its trial" % (starts - 1))
-        elif starts <= restarts:
-            _write(count, str(starts))
-    if text is not None:
-        with open(report, "wb") as f:
-            f.write(_cut(text.encode()))
+    elif event is None:
+        if _kind(ota.state) != 2:  # a first start
+            os.mkdir(ota.state[:-1])
+        starts = _read(ota.state + $RESTARTS)
+        starts = int(starts) + 1 if starts.isdigit() else 1
+        _write(ota.state + $RESTARTS, str(starts))
+        if starts > 1:
+            ota.board_state = "crashing: restarted %d times" % starts
+        if ota.on_trial():
+            starts = _read(count)
+            crashed = not starts.isdigit()
+            starts = restarts + 1 if crashed else int(starts) + 1
+            if starts > restarts and rollback:
+                _report(ota, _call("otapromoter_switch", "roll_back", ota, "it crashed" if crashed
+                                   else "it restarted %d times during its trial" % (starts - 1)))
+            elif starts <= restarts:
+                _write(count, str(starts))
     send_report(ota)
     return hold
 
@@ -3734,10 +3780,8 @@ def send_report(ota):
     path = ota.state + $REPORT
     if not _kind(path):
         return
-    try:
-        with open(path, "rb") as f:
-            body = _cut(f.read($REPORT_MAX + 1))
-        status = _exchange(ota, $REPORT_PATH, data=body)[0]
+    try:  # sent from the file, which _report() cut to what the server takes
+        status = _exchange(ota, $REPORT_PATH, data=path)[0]
     except Exception as e:  # OTAError; no heap for it
         return ota._say("crash report kept for later: %s" % e)
     if status == 429 or status >= 500:
@@ -3777,8 +3821,9 @@ def after(ota, args, updated, hold):
     info[_HEAD] = ota._head("%s?wait=%d" % ($VERSION_PATH, wait), etags).replace(
         "%", "%%") + $STATE_HEADER ": %s\r\n\r\n"
     info[_HOLD] = hold and not updated
-    info[_BOARD] = ("crashed" if info[_HOLD] else
-                    "rolled back from " + rejected if rejected else "running")
+    info[_AFTER] = "rolled back from " + rejected if rejected else "running"
+    info[_BOARD] = ("crashed" if info[_HOLD] else ota.board_state if ota.board_state and not
+                    updated else "on trial" if ota.on_trial() else info[_AFTER])
     info[_PAUSE], info[_RETRY], info[_DEADLINE] = pause, retry, (wait + ota.timeout) * 1000
     info[_VERBOSE] = ota.verbose
     with open(ota.state + $RUN, "w") as f:
