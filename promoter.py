@@ -160,7 +160,7 @@ HEADERS_MAX = 64  # header lines of an answer a board reads
 # keeps at most this many characters of each, and boards send no more.
 ID_HEADER, ID_MAX = "X-Device-Id", 64
 VERSION_HEADER, VERSION_MAX = "X-Device-Version", 40  # the version on the board
-STATE_HEADER, STATE_MAX = "X-Device-State", 80  # running, on trial, crashed, rolled back from X
+STATE_HEADER, STATE_MAX = "X-Device-State", 80  # running, on trial, crashed, rolled back from X...
 ERROR_HEADER, ERROR_MAX = "X-Device-Error", 200  # why its last update failed
 REPORT_MAX = 4096  # bytes of a crash report
 STATE_DIR = ".promoter"  # a board's own files, in its main folder; never served
@@ -172,13 +172,17 @@ BOARD_FILES = {
     "JOURNAL": "journal",  # the steps of a switch under way
     "GOOD": "good",  # while a version is on trial: the list of the one to go back to
     "KEEP": "keep",  # and a folder of its files that the trial version replaced
+    "OWN": "own",  # a folder of the board's own files that promoted ones replaced
     "TRIAL": "trial",  # the starts of the version on trial ("crashed": it did)
-    "REJECTED": "rejected",  # a version rolled back from: not applied again
+    "REJECTED": "rejected",  # a version rolled back from, or whose device module failed its
+    # test (" module" after it): not applied again
     "REPORT": "report",  # a crash report the server has not taken yet
     "FAILED": "failed",  # a version whose update failed, and how many times
     "RUN": "run",  # what a start needs to run the app (RUN_SLOTS)
     "RESTART": "restart",  # the board restarted itself: not a start to count
     "RESTARTS": "restarts",  # starts it did not make since the app last ran `trial` s
+    "TRY": "try",  # a new device module put together, to be tested (its own main folder)
+    "TRIED": "tried",  # how the test went: "<version> ok", or "<version> <why>"
 }
 # The run file (a JSON list) and, after it, the runner's own state beside the
 # app (one list: on MicroPython every name of a module costs heap):
@@ -3191,6 +3195,7 @@ DEVICE_START = r'''# otapromoter_start.py: the part of otapromoter (see there) t
 # the work counts it, and checks for a new version before the app runs).
 import json
 import os
+import sys
 
 $RUN_SLOTS
 
@@ -3206,6 +3211,12 @@ def start(args, reset, run):
         names = ()
     ours = False
     if run is None:
+        if $TRY in names:  # a new device module to test, while nothing else is loaded
+            import otapromoter_try
+            otapromoter_try.run(args[1], args[0], args[7])
+            otapromoter_try = None
+            del sys.modules["otapromoter_try"]
+            return False  # the update goes on, and switches to it if it passed
         ours = $RESTART in names
         if ours:
             try:
@@ -3384,7 +3395,7 @@ class OTAPromoter:
     check_and_update(), wait_for_change(), version()."""
 
     def __init__(self, url, main_dir="/", token=None, device_id=None, verbose=True,
-                 timeout=_TIMEOUT, mpy=True):
+                 timeout=_TIMEOUT, mpy=True, boot_files=False):
         if "://" in url and not url.startswith("http://"):
             raise OTAError("only http:// servers are supported: " + url)
         host = url.split("://")[-1].split("/", 1)[0]
@@ -3414,6 +3425,12 @@ class OTAPromoter:
         # sends its own state with the waiting request)
         self.keep = False  # keep what an update replaces, for a rollback (run() sets it)
         self.wanted = None  # the server's version the last update went for
+        # boot.py and main.py start the board: the server's replace the
+        # board's own only with boot_files=True (None here); else what of them
+        # the last list had is skipped (1 boot.py, 2 main.py, 3 both; the
+        # switch makes it a message), and the server told so.
+        self.skipped = None if boot_files else 0
+        self.damaged = ()  # promoted files that the last check found damaged
         self.sock = None  # the request under way (one at a time)
         # Where the firmware loads .mpy files, the files come from the view of
         # its format (/mpy6/files.txt): compiled by the server (--mpy), or the
@@ -3433,7 +3450,7 @@ class OTAPromoter:
 
     def etags(self):
         # The versions the board does not want: its own, and one rolled back from.
-        return (self.version(), _read(self.state + $REJECTED))
+        return (self.version(), _read(self.state + $REJECTED)[:40])
 
     def on_trial(self):
         # A version is on trial while the list of the one to go back to is kept.
@@ -3578,6 +3595,8 @@ class OTAPromoter:
         Raises OTAError (the board keeps its files) on any failure."""
         try:
             recover(self.dir, self._say)
+            if _kind(self.state + $STATE):  # not at a first install
+                self.damaged = _call("otapromoter_check", "damaged", self)
             for _ in range(3):  # the tree may change on the server during an update
                 folders = _call("otapromoter_list", "run", self)
                 if folders is None:
@@ -3588,8 +3607,10 @@ class OTAPromoter:
                 self._say("the files changed on the server during the update; starting over")
             else:
                 raise OTAError("the files kept changing on the server; try again later")
+            _call("otapromoter_check", "module", self)  # when it changes the device module
             self.error = None  # not sent with the switch's check-in
             _call("otapromoter_switch", "run", self, folders)
+            self.damaged = ()
             return True
         except MemoryError:
             self.error = "update failed: out of memory"
@@ -3634,7 +3655,7 @@ DEVICE_WORK = r'''# otapromoter_work.py: the part of otapromoter (see there) tha
 import gc
 import time
 
-from otapromoter_client import OTAPromoter, OTAError, _call, _kind, _remove, recover
+from otapromoter_client import OTAPromoter, OTAError, _call, _kind, _read, _write, _remove
 
 $RUN_SLOTS
 _SMALL_HEAP = const(64 << 10)  # bytes: a board with less runs its app after a restart
@@ -3662,10 +3683,17 @@ def work(args, event, reset):
     _remove(ota.state + $RUN)  # under way: a start after a reset does it again
     ours = _kind(ota.state + $RESTART)
     _remove(ota.state + $RESTART)
+    if event is None and not ours and _kind(ota.state) == 2:
+        # A start otapromoter did not make (a power cut, a crash it could not
+        # catch, a hang): counted; a run of them shows on the page as crashing.
+        n = _read(ota.state + $RESTARTS)
+        n = int(n) + 1 if n.isdigit() else 1
+        _write(ota.state + $RESTARTS, str(n))
+        if n > 2:  # the first is a power-on, or the first of the run
+            ota.board_state = "crashing: restarted %d times" % (n - 1)
     hold = False
-    if event is not None or not ours or _kind(ota.state + $REPORT):
+    if event is not None or ota.on_trial() and not ours or _kind(ota.state + $REPORT):
         try:  # how the last run ended, and a crash report
-            recover(ota.dir, ota._say)  # a rollback cut short
             hold = _call("otapromoter_trial", "before", ota, args, event)
         except Exception as e:
             ota._say(repr(e))
@@ -3676,9 +3704,11 @@ def work(args, event, reset):
     except OTAError as e:
         ota._say("%s; going on with the files the board has" % e)
         updated = False
-        if event is not None and ota.error.endswith("out of memory"):
-            # Not in the heap the app left: at the next start, which has
-            # it all (no run file: that start updates first).
+        if event is not None and ota.error.endswith("out of memory") or _kind(
+                ota.state + $TRY):
+            # Not in the heap the app left, or a new device module to test:
+            # at the next start, which has it all (no run file: that start
+            # updates first).
             open(ota.state + $RESTART, "wb").close()
             reset()
     info = _call("otapromoter_trial", "after", ota, args, updated, hold)
@@ -3698,11 +3728,11 @@ DEVICE_TRIAL = r'''# otapromoter_trial.py: the part of otapromoter (see there) t
 # trial), sends the crash report, and writes the run file that the next
 # starts run the app by. Also watch(), and OTAPromoter.wait_for_change().
 import json
-import os
 import sys
 import time
 
-from otapromoter_client import OTAPromoter, OTAError, _read, _write, _kind, _remove, _call
+from otapromoter_client import OTAPromoter, OTAError, _read, _write, _kind, _remove, _call, \
+    recover
 
 $RUN_SLOTS
 
@@ -3735,11 +3765,12 @@ def _report(ota, text):
 
 def before(ota, args, event):
     # Act on how the last run ended: a crash (event), or a start otapromoter
-    # did not make (event None: a power cut, a crash it could not catch, a
-    # hang), counted against a trial and as a run of restarts; send a crash
-    # report. True if the app is not to run (it crashed in this version,
-    # which stays: not on trial, or rollback=False).
+    # did not make during a trial (event None: a power cut, a crash it could
+    # not catch, a hang), counted against it; send a crash report. True if
+    # the app is not to run (it crashed in this version, which stays: not on
+    # trial, or rollback=False).
     url, main_dir, app, trial, restarts, rollback, wait, kw = args
+    recover(ota.dir, ota._say)  # a rollback cut short
     count = ota.state + $TRIAL
     hold = False
     if isinstance(event, Exception):
@@ -3753,23 +3784,15 @@ def before(ota, args, event):
             _report(ota, _call("otapromoter_switch", "roll_back", ota, text))
         else:
             hold = True
-    elif event is None:
-        if _kind(ota.state) != 2:  # a first start
-            os.mkdir(ota.state[:-1])
-        starts = _read(ota.state + $RESTARTS)
-        starts = int(starts) + 1 if starts.isdigit() else 1
-        _write(ota.state + $RESTARTS, str(starts))
-        if starts > 1:
-            ota.board_state = "crashing: restarted %d times" % starts
-        if ota.on_trial():
-            starts = _read(count)
-            crashed = not starts.isdigit()
-            starts = restarts + 1 if crashed else int(starts) + 1
-            if starts > restarts and rollback:
-                _report(ota, _call("otapromoter_switch", "roll_back", ota, "it crashed" if crashed
-                                   else "it restarted %d times during its trial" % (starts - 1)))
-            elif starts <= restarts:
-                _write(count, str(starts))
+    elif event is None and ota.on_trial():
+        starts = _read(count)
+        crashed = not starts.isdigit()
+        starts = restarts + 1 if crashed else int(starts) + 1
+        if starts > restarts and rollback:
+            _report(ota, _call("otapromoter_switch", "roll_back", ota, "it crashed" if crashed
+                               else "it restarted %d times during its trial" % (starts - 1)))
+        elif starts <= restarts:
+            _write(count, str(starts))
     send_report(ota)
     return hold
 
@@ -3801,8 +3824,9 @@ def after(ota, args, updated, hold):
         _write(ota.state + $TRIAL, "1")  # the first start of the version on trial
     failed = ota.state + $FAILED
     etags = ota.etags()
+    rejected = _read(ota.state + $REJECTED)
     pause = retry = 0
-    if ota.error:
+    if ota.error and ota.wanted != rejected[:40]:  # (a version rejected is not tried again)
         # Tried again after 10 s, 20 s... up to 10 min; a new version at once.
         last = _read(failed).split()
         tries = int(last[1]) + 1 if last[:1] == [ota.wanted] and len(last) == 2 else 1
@@ -3810,20 +3834,23 @@ def after(ota, args, updated, hold):
         retry = min(10 << min(tries - 1, 6), 600) * 1000
         if ota.wanted:
             etags += (ota.wanted,)
-        else:  # no version known: any version would restart the board at once
-            pause, retry = retry, 0
+        else:  # no version known (no server?): any version restarts the board, after a pause
+            pause, retry = retry // 10, 0
     else:
         _remove(failed)
-    rejected = _read(ota.state + $REJECTED)
     info = [None] * (_VERBOSE + 1)
     info[_ARGS], info[_HOST], info[_PORT] = repr(args), ota.host, ota.port
+    info[_HOLD] = hold and not updated
+    info[_AFTER] = (("refused %s: its module failed its test" if rejected[41:] else
+                     "rolled back from %s") % rejected[:40]) if rejected else "running"
+    info[_BOARD] = ("crashed" if info[_HOLD] else ota.board_state if ota.board_state and not
+                    updated else "on trial" if ota.on_trial() else info[_AFTER])
+    ota.board_state = None  # the head says it as %s
+    if updated and ota.skipped:  # (the switch made it a message)
+        ota.error = ota.error or ota.skipped
     # The head, with the board's state to fill in (as a % format).
     info[_HEAD] = ota._head("%s?wait=%d" % ($VERSION_PATH, wait), etags).replace(
         "%", "%%") + $STATE_HEADER ": %s\r\n\r\n"
-    info[_HOLD] = hold and not updated
-    info[_AFTER] = "rolled back from " + rejected if rejected else "running"
-    info[_BOARD] = ("crashed" if info[_HOLD] else ota.board_state if ota.board_state and not
-                    updated else "on trial" if ota.on_trial() else info[_AFTER])
     info[_PAUSE], info[_RETRY], info[_DEADLINE] = pause, retry, (wait + ota.timeout) * 1000
     info[_VERBOSE] = ota.verbose
     with open(ota.state + $RUN, "w") as f:
@@ -3944,9 +3971,10 @@ def _free(path):
 def run(ota):
     # Copy the server's list to "new", checking every line, in no more than
     # half the free flash, and plan the switch: the folders in the way, to
-    # remove in it (deepest first); None if the board has that version.
+    # remove in it (deepest first); None if the board has that version, whole.
     new, tmp = ota.state + $NEW, ota.state + $NEW + ".tmp"
-    status = ota._open($LIST_PATH, ota.etags())
+    damaged = ota.damaged
+    status = ota._open($LIST_PATH, ota.etags()[1:] if damaged else ota.etags())
     try:
         if status == 304:
             return None
@@ -3961,12 +3989,13 @@ def run(ota):
         version = first.strip().decode()
         if len(version) != 40 or version.strip("0123456789abcdef") or first[-1:] != b"\n":
             raise OTAError("%s: bad first line" % $LIST_PATH)
-        if version in ota.etags():
+        if version in ota.etags() and not (damaged and version == ota.version()):
             return None  # a server that ignores If-None-Match sent a version not wanted
         ota.wanted = version
         room = _free(ota.dir)
         total = len(first)
         before = None
+        skip = 0  # 1: it skipped boot.py, 2: main.py
         with open(tmp, "wb") as f:
             f.write(first)
             while True:
@@ -3980,7 +4009,15 @@ def run(ota):
                     before = check_line(line, before)
                 except OTAError as e:
                     raise OTAError("%s: %s" % ($LIST_PATH, e))
+                # What starts the board (otapromoter.run's line) stays the
+                # board's. (Bytes: a str constant would be a name kept in the heap.)
+                if len(before) == 1 and ota.skipped is not None and (
+                        line.endswith(b" boot.py\n") or line.endswith(b" main.py\n")):
+                    skip |= 1 if line.endswith(b" boot.py\n") else 2
+                    continue
                 f.write(line)
+        if ota.skipped is not None:
+            ota.skipped = skip
         if ota.length >= 0 and total != ota.length:
             raise OTAError("%s: %d of %d bytes" % ($LIST_PATH, total, ota.length))
         _rename(tmp, new)
@@ -4043,7 +4080,7 @@ def _plan(ota, new, old):
                                        "board" % (path, sub))
             found.reverse()
             folders.extend(found)
-        if not was or was[0] != cs:
+        if not was or was[0] != cs or path in ota.damaged:
             count += 1
             need += size
             blocks += (size + 4095) // 4096 + 1
@@ -4086,7 +4123,8 @@ def run(ota):
     buf = bytearray(_BUF_SIZE)
     try:
         for was, now in _merge(ota.state + $STATE, ota.state + $NEW):
-            if now and (not was or was[0] != now[0]) and not _download(ota, now, buf):
+            if now and (not was or was[0] != now[0] or now[2] in ota.damaged) and \
+                    not _download(ota, now, buf):
                 return False
         return True
     except (OSError, OTAError) as e:
@@ -4181,9 +4219,12 @@ DEVICE_SWITCH = r'''# otapromoter_switch.py: the last step of an update (see ota
 # exactly the old set of files or exactly the new one. Its steps:
 #   D path     delete a promoted file    K cs path  move it to keep/cs
 #   R folder   remove a folder           M cs path  move stage/cs (or keep/cs) there
+#   O path     move a file of the board's own that a promoted file replaces to own/
+#   U path     a promoted file gone: move the board's own back from own/
 #   S          the new list is the state; any trial ends
 #   T          the same, on trial: the version replaced is the one to go back
-#              to ("good") if it ran without crashing, else "good" stays
+#              to ("good") if it ran without crashing, else "good" stays; a
+#              repair (the same version) changes neither
 import errno
 import os
 
@@ -4200,6 +4241,8 @@ _REMOVE = const(82)  # R
 _MOVE = const(77)  # M
 _SWITCH = const(83)  # S
 _TRIAL = const(84)  # T
+_OWN = const(79)  # O
+_UNOWN = const(85)  # U
 
 
 def run(ota, folders):
@@ -4207,16 +4250,23 @@ def run(ota, folders):
     # made ready, and carry it out. Under run() the files it replaces are
     # kept, for a rollback.
     old = ota.state + $STATE
-    _journal(ota.state, ota.state + $NEW, old, folders, ota.keep and _kind(old))
+    _journal(ota.dir, ota.state + $NEW, old, folders, ota.keep and _kind(old), ota.damaged)
     replay(ota.dir, ota._say)
     _remove(ota.state + $REJECTED)  # a new version: one rolled back from may come again
+    ota.board_state = None  # what the board said of the last one is over
     ota._say("now at version %s" % ota.version())
+    if ota.skipped:  # said to the server as an error, with the check-in and the waiting request
+        ota.skipped = "skipped %s: the board keeps its own (boot_files=True replaces it)" % (
+            "boot.py", "main.py", "boot.py and main.py")[ota.skipped - 1]
+        ota._say(ota.skipped)
     if ota.device_id:
         try:  # tell the server which version this board runs now (its headers do)
+            ota.error = ota.skipped
             ota._open($VERSION_PATH)
             ota._close()
         except OTAError:
             pass  # it hears it with the next request
+        ota.error = None
 
 
 def roll_back(ota, text):
@@ -4230,7 +4280,7 @@ def roll_back(ota, text):
         with open(new, "wb") as f:
             for line in _lines(ota.state + $GOOD):
                 f.write((line + "\n").encode())
-        _journal(ota.state, new, ota.state + $STATE, (), False)
+        _journal(ota.dir, new, ota.state + $STATE, (), False)
         replay(ota.dir, ota._say)
         done = ""
     except (OSError, OTAError) as e:
@@ -4240,20 +4290,27 @@ def roll_back(ota, text):
     return text
 
 
-def _journal(state, new, old, folders, keep):
-    # Moves for every staged file; for the promoted files that go, deletions
-    # (or, with `keep`, moves to keep/ for a rollback); removals of the
-    # folders in the way. Written to a temp file and renamed: whole or absent.
+def _journal(main, new, old, folders, keep, damaged=()):
+    # Moves for every staged file (a file of the board's own in the way is
+    # moved to own/ first); for the promoted files that go, deletions (or,
+    # with `keep`, moves to keep/ for a rollback), and the board's own file
+    # back; removals of the folders in the way. Written to a temp file and
+    # renamed: whole or absent.
+    state = main + $STATE_DIR + "/"
     tmp = state + $JOURNAL + ".tmp"
     with open(tmp, "wb") as f:
         for was, now in _merge(old, new):
-            if now and (not was or was[0] != now[0]):
+            if now and (not was or was[0] != now[0] or now[2] in damaged):
+                if not was and _kind(main + now[2]) == 1:
+                    f.write(b"O %s\n" % now[2].encode())
                 f.write(b"M %s %s\n" % (now[0].encode(), now[2].encode()))
             if was and (not now or was[0] != now[0]):
                 if keep:
                     f.write(b"K %s %s\n" % (was[0].encode(), was[2].encode()))
                 elif not now:
                     f.write(b"D %s\n" % was[2].encode())
+                if not now:
+                    f.write(b"U %s\n" % was[2].encode())
         for folder in folders:
             f.write(b"R %s\n" % folder.encode())
         f.write(b"T\n" if keep else b"S\n")
@@ -4284,7 +4341,7 @@ def replay(main, say=None):
             with open(journal, "rb") as f:
                 for line in f:
                     op, arg = line[0], line[2:].rstrip(b"\n").decode()
-                    if (op in b"DKR") != clear:
+                    if (op in b"DKRO") != clear:
                         continue
                     try:
                         _step(main, state, op, arg, say)
@@ -4302,13 +4359,31 @@ def replay(main, say=None):
                        % (", ".join(p for p, _ in failed), failed[0][1]))
 
 
+def _folders(main, path):
+    # Make the folders above a file.
+    parts = path.split("/")
+    for i in range(1, len(parts)):
+        if _kind(main + "/".join(parts[:i])) != 2:
+            os.mkdir(main + "/".join(parts[:i]))
+
+
 def _step(main, state, op, arg, say):
     cs = None
     if op in b"KM":
         cs, arg = arg.split(" ", 1)
     target = main + arg
     keep = state + $KEEP + "/"
-    if op in b"DK":
+    own = state + $OWN + "/" + arg.replace("%", "%25").replace("/", "%2F")
+    if op == _OWN:
+        if not _kind(own) and _kind(target) == 1:
+            if _kind(state + $OWN) != 2:
+                os.mkdir(state + $OWN)
+            os.rename(target, own)
+    elif op == _UNOWN:
+        if _kind(own) and not _kind(target):
+            _folders(main, arg)
+            os.rename(own, target)
+    elif op in b"DK":
         if _kind(target) == 1:
             if op == _DELETE:
                 os.remove(target)
@@ -4334,19 +4409,18 @@ def _step(main, state, op, arg, say):
         if not _kind(source):
             source = keep + cs  # a rollback
         if _kind(source):
-            parts = arg.split("/")
-            for i in range(1, len(parts)):
-                if _kind(main + "/".join(parts[:i])) != 2:
-                    os.mkdir(main + "/".join(parts[:i]))
+            _folders(main, arg)
             _rename(source, target)
         elif _kind(target) != 1:
             raise OSError(errno.ENOENT)  # its staged file is gone
     else:  # S, T
         new, cur, good, trial = state + $NEW, state + $STATE, state + $GOOD, state + $TRIAL
         if _kind(new):
+            same = _read(new) == _read(cur)  # a repair
             # The version replaced ran without crashing (confirmed, or started
             # once and not restarted since): it is the one to go back to.
-            if op == _TRIAL and _kind(cur) and (not _kind(good) or _read(trial).encode() == b"1"):
+            if op == _TRIAL and not same and _kind(cur) and (
+                    not _kind(good) or _read(trial).encode() == b"1"):
                 try:  # keep/ holds only its files from now on
                     names = set(os.listdir(keep))
                 except OSError:
@@ -4356,12 +4430,186 @@ def _step(main, state, op, arg, say):
                 for name in names:
                     _remove(keep + name)
                 _rename(cur, good)
-            _remove(trial)  # a new trial: no start counted yet
+            if not same:
+                _remove(trial)  # a new trial: no start counted yet
             _rename(new, cur)
         if op == _SWITCH:
             _remove(good)
             _remove(keep)
             _remove(trial)
+'''
+
+DEVICE_CHECK = r'''# otapromoter_check.py: two checks of an update (see otapromoter_client),
+# each imported for it and dropped after: before its list, what the app (or a
+# person) did to the promoted files on the flash, so that the update repairs
+# it; before its switch, that a new device module works.
+import binascii
+import os
+
+from otapromoter_client import OTAError, _call, _entries, _kind, _read, _write, _merge
+try:
+    from hashlib import sha1
+except ImportError:  # firmware built without TLS can lack it
+    sha1 = None
+
+
+def damaged(ota):
+    # The promoted files that are gone from the flash or have another size
+    # (the app or a person changed them), and the device module's files
+    # whose checksum differs: fetched again, even for the version the board
+    # has. () if none: nothing is left in the heap where the next step goes.
+    found = ()
+    buf = bytearray(256)
+    for entry in _entries(ota.state + $STATE):
+        if not entry:
+            continue
+        cs, size, path = entry[:3]
+        try:
+            st = os.stat(ota.dir + path)
+            bad = st[6] != size or st[0] & 0x4000
+        except OSError:
+            bad = True
+        if not bad and sha1 and "/" not in path and path.startswith("otapromoter"):
+            h = sha1()
+            with open(ota.dir + path, "rb") as f:
+                n = f.readinto(buf)
+                while n:
+                    h.update(memoryview(buf)[:n])
+                    n = f.readinto(buf)
+            h.update(path.encode())
+            bad = binascii.hexlify(h.digest()).decode() != cs
+        if bad:
+            found += (path,)
+    if found:
+        ota._say("damaged on the board, fetched again: " + ", ".join(found))
+    return found
+
+
+def _ours(path):
+    # A file of the device module: otapromoter*.py or .mpy, at the top.
+    return "/" not in path and path.startswith("otapromoter") and path[-3:] in (".py", "mpy")
+
+
+def module(ota):
+    # The code that applies saves is never replaced by code that cannot
+    # apply the next one: when the update changes the device module's files,
+    # the new module is first put together in .promoter/try/ (its new files
+    # and those it keeps, and the list of them as try/'s own state), and
+    # otapromoter_try tests it: under run() at the next start, before
+    # anything else is loaded (OTAError says so, and the work restarts the
+    # board), else here. Its result, in "tried", decides: the switch goes
+    # on, or OTAError, and the board keeps the module it has and does not
+    # ask for this version again (it is rejected).
+    new, old = ota.state + $NEW, ota.state + $STATE
+    names = 0
+    for was, now in _merge(old, new):
+        if now and _ours(now[2]) and (not was or was[0] != now[0] or now[2] in ota.damaged):
+            names += 1
+    if not names:
+        return
+    version = _read(new)
+    tried = _read(ota.state + $TRIED)
+    if tried[:40] != version:
+        test = ota.state + $TRY
+        if _kind(test):
+            _call("otapromoter_try", "clear", test)  # left by a power cut
+        os.mkdir(test)
+        os.mkdir(test + "/" + $STATE_DIR)
+        buf = bytearray(256)
+        for entry in _entries(new):
+            if entry and _ours(entry[2]):
+                source = ota.state + $STAGE + "/" + entry[0]
+                if not _kind(source):
+                    source = ota.dir + entry[2]  # a file it keeps
+                with open(source, "rb") as f, open(test + "/" + entry[2], "wb") as copy:
+                    n = f.readinto(buf)
+                    while n:
+                        copy.write(memoryview(buf)[:n])
+                        n = f.readinto(buf)
+        buf = None
+        with open(test + "/" + $STATE_DIR + "/" + $STATE, "wb") as state:  # last: it is ready
+            state.write(version.encode() + b"\n")
+            for entry in _entries(new):
+                if entry and _ours(entry[2]):
+                    state.write(b"%s %d %s\n" % (entry[0].encode(), entry[1], entry[2].encode()))
+        if ota.keep:  # run(): at the next start
+            raise OTAError("the new device module is tested at the next start")
+        _call("otapromoter_try", "run", ota.dir, "http://%s:%d%s" % (ota.host, ota.port, ota.base),
+              {"token": ota.token, "timeout": ota.timeout,
+               "mpy": int(ota.view[4:]) if ota.view else False})
+        tried = _read(ota.state + $TRIED)
+    os.remove(ota.state + $TRIED)
+    if tried[41:] == "ok":
+        return ota._say("the new device module passed its test")
+    _write(ota.state + $REJECTED, version + " module")  # not asked for again: the next save is
+    raise OTAError("the new device module failed its test (%s); the board keeps its own"
+                   % tried[41:])
+'''
+
+DEVICE_TRY = r'''# otapromoter_try.py: the test of a new device module (see otapromoter_check),
+# imported for it and dropped after; under run() at a start, before
+# anything else is loaded, so that the new module has the heap. Nothing here
+# imports the rest of the module: the test replaces it in sys.modules.
+import os
+import sys
+
+
+def clear(path):
+    # Remove a folder and all it holds.
+    for name in os.listdir(path):
+        try:
+            os.remove(path + "/" + name)
+        except OSError:  # a folder
+            clear(path + "/" + name)
+    os.rmdir(path)
+
+
+def run(main, url, kw):
+    # Test the module in <main>/.promoter/try/: import each of its files,
+    # then run an update check with it, try/ being its main folder (its
+    # state lists its files: nothing to download, one list request). The
+    # result goes to "tried": "<version> ok", or "<version> <why>"; try/ goes.
+    d = main.rstrip("/") + "/" + $STATE_DIR + "/"
+    test = d + $TRY
+    try:
+        with open(test + "/" + $STATE_DIR + "/" + $STATE) as f:
+            version = f.readline().strip()
+            names = [line.split(" ", 2)[2].rstrip("\n") for line in f]
+    except OSError:  # a power cut while it was made: the update makes it again
+        return clear(test)
+    saved = {}
+    for name in list(sys.modules):
+        if name.startswith("otapromoter"):
+            saved[name] = sys.modules.pop(name)
+    sys.path.insert(0, test)
+    why = "ok"
+    step = None
+    try:
+        try:
+            import importlib  # CPython: it may have listed try/ before
+            importlib.invalidate_caches()
+        except ImportError:
+            pass
+        for step in names:
+            __import__(step.rsplit(".", 1)[0])
+            for name in list(sys.modules):
+                if name.startswith("otapromoter"):
+                    del sys.modules[name]
+        step = "its update check"
+        client = __import__("otapromoter_client")
+        client.OTAPromoter(url, test, **dict(kw, device_id="", verbose=False)).check_and_update()
+    except Exception as e:  # SyntaxError and MemoryError too: not shown to work
+        why = "%s: %r" % (step, e)
+    client = None
+    sys.path.pop(0)
+    for name in list(sys.modules):
+        if name.startswith("otapromoter"):
+            del sys.modules[name]
+    sys.modules.update(saved)
+    saved = None
+    clear(test)
+    with open(d + $TRIED, "w") as f:
+        f.write("%s %s" % (version, why[:150]))
 '''
 
 # The files of the device module, in the order they are imported.
@@ -4371,6 +4619,8 @@ DEVICE_TEMPLATES = (("otapromoter.py", DEVICE_MAIN),
                     ("otapromoter_client.py", DEVICE_CLIENT),
                     ("otapromoter_work.py", DEVICE_WORK),
                     ("otapromoter_trial.py", DEVICE_TRIAL),
+                    ("otapromoter_check.py", DEVICE_CHECK),
+                    ("otapromoter_try.py", DEVICE_TRY),
                     ("otapromoter_list.py", DEVICE_LIST),
                     ("otapromoter_fetch.py", DEVICE_FETCH),
                     ("otapromoter_switch.py", DEVICE_SWITCH))

@@ -92,14 +92,16 @@ NEEDS_MICROPYTHON32 = unittest.skipUnless(
 
 
 def wait_until(condition, timeout=5.0, message="condition"):
-    """Poll `condition` until it returns a true value; fail after `timeout`."""
+    """Poll `condition` until it returns a true value; fail after `timeout`
+    (the message may be a function, called then: output so far)."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, message))
+            raise AssertionError("timed out after %.1fs waiting for %s"
+                                 % (timeout, message() if callable(message) else message))
         time.sleep(0.01)
 
 
@@ -1241,7 +1243,7 @@ class OldestPythonTest(PromoterTest):
         wait_until(lambda: "lib/new.py" in proc.paths(), message="lib/new.py")
         board = Board(self)
         result = subprocess.run([python, "-c", RUN_CLIENT, "http://127.0.0.1:%d" % proc.port,
-                                 board.dir, "{}"], cwd=board.lib, capture_output=True, text=True,
+                                 board.dir, json.dumps(Board.OPTIONS)], cwd=board.lib, capture_output=True, text=True,
                                 timeout=60)
         self.assertIn("RESULT True", result.stdout, result.stderr)
         self.assertEqual(board.files(), tree_files(self.root))
@@ -1597,6 +1599,10 @@ class Board:
             result = run_cli(["client", "-o", os.path.join(self.lib, "otapromoter.py")])
             test.assertEqual(result.returncode, 0, result.stderr)
 
+    # The served trees of these tests hold a main.py, as projects do; the
+    # board replaces its own with it (see BootFilesTest for the default).
+    OPTIONS = {"boot_files": True}
+
     def python(self, code, *args, timeout=60, prelude=""):
         return subprocess.run([self.interpreter, "-c", prelude + code] + [str(a) for a in args],
                               cwd=self.lib, capture_output=True, text=True, timeout=timeout,
@@ -1606,7 +1612,7 @@ class Board:
              "def updated():\n"
              "    print('UPDATED')\n"
              "otapromoter.watch(sys.argv[1], sys.argv[2], on_update=updated, wait=5,"
-             " interval=0.2)\n")
+             " interval=0.2, boot_files=True)\n")
 
     def watch(self, url, python=sys.executable):
         """Start `watch` in its own process; return the list its output
@@ -1624,7 +1630,8 @@ class Board:
     def update(self, url, expect=True, prelude="", **kw):
         """Run one update; return its stdout. `expect` is the result (True,
         False) or "error" for an OTAError."""
-        result = self.python(RUN_CLIENT, url, self.dir, json.dumps(kw), prelude=prelude)
+        result = self.python(RUN_CLIENT, url, self.dir, json.dumps(dict(self.OPTIONS, **kw)),
+                             prelude=prelude)
         if expect == "error":
             self.test.assertEqual(result.returncode, 3, result.stdout + result.stderr)
         else:
@@ -1779,7 +1786,7 @@ class BoardTest(PromoterTest):
             shutil.rmtree(self.board.dir)
             shutil.copytree(pristine, self.board.dir, symlinks=True)
             killed = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir,
-                                       json.dumps(kw), limit)
+                                       json.dumps(dict(Board.OPTIONS, **kw)), limit)
             if killed.returncode != -signal.SIGKILL:
                 self.assertEqual(self.board.files(), new, killed.stdout + killed.stderr)
                 return outcomes
@@ -2171,10 +2178,10 @@ class DeviceUnitTest(PromoterTest):
         for path, data in new[:2]:
             self.stage(path, data)
         ota = self.ota()
-        switch._journal(ota.state, ota.state + "new", ota.state + "state", [], True)
+        switch._journal(ota.dir, ota.state + "new", ota.state + "state", [], True)
         journal = self.board_file("JOURNAL")
         self.assertEqual(sorted(line[0] for line in journal.splitlines()),
-                         ["K", "K", "M", "M", "T"])
+                         ["K", "K", "M", "M", "T", "U"])  # U: gone.py's own, if it had one
         main = self.dir + "/"
         for _ in range(2):  # a power cut after it finished: replayed again, the same
             shutil.copy(os.path.join(self.state, "journal"), os.path.join(self.tmp, "j"))
@@ -2190,6 +2197,48 @@ class DeviceUnitTest(PromoterTest):
         self.assertEqual(sorted(os.listdir(os.path.join(self.state, "keep"))),
                          sorted([checksum(b"bye", "gone.py"), checksum(b"1", "lib/util.py")]))
 
+    def test_a_file_of_the_boards_own_replaced_by_a_promoted_one_comes_back_when_it_goes(self):
+        # The board's secrets.py, then a served one: kept in own/, and back
+        # when a version no longer serves it (a rollback is such a version).
+        switch = self.modules["otapromoter_switch"]
+        write(self.dir, "secrets.py", "WIFI = 'home'\n")
+        old, new = [("app.py", b"1")], [("app.py", b"1"), ("secrets.py", b"WIFI = 'lab'\n")]
+        write(self.dir, "app.py", "1")
+        self.board_file("STATE", self.listing(*old))
+        self.board_file("NEW", self.listing(*new))
+        self.stage("secrets.py", b"WIFI = 'lab'\n")
+        ota = self.ota()
+        switch._journal(ota.dir, ota.state + "new", ota.state + "state", [], True)
+        self.assertIn("O secrets.py\n", self.board_file("JOURNAL"))
+        for _ in range(2):  # replayed after a power cut: the same
+            shutil.copy(os.path.join(self.state, "journal"), os.path.join(self.tmp, "j"))
+            switch.replay(self.dir + "/")
+            self.assertEqual(self.board_text("secrets.py"), "WIFI = 'lab'\n")
+            shutil.copy(os.path.join(self.tmp, "j"), os.path.join(self.state, "journal"))
+        os.remove(os.path.join(self.state, "journal"))
+        self.assertEqual(os.listdir(os.path.join(self.state, "own")), ["secrets.py"])
+        # Back to a list without it (a rollback's journal: no keep).
+        self.board_file("NEW", self.listing(*old))
+        switch._journal(ota.dir, ota.state + "new", ota.state + "state", [], False)
+        self.assertIn("U secrets.py\n", self.board_file("JOURNAL"))
+        switch.replay(self.dir + "/")
+        self.assertEqual(self.board_text("secrets.py"), "WIFI = 'home'\n")
+        self.assertEqual(os.listdir(os.path.join(self.state, "own")), [])
+
+    def test_promoted_files_gone_resized_or_module_files_changed_are_found(self):
+        listed = [("app.py", b"app"), ("data.bin", b"1234"), ("lib/util.py", b"util"),
+                  ("otapromoter_fetch.py", b"# f\n")]
+        for path, data in listed:
+            write(self.dir, path, data)
+        self.board_file("STATE", self.listing(*listed))
+        damaged = self.modules["otapromoter_check"].damaged
+        self.assertEqual(damaged(self.ota()), ())
+        os.remove(os.path.join(self.dir, "lib/util.py"))
+        write(self.dir, "app.py", "app, longer")
+        write(self.dir, "otapromoter_fetch.py", "# g\n")  # the same size: its checksum says it
+        write(self.dir, "data.bin", "4321")  # the same size, not the module's: not read
+        self.assertEqual(damaged(self.ota()), ("app.py", "lib/util.py", "otapromoter_fetch.py"))
+
     def trial_switch(self, trial):
         """Switch from version B (on trial, after A) to C with B's trial file
         as given; the list kept as "good" afterwards, and keep/'s files."""
@@ -2204,7 +2253,7 @@ class DeviceUnitTest(PromoterTest):
         self.board_file("NEW", self.listing(*c))
         self.stage("main.py", b"C")
         ota = self.ota()
-        switch._journal(ota.state, ota.state + "new", ota.state + "state", [], True)
+        switch._journal(ota.dir, ota.state + "new", ota.state + "state", [], True)
         switch.replay(self.dir + "/")
         self.assertEqual(self.board_text("main.py"), "C")
         good = {self.listing(*a): "A", self.listing(*b): "B"}[self.board_file("GOOD")]
@@ -2519,7 +2568,9 @@ class ESP8266HeapTest(BoardTest):
             with self.subTest(files=len(tree_files(root)), via=via, heap=heap):
                 code, out, files = first_install(MICROPYTHON32, self.lib, url, heap, via)
                 self.assertEqual(code, 0, out)
-                self.assertEqual(files, tree_files(root))
+                expected = tree_files(root)
+                expected.pop("main.py", None)  # the board keeps its own (boot_files=False)
+                self.assertEqual(files, expected)
 
     def test_a_start_that_fails_for_want_of_heap_restarts_the_board(self):
         # A first install in a heap too small for it: the board is not left
@@ -2547,7 +2598,7 @@ class MicroPythonTest(BoardTest):
         return result.stdout
 
     UPDATE = ("import sys, otapromoter\n"
-              "print('RESULT', otapromoter.update(sys.argv[1], sys.argv[2]))\n")
+              "print('RESULT', otapromoter.update(sys.argv[1], sys.argv[2], boot_files=True))\n")
 
     def test_update_cycle_on_micropython(self):
         out = self.micropython(self.UPDATE, self.served.url, self.board.dir)
@@ -2590,7 +2641,8 @@ class MicroPythonTest(BoardTest):
         for limit in range(1, 80):
             shutil.rmtree(self.board.dir)
             shutil.copytree(pristine, self.board.dir)
-            killed = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir, "{}", limit)
+            killed = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir,
+                                   json.dumps(Board.OPTIONS), limit)
             if killed.returncode != -signal.SIGKILL:
                 break  # the update finished before this step
             if not os.path.exists(journal):
@@ -2694,7 +2746,8 @@ class SwitchTest(BoardTest):
         write(self.root, "lib/new.py", "NEW = 1\n")
         self.settle()
         # A power cut after the journal was written, then the flash changed by hand.
-        killed = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir, "{}",
+        killed = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir,
+                                   json.dumps(Board.OPTIONS),
                                    self.steps_to_journal())
         self.assertEqual(killed.returncode, -signal.SIGKILL, killed.stderr)
         os.makedirs(os.path.join(self.board.dir, "lib/new.py"))  # a folder where a file goes
@@ -2715,7 +2768,8 @@ class SwitchTest(BoardTest):
             probe = os.path.join(self.tmp, "probe")
             shutil.rmtree(probe, ignore_errors=True)
             shutil.copytree(self.board.dir, probe)
-            self.board.python(KILL_AT_STEP, self.served.url, probe, "{}", limit)
+            self.board.python(KILL_AT_STEP, self.served.url, probe, json.dumps(Board.OPTIONS),
+                              limit)
             if os.path.exists(os.path.join(probe, ".promoter", "journal")):
                 shutil.rmtree(probe)
                 return limit
@@ -2958,13 +3012,13 @@ class Supervised:
 
     def wait_for_line(self, text, count=1, timeout=20):
         wait_until(lambda: self.lines.count(text) >= count, timeout,
-                   message="%r printed %d times; output:\n%s" % (text, count, self.output()))
+                   message=lambda: "%r printed %d times; output:\n%s" % (text, count,
+                                                                         self.output()))
 
 
-class DevLoopTest(PromoterTest):
-    """run(): the app runs, saves reach it, its errors reach the PC, and a
-    bad version rolls back. The board is a real process, restarted when it
-    ends, as a board resets."""
+class DevLoopCase(PromoterTest):
+    """A served app and a board that runs it under run(): a real process,
+    restarted when it ends, as a board resets."""
 
     interpreter = sys.executable
     options = ()  # the interpreter's
@@ -3011,6 +3065,19 @@ class DevLoopTest(PromoterTest):
         """Wait for the app's line; the number of starts so far."""
         board.wait_for_line(text, count)
         return board.starts
+
+    def page_state(self, state, timeout=20, board=None):
+        """Wait until the status page shows the board in `state` (a callable:
+        a test of it)."""
+        test = state if callable(state) else lambda text: text == state
+        wait_until(lambda: test(self.device().get("state", "")), timeout,
+                   message=lambda: "the page to show the board %s (it shows %r); output:\n%s"
+                   % (state, self.device().get("state"), board.output() if board else ""))
+
+
+class DevLoopTest(DevLoopCase):
+    """run(): the app runs, saves reach it, its errors reach the PC, and a
+    bad version rolls back."""
 
     def test_run_starts_the_app_and_each_save_restarts_it_with_the_new_version(self):
         board = self.start(trial=1)
@@ -3126,6 +3193,31 @@ class DevLoopTest(PromoterTest):
                    message="the rollback reported")
 
 
+    def test_the_page_shows_a_trial_end_at_once_not_at_the_next_request(self):
+        board = self.start(trial=2, wait=60)  # a thread-less board's request waits 60 s
+        board.wait_for_line("APP v1")
+        self.save("app.py", APP % "v2")
+        board.wait_for_line("APP v2")
+        self.page_state("on trial", 5, board)
+        took = time.monotonic()
+        self.page_state("running", 5, board)
+        self.assertLess(time.monotonic() - took, 4)
+
+    def test_an_update_that_failed_at_a_start_does_not_stop_later_saves(self):
+        board = self.start()
+        board.wait_for_line("APP v1")
+        port = self.served.port
+        self.served.close()  # the server restarts...
+        board.proc.kill()  # ...while the board does (a power cut)
+        board.wait_for_line("APP v1", 2)
+        self.assertIn("going on with the files the board has", board.output())
+        self.served = self.serve(port=port)
+        for n in (2, 3):
+            self.save("app.py", APP % "v%d" % n)
+            board.wait_for_line("APP v%d" % n)
+        self.assertNotIn("MemoryError", board.output())
+
+
 # The runner's state, by slot name (see promoter.RUN_SLOTS), for apps that look at it.
 SLOT = {name: index for index, (name, _) in enumerate(promoter.RUN_SLOTS)}
 
@@ -3194,6 +3286,148 @@ class MicroPythonDevLoopTest(DevLoopTest):
 
     def test_a_version_that_resets_the_board_rolls_back_after_two_restarts(self):
         self.skipTest("MicroPython's Unix port has no os._exit to stand for a reset")
+
+
+class NoStrandedBoardTest(DevLoopCase):
+    """What a save on the PC or the app does to the board's own files never
+    leaves the board unable to take the next save (issue 19)."""
+
+    def test_a_served_main_py_is_skipped_said_and_never_replaces_the_run_line(self):
+        write(self.board.dir, "main.py", "import otapromoter  # the board's run() line\n")
+        write(self.root, "main.py", "print('a main.py of the project')\n")
+        board = self.start()
+        board.wait_for_line("APP v1")
+        with open(os.path.join(self.board.dir, "main.py")) as f:
+            self.assertEqual(f.read(), "import otapromoter  # the board's run() line\n")
+        wait_until(lambda: "skipped main.py" in self.device().get("last_error", ""),
+                   message="the page to say main.py was skipped")
+        self.save("app.py", APP % "v2")
+        board.wait_for_line("APP v2")
+
+    def test_a_file_of_the_boards_own_survives_a_rollback_and_comes_back_when_not_served(self):
+        board = self.start(trial=0.5)
+        board.wait_for_line("APP v1")
+        self.confirmed()
+        home = "WIFI = 'home'\n"  # the board's own secrets.py (see setUp)
+        version = self.served.version()
+        write(self.root, "secrets.py", "WIFI = 'lab'\n")  # one save: a secrets.py and a crash
+        write(self.root, "app.py", RAISES_AT_IMPORT)
+        wait_until(lambda: self.served.version() != version, message="the save served")
+        board.wait_for_line("APP v1", 2, timeout=30)  # rolled back
+        secrets = os.path.join(self.board.dir, "secrets.py")
+        with open(secrets) as f:
+            self.assertEqual(f.read(), home)
+        self.save("app.py", APP % "v3")  # with the served secrets.py
+        board.wait_for_line("APP v3")
+        with open(secrets) as f:
+            self.assertEqual(f.read(), "WIFI = 'lab'\n")
+        version = self.served.version()
+        os.remove(os.path.join(self.root, "secrets.py"))  # no longer served: the board's is back
+        wait_until(lambda: self.served.version() != version, message="the removal served")
+        wait_until(lambda: open(secrets).read() == home, 20, message="the board's own back")
+
+    def serve_module(self):
+        """Serve the device module from the folder, for the board to update
+        itself; compiled (--mpy) where the board runs .mpy files."""
+        for name, text in DEVICE_MODULES:
+            write(self.root, name, text)
+        self.view = ""
+        if self.compiled:
+            self.served.close()
+            self.served = self.serve(mpy=promoter.mpy_format(MPY_CROSS))
+            self.view = promoter.VIEW % promoter.mpy_format(MPY_CROSS)
+
+    def view_version(self):
+        """The version of what the board asks for (its .mpy view, if compiled)."""
+        return self.served.get_json(self.view + "/files/version")["version"]
+
+    def module_files(self):
+        """{path: SHA-1} of the device module's files on the board."""
+        return {path: hashlib.sha1(data).hexdigest() for path, data in self.board.files().items()
+                if path.startswith("otapromoter")}
+
+    def test_what_the_app_deletes_or_changes_of_promoted_and_module_files_comes_back(self):
+        self.serve_module()
+        board = self.start()
+        board.wait_for_line("APP v1")
+        # The board imports the module from its folder (before the lib one).
+        files = self.board.files()
+        switch = [p for p in files if p.startswith("otapromoter_switch.")][0]
+        util = [p for p in files if p.startswith("lib/util.")][0]  # .py, or .mpy
+        self.save("app.py", "print('APP damages')\nimport os\n"
+                            "os.remove(%r)\nwith open(%r, 'a') as f:\n    f.write('# x\\n')\n"
+                  % (os.path.join(self.board.dir, util),
+                     os.path.join(self.board.dir, switch)) + APP % "v2")
+        board.wait_for_line("APP v2")
+        self.assertNotIn(util, self.board.files())
+        self.save("app.py", APP % "v3")
+        board.wait_for_line("APP v3")
+        self.assertIn("otapromoter: damaged on the board, fetched again: %s, %s" % (util, switch),
+                      board.lines)
+        self.assertEqual(self.board.files()[util], files[util])
+        self.assertEqual(self.board.files()[switch], files[switch])  # its own again
+
+    def test_a_broken_device_module_saved_is_refused_and_its_fix_is_taken(self):
+        sources = dict(DEVICE_MODULES)
+        self.serve_module()
+        board = self.start()
+        board.wait_for_line("APP v1")
+        runs = self.module_files()
+        # Syntax errors (served as source where the server compiles), an
+        # error at import, an error in the update check; each saved after the
+        # last one was fixed, in one save.
+        broken = (("otapromoter_list.py", sources["otapromoter_list.py"] + "def (:\n",
+                   "otapromoter_list.py: SyntaxError"),
+                  ("otapromoter_fetch.py", "raise RuntimeError('broken at import')\n",
+                   "RuntimeError('broken at import'"),
+                  ("otapromoter_client.py", sources["otapromoter_client.py"].replace(
+                      "    def check_and_update(self):\n", "    def check_and_update(self):\n"
+                      "        raise RuntimeError('broken at run time')\n"),
+                   "its update check: RuntimeError('broken at run time'"),
+                  ("otapromoter.py", sources["otapromoter.py"] + ")\n",
+                   "otapromoter.py: SyntaxError"))
+        before = None
+        for name, text, why in broken:
+            version = self.view_version()
+            if before:
+                write(self.root, before, sources[before])
+            write(self.root, name, text)
+            bad = wait_until(lambda: self.view_version() != version and self.view_version(),
+                             message="the save served")
+            self.page_state("refused %s: its module failed its test" % bad, board=board)
+            self.assertIn(why, self.device()["last_error"])
+            self.assertEqual(self.module_files(), runs)  # the board keeps its own
+            before = name
+        version = self.view_version()
+        write(self.root, before, sources[before] + "# fixed\n")
+        fixed = wait_until(lambda: self.view_version() != version and self.view_version(),
+                           message="the fix served")
+        wait_until(lambda: self.board_version() == fixed, 20, message="the fix on the board")
+        self.save("app.py", APP % "v2")  # with the module it runs now
+        board.wait_for_line("APP v2")
+        self.assertIn("otapromoter: the new device module passed its test", board.lines)
+
+    def test_a_run_of_restarts_shows_as_crashing_and_the_next_save_ends_it(self):
+        write(self.root, "app.py", "print('APP dies')\nraise SystemExit(3)\n")  # the process ends
+        board = self.start(trial=1)
+        self.page_state(lambda s: s.startswith("crashing: restarted ") and int(s.split()[2]) >= 3,
+                        board=board)
+        restarted = int(self.device()["state"].split()[2])
+        self.assertGreaterEqual(board.lines.count("APP dies"), restarted)
+        self.save("app.py", APP % "v2")
+        board.wait_for_line("APP v2")
+        self.page_state("running", board=board)
+
+
+@NEEDS_MICROPYTHON32
+@NEEDS_MPY_CROSS
+class ESP8266NoStrandedBoardTest(NoStrandedBoardTest):
+    """The same on the 32-bit MicroPython without _thread, in 28 KB of heap,
+    the device module as .mpy (served compiled, where it is served)."""
+
+    interpreter = MICROPYTHON32
+    options = ("-X", "heapsize=28k")
+    compiled = True
 
 
 class RollbackPowerCutTest(BoardTest):
@@ -3921,7 +4155,7 @@ class TokenTest(PromoterTest):
 class DeviceCheckInTest(PromoterTest):
     def setUp(self):
         super().setUp()
-        write(self.root, "main.py", "print(1)\n")
+        write(self.root, "app.py", "print(1)\n")
         self.served = self.serve()
 
     def devices(self):
@@ -3936,7 +4170,7 @@ class DeviceCheckInTest(PromoterTest):
         self.assertEqual(device["address"], "127.0.0.1")
         self.assertEqual(device["last_error"], "")
         # A failed update: the reason arrives with the board's next request.
-        write(self.root, "main.py", "print(2)\n")
+        write(self.root, "app.py", "print(2)\n")
         wait_until(lambda: not self.devices()["board-7"]["up_to_date"], message="behind")
         proxy = FaultProxy(self, self.served.port,
                            lambda path: "corrupt" if len(path) == 47 else None)
@@ -3948,7 +4182,7 @@ class DeviceCheckInTest(PromoterTest):
         result = board.python(code, proxy.url, board.dir)
         self.assertEqual(result.returncode, 0, result.stderr)
         device = self.devices()["board-7"]
-        self.assertIn("main.py: download failed (checksum mismatch)", device["last_error"])
+        self.assertIn("app.py: download failed (checksum mismatch)", device["last_error"])
         self.assertFalse(device["up_to_date"])
         # The next update succeeds: the error is gone from the page.
         result = board.python(code, self.served.url, board.dir)
@@ -3957,7 +4191,7 @@ class DeviceCheckInTest(PromoterTest):
         self.assertEqual((device["last_error"], device["up_to_date"]), ("", True))
         status = self.served.get_json("/status.json")
         self.assertEqual(status["root"], os.path.realpath(self.root))
-        self.assertEqual([f["path"] for f in status["files"]], ["main.py"])
+        self.assertEqual([f["path"] for f in status["files"]], ["app.py"])
 
     def test_header_values_are_bounded_and_the_table_too(self):
         self.served.request("/files/version", headers={
