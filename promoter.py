@@ -212,6 +212,7 @@ RUN_SLOTS = (
     ("THREADED", "a thread follows the server"),
     ("ENDING", "the Unix port's thread asks poll() to end the process"),
     ("RESET", "what restarts the board"),
+    ("WDT", "the watchdog run(watchdog=s) armed (machine.WDT), fed by poll() and the follower"),
 )
 
 
@@ -2956,7 +2957,7 @@ def _hard_reset():
 
 
 def run(url, app="app", main_dir="/", trial=10, restarts=2, rollback=True, on_update=None,
-        wait=60, **kw):
+        wait=60, watchdog=None, **kw):
     """The one line of main.py: run `app` (import it, call its main()) with
     the files the server serves, and follow the server: a thread holds a
     waiting request where _thread exists, else the app calls poll() in its
@@ -2965,8 +2966,11 @@ def run(url, app="app", main_dir="/", trial=10, restarts=2, rollback=True, on_up
     version is on trial until the app ran `trial` seconds without raising, or
     called confirm(); a crash meanwhile, or `restarts` restarts, rolls it back
     to the version that ran before (not with rollback=False). A crash is
-    printed and reported to the server. Never returns."""
-    args = (url, main_dir, app, trial, restarts, rollback, wait, kw)
+    printed and reported to the server. watchdog=SECONDS arms machine.WDT
+    (where the port has it) while the app runs, fed by poll() and on boards
+    with _thread by the thread: a hang resets the board, and counts as a
+    failed start. Never returns."""
+    args = (url, main_dir, app, trial, restarts, rollback, wait, kw, watchdog)
     reset = on_update or _hard_reset
     start = run = None  # the run file's content, if the work was done first
     # Import statements, not __import__("..."): a name is kept once, a string
@@ -3095,6 +3099,8 @@ def _step():
 def _follow():
     # The thread's loop: a new version restarts the board, to update at start.
     while not _step():
+        if _run[_WDT]:
+            _run[_WDT].feed()
         time.sleep(0.05)
     _run[_ENDING] = True  # the Unix port, where this ends only the thread: poll() ends it all
     try:  # as at the end of run()
@@ -3162,6 +3168,8 @@ def run(args, start):
 def poll():
     # See otapromoter.poll.
     r = _run
+    if r[_WDT]:
+        r[_WDT].feed()
     if r[_ENDING]:
         raise SystemExit(0)  # the Unix port: the thread saw a new version
     if not r[_THREADED] and _step():
@@ -3176,15 +3184,13 @@ def confirm():
         r[_TRIAL] = None
         r[_BOARD] = r[_AFTER]
         r[_STALE] = True
-        try:  # it ran: not a run of restarts
-            os.remove(r[_DIR] + $RESTARTS)
-        except OSError:
-            pass
-        try:  # not on trial from now on; what it kept for a rollback goes with the next update
-            os.remove(r[_DIR] + $GOOD)
-            print("otapromoter: version confirmed")
-        except OSError:
-            pass
+        # It ran: not a run of restarts, and not on trial from now on (what
+        # it kept for a rollback goes with the next update).
+        for name in ($RESTARTS, $GOOD):
+            try:
+                os.remove(r[_DIR] + name)
+            except OSError:
+                pass
 '''
 
 DEVICE_START = r'''# otapromoter_start.py: the part of otapromoter (see there) that makes a start
@@ -3238,6 +3244,15 @@ def start(args, reset, run):
     run[_HOLD] = ours and run[_HOLD]  # it crashed, and stays, till the next version or reset
     if not run[_HOLD] and ($GOOD in names or $RESTARTS in names):
         run[_TRIAL] = int(args[3] * 1000)
+    if args[8] and not run[_HOLD]:  # the watchdog, for the app about to run
+        try:
+            import machine
+            try:
+                run[_WDT] = machine.WDT(timeout=int(args[8] * 1000))
+            except TypeError:  # ESP8266: the system's timeout
+                run[_WDT] = machine.WDT()
+        except (ImportError, AttributeError):
+            pass
     return run
 '''
 
@@ -3653,6 +3668,7 @@ DEVICE_WORK = r'''# otapromoter_work.py: the part of otapromoter (see there) tha
 # gone. It is a file of its own so that an update() has none of it in the
 # heap, and the work has none of otapromoter_trial's during its update.
 import gc
+import sys
 import time
 
 from otapromoter_client import OTAPromoter, OTAError, _call, _kind, _read, _write, _remove
@@ -3669,15 +3685,28 @@ def work(args, event, reset):
     # otapromoter_trial writes the run file, each step with the heap to itself.
     # Then the board restarts (reset()); at a start on a large heap the run
     # file's content is returned instead, for the app to run now.
+    r = sys.modules.get("otapromoter_run")
+    if event not in (None, "exit") and r._run[_WDT]:
+        # A watchdog runs: it cannot be stopped, and the work could outlast
+        # it: the next start does the work, before it is armed again; a
+        # crash is kept for it (on the flash, no network now).
+        if event != "update":
+            _call("otapromoter_trial", "crashed", args, event)
+        return
     if event == "exit":  # follow the server, with no app
-        r = __import__("otapromoter_run")
         while r._run[_THREADED]:  # its thread does
             if r._run[_ENDING]:
                 raise SystemExit(0)
             time.sleep(0.1)
         while not r._step():
+            if r._run[_WDT]:
+                r._run[_WDT].feed()
             time.sleep(0.05)
         event = "update"
+        if r._run[_WDT]:  # the update at the next start, before it is armed again
+            _remove(args[1].rstrip("/") + "/" + $STATE_DIR + "/" + $RUN)
+            open(args[1].rstrip("/") + "/" + $STATE_DIR + "/" + $RESTART, "wb").close()
+            reset()
     ota = OTAPromoter(args[0], args[1], **args[7])
     ota.keep = True
     _remove(ota.state + $RUN)  # under way: a start after a reset does it again
@@ -3758,9 +3787,24 @@ def _traceback(e):
     return text
 
 
-def _report(ota, text):
+def _report(ota, text, below=False):
+    # Write the crash report; `below`: with the one there now after it.
+    old = b""
+    if below and _kind(ota.state + $REPORT):
+        with open(ota.state + $REPORT, "rb") as f:
+            old = b"\n" + f.read()
     with open(ota.state + $REPORT, "wb") as f:
-        f.write(_cut(text.encode()))
+        f.write(_cut(text.encode() + old))
+
+
+def crashed(args, event):
+    # The app raised while a watchdog runs: the report, and the end of a
+    # trial, kept for the next start's work (see otapromoter_run), which
+    # sends it and rolls back.
+    ota = OTAPromoter(args[0], args[1], **args[7])
+    _report(ota, "%s raised (version %s)\n%s" % (args[2], ota.version(), _traceback(event)))
+    if ota.on_trial():
+        _write(ota.state + $TRIAL, "crashed")
 
 
 def before(ota, args, event):
@@ -3769,7 +3813,7 @@ def before(ota, args, event):
     # not catch, a hang), counted against it; send a crash report. True if
     # the app is not to run (it crashed in this version, which stays: not on
     # trial, or rollback=False).
-    url, main_dir, app, trial, restarts, rollback, wait, kw = args
+    url, main_dir, app, trial, restarts, rollback, wait, kw, watchdog = args
     recover(ota.dir, ota._say)  # a rollback cut short
     count = ota.state + $TRIAL
     hold = False
@@ -3788,9 +3832,10 @@ def before(ota, args, event):
         starts = _read(count)
         crashed = not starts.isdigit()
         starts = restarts + 1 if crashed else int(starts) + 1
-        if starts > restarts and rollback:
+        if starts > restarts and rollback:  # (what the crash left in the report goes below)
             _report(ota, _call("otapromoter_switch", "roll_back", ota, "it crashed" if crashed
-                               else "it restarted %d times during its trial" % (starts - 1)))
+                               else "it restarted %d times during its trial" % (starts - 1)),
+                    crashed)
         elif starts <= restarts:
             _write(count, str(starts))
     send_report(ota)
@@ -3819,7 +3864,7 @@ def after(ota, args, updated, hold):
     # server's host and port, the waiting request's head, the board's state,
     # ms before the first request, ms before trying a failed update again
     # (or 0), ms a request may take, print or not.
-    url, main_dir, app, trial, restarts, rollback, wait, kw = args
+    url, main_dir, app, trial, restarts, rollback, wait, kw, watchdog = args
     if updated and ota.on_trial():
         _write(ota.state + $TRIAL, "1")  # the first start of the version on trial
     failed = ota.state + $FAILED
