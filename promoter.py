@@ -181,6 +181,8 @@ BOARD_FILES = {
     "RUN": "run",  # what a start needs to run the app (RUN_SLOTS)
     "RESTART": "restart",  # the board restarted itself: not a start to count
     "RESTARTS": "restarts",  # starts it did not make since the app last ran `trial` s
+    "MODULE": "module",  # a copy of the device module: imports fall back to it (run()
+    # puts it last in sys.path), and an update puts back a file of it that is gone
     "TRY": "try",  # a new device module put together, to be tested (its own main folder)
     "TRIED": "tried",  # how the test went: "<version> ok", or "<version> <why>"
 }
@@ -2972,6 +2974,8 @@ def run(url, app="app", main_dir="/", trial=10, restarts=2, rollback=True, on_up
     failed start. Never returns."""
     args = (url, main_dir, app, trial, restarts, rollback, wait, kw, watchdog)
     reset = on_update or _hard_reset
+    # Where a file of this module is gone (the app deleted it), its copy.
+    sys.path.append(main_dir.rstrip("/") + "/" + $STATE_DIR + "/" + $MODULE)
     start = run = None  # the run file's content, if the work was done first
     # Import statements, not __import__("..."): a name is kept once, a string
     # in the file would be kept too.
@@ -3446,6 +3450,7 @@ class OTAPromoter:
         # switch makes it a message), and the server told so.
         self.skipped = None if boot_files else 0
         self.damaged = ()  # promoted files that the last check found damaged
+        self.ours = False  # the update changes the device module's files (otapromoter_list)
         self.sock = None  # the request under way (one at a time)
         # Where the firmware loads .mpy files, the files come from the view of
         # its format (/mpy6/files.txt): compiled by the server (--mpy), or the
@@ -3492,15 +3497,16 @@ class OTAPromoter:
         return h
 
     def _open(self, path, etags=(), timeout=None, data=None):
-        # Send a request (a POST of the file named `data`, if given, read
-        # in small pieces) and read the answer's status line and headers; its status. The whole answer must
-        # come within `timeout` seconds: _line() and _read() read its body,
-        # _close() ends it. OTAError on any failure.
+        # Send a request (a POST if `data` is given: the body's length, and
+        # a function that sends it with the function given to it) and read
+        # the answer's status line and headers; its status. The whole answer
+        # must come within `timeout` seconds: _line() and _read() read its
+        # body, _close() ends it. OTAError on any failure.
         try:
             h = self._head(path, etags)
             if data:
                 h = "POST" + h[3:] + "Content-Type: text/plain; charset=utf-8\r\n" \
-                    "Content-Length: %d\r\n" % os.stat(data)[6]
+                    "Content-Length: %d\r\n" % data[0]
             ai = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0]
             sock = self.sock = socket.socket(ai[0], ai[1], ai[2])
             sock.settimeout(self.timeout)
@@ -3515,12 +3521,7 @@ class OTAPromoter:
                 send = sock.write
                 send(h)
             if data:
-                with open(data, "rb") as f:
-                    buf = bytearray(256)
-                    n = f.readinto(buf)
-                    while n:
-                        send(memoryview(buf)[:n])
-                        n = f.readinto(buf)
+                data[1](send)
             if not hasattr(sock, "recv_into"):
                 sock.setblocking(False)  # its reads are made without blocking (see _read)
             line = self._line().split(b" ", 2)
@@ -3622,7 +3623,8 @@ class OTAPromoter:
                 self._say("the files changed on the server during the update; starting over")
             else:
                 raise OTAError("the files kept changing on the server; try again later")
-            _call("otapromoter_check", "module", self)  # when it changes the device module
+            if self.ours:  # it changes the device module's files: tested first
+                _call("otapromoter_check", "module", self)
             self.error = None  # not sent with the switch's check-in
             _call("otapromoter_switch", "run", self, folders)
             self.damaged = ()
@@ -3669,9 +3671,8 @@ DEVICE_WORK = r'''# otapromoter_work.py: the part of otapromoter (see there) tha
 # heap, and the work has none of otapromoter_trial's during its update.
 import gc
 import sys
-import time
 
-from otapromoter_client import OTAPromoter, OTAError, _call, _kind, _read, _write, _remove
+from otapromoter_client import OTAPromoter, OTAError, _call, _kind, _remove
 
 $RUN_SLOTS
 _SMALL_HEAP = const(64 << 10)  # bytes: a board with less runs its app after a restart
@@ -3685,45 +3686,21 @@ def work(args, event, reset):
     # otapromoter_trial writes the run file, each step with the heap to itself.
     # Then the board restarts (reset()); at a start on a large heap the run
     # file's content is returned instead, for the app to run now.
-    r = sys.modules.get("otapromoter_run")
-    if event not in (None, "exit") and r._run[_WDT]:
-        # A watchdog runs: it cannot be stopped, and the work could outlast
-        # it: the next start does the work, before it is armed again; a
-        # crash is kept for it (on the flash, no network now).
-        if event != "update":
-            _call("otapromoter_trial", "crashed", args, event)
-        return
-    if event == "exit":  # follow the server, with no app
-        while r._run[_THREADED]:  # its thread does
-            if r._run[_ENDING]:
-                raise SystemExit(0)
-            time.sleep(0.1)
-        while not r._step():
-            if r._run[_WDT]:
-                r._run[_WDT].feed()
-            time.sleep(0.05)
+    if event == "exit" or event is not None and sys.modules["otapromoter_run"]._run[_WDT]:
+        # No app, or a watchdog runs: see otapromoter_trial.waiting.
+        if not _call("otapromoter_trial", "waiting", args, event, reset):
+            return
         event = "update"
-        if r._run[_WDT]:  # the update at the next start, before it is armed again
-            _remove(args[1].rstrip("/") + "/" + $STATE_DIR + "/" + $RUN)
-            open(args[1].rstrip("/") + "/" + $STATE_DIR + "/" + $RESTART, "wb").close()
-            reset()
     ota = OTAPromoter(args[0], args[1], **args[7])
     ota.keep = True
     _remove(ota.state + $RUN)  # under way: a start after a reset does it again
     ours = _kind(ota.state + $RESTART)
     _remove(ota.state + $RESTART)
-    if event is None and not ours and _kind(ota.state) == 2:
-        # A start otapromoter did not make (a power cut, a crash it could not
-        # catch, a hang): counted; a run of them shows on the page as crashing.
-        n = _read(ota.state + $RESTARTS)
-        n = int(n) + 1 if n.isdigit() else 1
-        _write(ota.state + $RESTARTS, str(n))
-        if n > 2:  # the first is a power-on, or the first of the run
-            ota.board_state = "crashing: restarted %d times" % (n - 1)
     hold = False
-    if event is not None or ota.on_trial() and not ours or _kind(ota.state + $REPORT):
+    # (A first install, with no state folder yet, has none of this.)
+    if event is not None or not ours and _kind(ota.state) == 2 or _kind(ota.state + $REPORT):
         try:  # how the last run ended, and a crash report
-            hold = _call("otapromoter_trial", "before", ota, args, event)
+            hold = _call("otapromoter_trial", "before", ota, args, event, ours)
         except Exception as e:
             ota._say(repr(e))
             if event is not None and isinstance(e, MemoryError):
@@ -3757,6 +3734,7 @@ DEVICE_TRIAL = r'''# otapromoter_trial.py: the part of otapromoter (see there) t
 # trial), sends the crash report, and writes the run file that the next
 # starts run the app by. Also watch(), and OTAPromoter.wait_for_change().
 import json
+import os
 import sys
 import time
 
@@ -3797,6 +3775,32 @@ def _report(ota, text, below=False):
         f.write(_cut(text.encode() + old))
 
 
+def waiting(args, event, reset):
+    # The work when the app returned, or is held ("exit"): follow the server
+    # with no app; True when a new version is out, for the work to update.
+    # While a watchdog runs, which cannot be stopped and the work could
+    # outlast: False, and the next start does the work, before it is armed
+    # again; a crash is kept for it (crashed()).
+    runner = sys.modules["otapromoter_run"]
+    r = runner._run
+    if event != "exit":
+        if event != "update":
+            crashed(args, event)
+        return False
+    while r[_THREADED]:  # its thread follows the server
+        if r[_ENDING]:
+            raise SystemExit(0)
+        time.sleep(0.1)
+    while not runner._step():
+        if r[_WDT]:
+            r[_WDT].feed()
+        time.sleep(0.05)
+    if r[_WDT]:  # an update at the next start
+        os.rename(r[_DIR] + $RUN, r[_DIR] + $RESTART)
+        reset()
+    return True
+
+
 def crashed(args, event):
     # The app raised while a watchdog runs: the report, and the end of a
     # trial, kept for the next start's work (see otapromoter_run), which
@@ -3807,12 +3811,12 @@ def crashed(args, event):
         _write(ota.state + $TRIAL, "crashed")
 
 
-def before(ota, args, event):
+def before(ota, args, event, ours=False):
     # Act on how the last run ended: a crash (event), or a start otapromoter
-    # did not make during a trial (event None: a power cut, a crash it could
-    # not catch, a hang), counted against it; send a crash report. True if
-    # the app is not to run (it crashed in this version, which stays: not on
-    # trial, or rollback=False).
+    # did not make (event None and not `ours`: a power cut, a crash it could
+    # not catch, a hang), counted, and against a trial; send a crash report.
+    # True if the app is not to run (it crashed in this version, which stays:
+    # not on trial, or rollback=False).
     url, main_dir, app, trial, restarts, rollback, wait, kw, watchdog = args
     recover(ota.dir, ota._say)  # a rollback cut short
     count = ota.state + $TRIAL
@@ -3828,7 +3832,13 @@ def before(ota, args, event):
             _report(ota, _call("otapromoter_switch", "roll_back", ota, text))
         else:
             hold = True
-    elif event is None and ota.on_trial():
+    elif event is None and not ours:  # a run of them shows on the page as crashing
+        starts = _read(ota.state + $RESTARTS)
+        starts = int(starts) + 1 if starts.isdigit() else 1
+        _write(ota.state + $RESTARTS, str(starts))
+        if starts > 2:  # the first is a power-on, or the first of the run
+            ota.board_state = "crashing: restarted %d times" % (starts - 1)
+    if event is None and not ours and ota.on_trial():
         starts = _read(count)
         crashed = not starts.isdigit()
         starts = restarts + 1 if crashed else int(starts) + 1
@@ -3848,8 +3858,16 @@ def send_report(ota):
     path = ota.state + $REPORT
     if not _kind(path):
         return
-    try:  # sent from the file, which _report() cut to what the server takes
-        status = _exchange(ota, $REPORT_PATH, data=path)[0]
+    def body(send):  # from the file, in pieces; _report() cut it to what the server takes
+        with open(path, "rb") as f:
+            buf = bytearray(256)
+            n = f.readinto(buf)
+            while n:
+                send(memoryview(buf)[:n])
+                n = f.readinto(buf)
+
+    try:
+        status = _exchange(ota, $REPORT_PATH, data=(os.stat(path)[6], body))[0]
     except Exception as e:  # OTAError; no heap for it
         return ota._say("crash report kept for later: %s" % e)
     if status == 429 or status >= 500:
@@ -4097,8 +4115,10 @@ def _plan(ota, new, old):
     count = need = blocks = 0
     folders = []
     checked = set()  # folders of the list already looked at on the board
+    ota.ours = False
     for was, now in _merge(old, new):
         if not now:
+            ota.ours = ota.ours or len(was[3]) == 1 and was[2].startswith("otapromoter")
             continue
         cs, size, path, parts = now
         for i in range(1, len(parts)):
@@ -4129,6 +4149,7 @@ def _plan(ota, new, old):
             count += 1
             need += size
             blocks += (size + 4095) // 4096 + 1
+            ota.ours = ota.ours or len(parts) == 1 and path.startswith("otapromoter")
     free = _free(ota.dir)
     if free is not None and free < blocks * 4096 + 8192:
         raise OTAError("not enough flash: the update needs about %d KB, %d KB free" % (
@@ -4498,13 +4519,35 @@ except ImportError:  # firmware built without TLS can lack it
     sha1 = None
 
 
+def _copy(source, target, buf):
+    with open(source, "rb") as f, open(target, "wb") as copy:
+        n = f.readinto(buf)
+        while n:
+            copy.write(memoryview(buf)[:n])
+            n = f.readinto(buf)
+
+
 def damaged(ota):
     # The promoted files that are gone from the flash or have another size
     # (the app or a person changed them), and the device module's files
     # whose checksum differs: fetched again, even for the version the board
     # has. () if none: nothing is left in the heap where the next step goes.
-    found = ()
+    # First the copy of the device module: made from the one the board runs
+    # (whole, or not at all), or a file of it that is gone put back.
     buf = bytearray(256)
+    copy = ota.state + $MODULE
+    if _kind(copy) != 2:
+        if _kind(copy + ".tmp") != 2:
+            os.mkdir(copy + ".tmp")
+        for name in os.listdir(ota.dir):
+            if _ours(name):
+                _copy(ota.dir + name, copy + ".tmp/" + name, buf)
+        os.rename(copy + ".tmp", copy)
+    for name in os.listdir(copy):
+        if not _kind(ota.dir + name):
+            _copy(copy + "/" + name, ota.dir + name, buf)
+            ota._say("put back " + name)
+    found = ()
     for entry in _entries(ota.state + $STATE):
         if not entry:
             continue
@@ -4546,10 +4589,17 @@ def module(ota):
     # on, or OTAError, and the board keeps the module it has and does not
     # ask for this version again (it is rejected).
     new, old = ota.state + $NEW, ota.state + $STATE
-    names = 0
+    names = gone = 0
     for was, now in _merge(old, new):
         if now and _ours(now[2]) and (not was or was[0] != now[0] or now[2] in ota.damaged):
             names += 1
+        gone += was and not now and _ours(was[2]) or 0
+    if names + gone:  # the copy of the module goes: made again from the new one
+        copy = ota.state + $MODULE
+        if _kind(copy):
+            for name in os.listdir(copy):
+                os.remove(copy + "/" + name)
+            os.rmdir(copy)
     if not names:
         return
     version = _read(new)
@@ -4566,11 +4616,7 @@ def module(ota):
                 source = ota.state + $STAGE + "/" + entry[0]
                 if not _kind(source):
                     source = ota.dir + entry[2]  # a file it keeps
-                with open(source, "rb") as f, open(test + "/" + entry[2], "wb") as copy:
-                    n = f.readinto(buf)
-                    while n:
-                        copy.write(memoryview(buf)[:n])
-                        n = f.readinto(buf)
+                _copy(source, test + "/" + entry[2], buf)
         buf = None
         with open(test + "/" + $STATE_DIR + "/" + $STATE, "wb") as state:  # last: it is ready
             state.write(version.encode() + b"\n")

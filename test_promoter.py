@@ -1021,6 +1021,17 @@ def demote_to_nobody():
     os.setuid(65534)
 
 
+def as_from_a_terminal(demote):
+    """The child's start: Ctrl-C (SIGINT) as in a terminal, even where this
+    process ignores it (run in the background by a shell: Python then keeps
+    ignoring it in the child); as nobody with `demote`."""
+    def start():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if demote:
+            demote_to_nobody()
+    return start
+
+
 def python_for_nobody(test):
     """A Python interpreter and promoter.py that user nobody can run."""
     def world_can_reach(path):
@@ -1050,7 +1061,7 @@ class CliProcess:
             argv = [python_for_nobody(test), SCRIPT] + args
         self.proc = subprocess.Popen(
             argv or [sys.executable, SCRIPT] + args, stdout=out_fd, stderr=err_fd,
-            stdin=subprocess.DEVNULL, preexec_fn=demote_to_nobody if demote and IS_ROOT else None,
+            stdin=subprocess.DEVNULL, preexec_fn=as_from_a_terminal(demote and IS_ROOT),
             env=env)
         os.close(out_fd)
         os.close(err_fd)
@@ -3071,15 +3082,20 @@ class DevLoopCase(PromoterTest):
         self.board = Board(self)
         write(self.board.dir, "secrets.py", "WIFI = 'home'\n")  # never promoted
 
-    def start(self, watchdog_file=None, **kw):
+    def module_lib(self):
+        """The folder of the device module the board runs: .py, or .mpy."""
+        if not self.compiled:
+            return self.board.lib
+        lib = os.path.join(self.tmp, "mpylib")
+        if not os.path.isdir(lib):
+            compile_device_module(lib)
+        return lib
+
+    def start(self, watchdog_file=None, lib=None, **kw):
+        """run() on the board, its module from `lib` (default: module_lib())."""
         kw.setdefault("wait", 5)
-        lib = None
-        if self.compiled:
-            lib = os.path.join(self.tmp, "mpylib")
-            if not os.path.isdir(lib):
-                compile_device_module(lib)
         return Supervised(self, self.board, self.served.url, self.interpreter, self.options,
-                          lib, watchdog_file, **kw)
+                          lib or self.module_lib(), watchdog_file, **kw)
 
     def device(self):
         devices = self.served.get_json("/status.json")["devices"]
@@ -3235,7 +3251,7 @@ class DevLoopTest(DevLoopCase):
 
 
     def test_the_page_shows_a_trial_end_at_once_not_at_the_next_request(self):
-        board = self.start(trial=2, wait=60)  # a thread-less board's request waits 60 s
+        board = self.start(trial=1.5, wait=60)  # a thread-less board's request waits 60 s
         board.wait_for_line("APP v1")
         self.save("app.py", APP % "v2")
         board.wait_for_line("APP v2")
@@ -3408,6 +3424,33 @@ class NoStrandedBoardTest(DevLoopCase):
         self.assertEqual(self.board.files()[util], files[util])
         self.assertEqual(self.board.files()[switch], files[switch])  # its own again
 
+    def test_a_device_module_file_the_app_deletes_is_put_back(self):
+        # The module copied to the board by hand, as on a board (not served),
+        # and imported from the board's folder alone.
+        module = self.module_lib()
+        names = [n for n in os.listdir(module) if n.startswith("otapromoter")]
+        for name in names:
+            shutil.copy(os.path.join(module, name), self.board.dir)
+        elsewhere = os.path.join(self.tmp, "elsewhere")
+        os.makedirs(elsewhere)
+        board = self.start(lib=elsewhere)
+        board.wait_for_line("APP v1")
+        self.save("app.py", APP % "v2")  # an update: the board keeps a copy of its module
+        board.wait_for_line("APP v2")
+        gone = sorted(n for n in names if n.startswith(("otapromoter_client.",
+                                                         "otapromoter_fetch.")))
+        self.save("app.py", "import os\nprint('APP deletes')\n" + "".join(
+            "os.remove(%r)\n" % os.path.join(self.board.dir, n) for n in gone) + APP % "v3")
+        board.wait_for_line("APP v3")
+        self.assertFalse(any(os.path.exists(os.path.join(self.board.dir, n)) for n in gone))
+        self.save("app.py", APP % "v4")  # imported from the copy, and put back
+        board.wait_for_line("APP v4")
+        for name in gone:
+            with open(os.path.join(self.board.dir, name), "rb") as f, \
+                    open(os.path.join(module, name), "rb") as original:
+                self.assertEqual(f.read(), original.read(), name)
+            self.assertIn("otapromoter: put back " + name, board.lines)
+
     def test_a_broken_device_module_saved_is_refused_and_its_fix_is_taken(self):
         sources = dict(DEVICE_MODULES)
         self.serve_module()
@@ -3476,7 +3519,7 @@ class ESP8266NoStrandedBoardTest(NoStrandedBoardTest):
         # it (a loop without end) resets the board, each reset a failed start.
         fed = os.path.join(self.tmp, "wdt")
         write(self.board.dir, "machine.py", FAKE_MACHINE % fed)
-        board = self.start(trial=2, watchdog=1.5, watchdog_file=fed)
+        board = self.start(trial=1, watchdog=1.5, watchdog_file=fed)
         board.wait_for_line("APP v1")
         self.confirmed()
         good = self.served.version()
