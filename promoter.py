@@ -3182,19 +3182,17 @@ def poll():
 
 
 def confirm():
-    # See otapromoter.confirm.
+    # See otapromoter.confirm: otapromoter_try's, imported for it (its names
+    # are not kept beside the app until it ends a trial).
     r = _run
     if r and r[_TRIAL] is not None:
         r[_TRIAL] = None
-        r[_BOARD] = r[_AFTER]
-        r[_STALE] = True
-        # It ran: not a run of restarts, and not on trial from now on (what
-        # it kept for a rollback goes with the next update).
-        for name in ($RESTARTS, $GOOD):
-            try:
-                os.remove(r[_DIR] + name)
-            except OSError:
-                pass
+        try:
+            import otapromoter_try
+            otapromoter_try.confirm(r)
+        except Exception:  # no heap beside the app: it stays on trial
+            pass
+        sys.modules.pop("otapromoter_try", None)
 '''
 
 DEVICE_START = r'''# otapromoter_start.py: the part of otapromoter (see there) that makes a start
@@ -3249,15 +3247,12 @@ def start(args, reset, run):
     if not run[_HOLD] and ($GOOD in names or $RESTARTS in names):
         run[_TRIAL] = int(args[3] * 1000)
     if args[8] and not run[_HOLD]:  # the watchdog, for the app about to run
-        try:
-            import machine
-            try:
-                run[_WDT] = machine.WDT(timeout=int(args[8] * 1000))
-            except TypeError:  # ESP8266: the system's timeout
-                run[_WDT] = machine.WDT()
-        except (ImportError, AttributeError):
-            pass
+        import otapromoter_try
+        run[_WDT] = otapromoter_try.watchdog(args[8])
+        otapromoter_try = None
+        del sys.modules["otapromoter_try"]
     return run
+
 '''
 
 DEVICE_CLIENT = r'''# otapromoter_client.py: the part of otapromoter (see there) that holds an
@@ -4074,7 +4069,7 @@ def run(ota):
                     raise OTAError("%s: %s" % ($LIST_PATH, e))
                 # What starts the board (otapromoter.run's line) stays the
                 # board's. (Bytes: a str constant would be a name kept in the heap.)
-                if len(before) == 1 and ota.skipped is not None and (
+                if ota.skipped is not None and line.count(b" ") == 2 and (
                         line.endswith(b" boot.py\n") or line.endswith(b" main.py\n")):
                     skip |= 1 if line.endswith(b" boot.py\n") else 2
                     continue
@@ -4637,12 +4632,15 @@ def module(ota):
                    % tried[41:])
 '''
 
-DEVICE_TRY = r'''# otapromoter_try.py: the test of a new device module (see otapromoter_check),
-# imported for it and dropped after; under run() at a start, before
-# anything else is loaded, so that the new module has the heap. Nothing here
+DEVICE_TRY = r'''# otapromoter_try.py: trials, each imported for it and dropped after: the test
+# of a new device module (see otapromoter_check), under run() at a start
+# before anything else is loaded, so that the new module has the heap; and
+# the end of the app's trial (confirm()), beside the app. Nothing here
 # imports the rest of the module: the test replaces it in sys.modules.
 import os
 import sys
+
+$RUN_SLOTS
 
 
 def clear(path):
@@ -4701,6 +4699,47 @@ def run(main, url, kw):
     clear(test)
     with open(d + $TRIED, "w") as f:
         f.write("%s %s" % (version, why[:150]))
+
+
+def watchdog(seconds):
+    # A machine.WDT for run(watchdog=seconds), where the port has one.
+    try:
+        import machine
+        try:
+            return machine.WDT(timeout=int(seconds * 1000))
+        except TypeError:  # ESP8266: the system's timeout
+            return machine.WDT()
+    except (ImportError, AttributeError):
+        return None
+
+
+def confirm(r):
+    # The app ran its trial (or vouched for it): the version is confirmed,
+    # and not a run of restarts, unless the app changed a promoted file
+    # (gone, or of another size): then it stays on trial, and is not one to
+    # go back to; the next update repairs the file.
+    d = r[_DIR]
+    with open(d + $STATE, "rb") as f:
+        f.readline()
+        for line in f:
+            cs, size, path = line.decode().rstrip("\n").split(" ", 2)
+            try:
+                bad = os.stat(d[:-len($STATE_DIR) - 1] + path)[6] != int(size)
+            except OSError:
+                bad = True
+            if bad:
+                with open(d + $TRIAL, "w") as t:
+                    t.write("crashed")
+                r[_BOARD] = ("on trial: the app changed " + path)[:$STATE_MAX]
+                r[_STALE] = True
+                return
+    r[_BOARD] = r[_AFTER]
+    r[_STALE] = True
+    for name in ($RESTARTS, $GOOD):  # what it kept for a rollback goes with the next update
+        try:
+            os.remove(d + name)
+        except OSError:
+            pass
 '''
 
 # The files of the device module, in the order they are imported.

@@ -3405,7 +3405,7 @@ class NoStrandedBoardTest(DevLoopCase):
 
     def test_what_the_app_deletes_or_changes_of_promoted_and_module_files_comes_back(self):
         self.serve_module()
-        board = self.start()
+        board = self.start(trial=1)
         board.wait_for_line("APP v1")
         # The board imports the module from its folder (before the lib one).
         files = self.board.files()
@@ -3417,6 +3417,9 @@ class NoStrandedBoardTest(DevLoopCase):
                      os.path.join(self.board.dir, switch)) + APP % "v2")
         board.wait_for_line("APP v2")
         self.assertNotIn(util, self.board.files())
+        # Its trial ends with a promoted file gone: not confirmed.
+        self.page_state("on trial: the app changed " + util, board=board)
+        self.assertTrue(os.path.exists(os.path.join(self.board.dir, ".promoter", "good")))
         self.save("app.py", APP % "v3")
         board.wait_for_line("APP v3")
         self.assertIn("otapromoter: damaged on the board, fetched again: %s, %s" % (util, switch),
