@@ -77,7 +77,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__version__ = "1.3.0"
+__version__ = "1.4.0"
 
 log = logging.getLogger("promoter")
 
