@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unittest
@@ -3304,6 +3305,22 @@ class ESP8266DevLoopTest(DevLoopTest):
 
     def test_a_version_that_resets_the_board_rolls_back_after_two_restarts(self):
         self.skipTest("MicroPython's Unix port has no os._exit to stand for a reset")
+
+    def test_the_readmes_example_app_runs_and_takes_a_save(self):
+        with open(os.path.join(os.path.dirname(SCRIPT), "README.md")) as f:
+            readme = f.read()
+        # The indented block after "Then write `app.py`" on its first screen.
+        block = re.search(r"Then write `app\.py`.*?\n\n((?:    [^\n]*\n|\n)+)", readme,
+                          re.S).group(1)
+        app = textwrap.dedent(block).strip() + "\n"
+        self.assertIn("otapromoter.poll()", app)
+        write(self.root, "app.py", app)
+        board = self.start()
+        wait_until(lambda: any(l.startswith("reading ") for l in board.lines), 20,
+                   message=lambda: "the README's app; output:\n" + board.output())
+        self.save("app.py", app.replace('"reading"', '"reading v2"'))
+        wait_until(lambda: any(l.startswith("reading v2 ") for l in board.lines), 20,
+                   message=lambda: "its next save; output:\n" + board.output())
 
     def test_poll_allocates_nothing_and_returns_at_once_while_nothing_changes(self):
         write(self.root, "app.py", """import gc, sys, time, otapromoter
