@@ -37,11 +37,13 @@ hashing, Snapshot, Promoter); watchers (Debouncer, the polling and inotify
 watchers); compile (Compiler: each saved .py compiled off the publish path,
 for its syntax errors and the .mpy view); HTTP (the request handler, the
 parking of waiting requests, the server); status page; static export;
-device module (nine files, each imported only when needed: DEVICE_MAIN,
+device module (eleven files, each imported only when needed: DEVICE_MAIN,
 the API; DEVICE_RUN, the runner beside the app; DEVICE_START, a start;
 DEVICE_CLIENT, files, lists, HTTP, OTAPromoter; DEVICE_WORK, the order of
 run()'s work; DEVICE_TRIAL, crash reports, the trial, the run file, watch;
-DEVICE_LIST, DEVICE_FETCH, DEVICE_SWITCH, an update's three steps); CLI.
+DEVICE_LIST, DEVICE_FETCH, DEVICE_SWITCH, an update's three steps;
+DEVICE_CHECK, the board's files and a new module checked; DEVICE_TRY, the
+test of a new module, the end of a trial, the watchdog); CLI.
 """
 
 import argparse
@@ -2925,6 +2927,12 @@ DEVICE_MAIN = r'''# otapromoter.py: the device side of promoter.py, for MicroPyt
 #   otapromoter_list, otapromoter_fetch, otapromoter_switch
 #                       the three steps of an update: the list and the plan,
 #                       the downloads, the journal of the switch
+#   otapromoter_check   what the app changed of the promoted files, and
+#                       whether a new device module is to be tested
+#   otapromoter_try     trials: of a new device module (at a start, before
+#                       anything else), and the end of the app's (confirm())
+# .promoter/module/ holds a copy of these files, last in sys.path under run():
+# a file the app deletes is imported from there, and put back by an update.
 # The work (an update, a crash report, a rollback) runs at a start that needs
 # it, or once the app is gone (poll() ends it with SystemExit when a new
 # version is out; a crash ends it); then the board restarts, and the app runs
@@ -4742,18 +4750,18 @@ def confirm(r):
             pass
 '''
 
-# The files of the device module, in the order they are imported.
+# The files of the device module, in the order of their templates above.
 DEVICE_TEMPLATES = (("otapromoter.py", DEVICE_MAIN),
                     ("otapromoter_run.py", DEVICE_RUN),
                     ("otapromoter_start.py", DEVICE_START),
                     ("otapromoter_client.py", DEVICE_CLIENT),
                     ("otapromoter_work.py", DEVICE_WORK),
                     ("otapromoter_trial.py", DEVICE_TRIAL),
-                    ("otapromoter_check.py", DEVICE_CHECK),
-                    ("otapromoter_try.py", DEVICE_TRY),
                     ("otapromoter_list.py", DEVICE_LIST),
                     ("otapromoter_fetch.py", DEVICE_FETCH),
-                    ("otapromoter_switch.py", DEVICE_SWITCH))
+                    ("otapromoter_switch.py", DEVICE_SWITCH),
+                    ("otapromoter_check.py", DEVICE_CHECK),
+                    ("otapromoter_try.py", DEVICE_TRY))
 
 
 # --- CLI -------------------------------------------------------------------------
