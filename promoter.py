@@ -4515,7 +4515,7 @@ DEVICE_CHECK = r'''# otapromoter_check.py: two checks of an update (see otapromo
 import binascii
 import os
 
-from otapromoter_client import OTAError, _call, _entries, _kind, _read, _write, _merge
+from otapromoter_client import OTAError, _call, _entries, _kind, _read, _remove, _write, _merge
 try:
     from hashlib import sha1
 except ImportError:  # firmware built without TLS can lack it
@@ -4597,12 +4597,9 @@ def module(ota):
         if now and _ours(now[2]) and (not was or was[0] != now[0] or now[2] in ota.damaged):
             names += 1
         gone += was and not now and _ours(was[2]) or 0
-    if names + gone:  # the copy of the module goes: made again from the new one
-        copy = ota.state + $MODULE
-        if _kind(copy):
-            for name in os.listdir(copy):
-                os.remove(copy + "/" + name)
-            os.rmdir(copy)
+    if names + gone and _kind(ota.state + $MODULE):
+        _remove(ota.state + $MODULE + "/")  # the copy of the module: made again from the new one
+        os.rmdir(ota.state + $MODULE)
     if not names:
         return
     version = _read(new)
