@@ -422,10 +422,10 @@ class WatchHelpers:
     def new_versions(self):
         return self.log.versions()[self.versions_at_start:]
 
-    def wait_content(self, served, relpath, data):
+    def wait_content(self, served, relpath, data, timeout=5.0):
         want = checksum(data, relpath)
         served.wait_for(lambda f: relpath in f and f[relpath]["checksum"] == want,
-                        message="%s updated" % relpath)
+                        timeout, message="%s updated" % relpath)
 
     def settle(self, served):
         """Make a marker change and wait for it: every earlier event is then
@@ -907,9 +907,11 @@ class PublishTests(WatchHelpers):
         make_deep(elsewhere, ["e"] * 1000)
         os.rename(os.path.join(elsewhere, "e"), os.path.join(self.root, "e"))  # moved in at run time
         write(self.root, "e/shallow.py", "shallow\n")
-        served.wait_for(lambda f: "e/shallow.py" in f, message="e/shallow.py")
+        # (A deadline of 20 s: the polling watcher walks 128 folders deep at
+        # each pass, which takes seconds on a busy machine.)
+        served.wait_for(lambda f: "e/shallow.py" in f, timeout=20, message="e/shallow.py")
         write(self.root, "main.py", "saved later\n")
-        self.wait_content(served, "main.py", b"saved later\n")
+        self.wait_content(served, "main.py", b"saved later\n", timeout=20)
         self.assertEqual(self.log.messages(logging.ERROR), [])
 
     def test_many_new_files_are_published_complete(self):
