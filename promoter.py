@@ -4938,6 +4938,9 @@ def serve(args):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)  # stop as cleanly as on Ctrl-C
+    # Ctrl-C (SIGINT) stops it even where it was started ignoring SIGINT, as
+    # a job a script started in the background is.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     mpy_cross, mpy = mpy_option(args)
     promoter = Promoter(args.root, args.default_ignores, mpy_cross, mpy, args.hold_broken)
     try:

@@ -1046,17 +1046,6 @@ def demote_to_nobody():
     os.setuid(65534)
 
 
-def as_from_a_terminal(demote):
-    """The child's start: Ctrl-C (SIGINT) as in a terminal, even where this
-    process ignores it (run in the background by a shell: Python then keeps
-    ignoring it in the child); as nobody with `demote`."""
-    def start():
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        if demote:
-            demote_to_nobody()
-    return start
-
-
 def python_for_nobody(test):
     """A Python interpreter and promoter.py that user nobody can run."""
     def world_can_reach(path):
@@ -1086,7 +1075,7 @@ class CliProcess:
             argv = [python_for_nobody(test), SCRIPT] + args
         self.proc = subprocess.Popen(
             argv or [sys.executable, SCRIPT] + args, stdout=out_fd, stderr=err_fd,
-            stdin=subprocess.DEVNULL, preexec_fn=as_from_a_terminal(demote and IS_ROOT),
+            stdin=subprocess.DEVNULL, preexec_fn=demote_to_nobody if demote and IS_ROOT else None,
             env=env)
         os.close(out_fd)
         os.close(err_fd)
