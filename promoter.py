@@ -4599,7 +4599,7 @@ def damaged(ota):
             bad = st[6] != size or st[0] & 0x4000
         except OSError:
             bad = True
-        if not bad and sha1 and "/" not in path and path.startswith("otapromoter"):
+        if not bad and sha1 and _ours(path):
             h = sha1()
             with open(ota.dir + path, "rb") as f:
                 n = f.readinto(buf)
@@ -4650,18 +4650,18 @@ def module(ota):
         os.mkdir(test)
         os.mkdir(test + "/" + $STATE_DIR)
         buf = bytearray(256)
-        for entry in _entries(new):
-            if entry and _ours(entry[2]):
-                source = ota.state + $STAGE + "/" + entry[0]
-                if not _kind(source):
-                    source = ota.dir + entry[2]  # a file it keeps
-                _copy(source, test + "/" + entry[2], buf)
-        buf = None
-        with open(test + "/" + $STATE_DIR + "/" + $STATE, "wb") as state:  # last: it is ready
+        listed = test + "/" + $STATE_DIR + "/" + $STATE
+        with open(listed + ".tmp", "wb") as state:
             state.write(version.encode() + b"\n")
             for entry in _entries(new):
                 if entry and _ours(entry[2]):
+                    source = ota.state + $STAGE + "/" + entry[0]
+                    if not _kind(source):
+                        source = ota.dir + entry[2]  # a file it keeps
+                    _copy(source, test + "/" + entry[2], buf)
                     state.write(b"%s %d %s\n" % (entry[0].encode(), entry[1], entry[2].encode()))
+        buf = None
+        os.rename(listed + ".tmp", listed)  # last: try/ is ready
         if ota.keep:  # run(): at the next start
             raise OTAError("the new device module is tested at the next start")
         _call("otapromoter_try", "run", ota.dir, "http://%s:%d%s" % (ota.host, ota.port, ota.base),
