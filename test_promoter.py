@@ -3088,7 +3088,7 @@ class Supervised:
             with self.lock:
                 try:
                     with open(self.watchdog_file) as f:
-                        timeout = int(f.read() or 0) / 1000
+                        timeout = int(f.read()) / 1000  # ("": read as it was being fed)
                     fed = os.stat(self.watchdog_file).st_mtime
                 except (OSError, ValueError):
                     continue
@@ -3175,12 +3175,14 @@ class DevLoopCase(PromoterTest):
         with open(os.path.join(self.board.dir, ".promoter", "state")) as f:
             return f.readline().strip()
 
-    def confirmed(self):
+    def confirmed(self, board=None):
         wait_until(lambda: not os.path.exists(os.path.join(self.board.dir, ".promoter", "good"))
                    and self.device().get("state") == "running", 20,
                    message=lambda: "the version confirmed and the board seen running (it is "
-                   "seen %r, its files: %s)" % (self.device().get("state"), os.listdir(
-                       os.path.join(self.board.dir, ".promoter"))))
+                   "seen %r at %s, its files: %s); output:\n%s" % (
+                       self.device().get("state"), self.board_version(), os.listdir(
+                           os.path.join(self.board.dir, ".promoter")),
+                       board.output() if board else ""))
 
     def app_started(self, board, text, count=1):
         """Wait for the app's line; the number of starts so far."""
@@ -3615,7 +3617,7 @@ class ESP8266NoStrandedBoardTest(NoStrandedBoardTest):
         self.assertIn("it restarted 2 times during its trial", self.device()["report"])
         good = self.save("app.py", APP % "v3")
         board.wait_for_line("APP v3")
-        self.confirmed()  # the watchdog fed by its poll()
+        self.confirmed(board)  # the watchdog fed by its poll()
         # A crash while it runs: kept, the board reset, the rollback at the next start.
         bad = self.save("app.py", RAISES_AT_IMPORT)
         board.wait_for_line("APP v3", 2, timeout=30)
