@@ -1708,6 +1708,15 @@ class Board:
                       if ".promoter" not in folder)
 
 
+def read_or_none(path):
+    """A file's bytes, or None where it is not (now)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def tree_files(root, rules=None):
     """{relative path: bytes} of the files a server of `root` serves."""
     snapshot = promoter.Snapshot.scan(os.path.realpath(root), rules or promoter.Rules.load(root))[0]
@@ -3529,7 +3538,7 @@ class NoStrandedBoardTest(DevLoopCase):
         version = self.served.version()
         os.remove(os.path.join(self.root, "secrets.py"))  # no longer served: the board's is back
         wait_until(lambda: self.served.version() != version, message="the removal served")
-        wait_until(lambda: os.path.exists(secrets) and open(secrets).read() == home, 20,
+        wait_until(lambda: read_or_none(secrets) == home.encode(), 20,
                    message="the board's own back")  # (moved back by the switch)
 
     def serve_module(self):
