@@ -194,6 +194,7 @@ BOARD_FILES = {
     # puts it last in sys.path), and an update puts back a file of it that is gone
     "TRY": "try",  # a new device module put together, to be tested (its own main folder)
     "TRIED": "tried",  # how the test went: "<version> ok", or "<version> <why>"
+    "IMPORT": "import",  # the app is being imported: a start that finds it, a crash there
 }
 # The run file (a JSON list) and, after it, the runner's own state beside the
 # app (one list: on MicroPython every name of a module costs heap):
@@ -1031,7 +1032,7 @@ class Promoter:
         self.rules = Rules.load(self.root, default_ignores)
         self.notices = Notices()
         self.snapshot = Snapshot([])  # until the watcher's first scan
-        self._published = False  # the first scan is not logged as a change
+        self.published = False  # the first scan is not logged as a change
         self.root_id = None  # (device, inode) of the folder indexed
         self.root_missing = False
         self.changed_at = time.time()
@@ -1100,11 +1101,11 @@ class Promoter:
 
     def _publish(self, new):
         old = self.snapshot
-        if self.hold_broken and self._published:
+        if self.hold_broken and self.published:
             new = self._held(old, new)
         if new.version == old.version:
             return
-        if self._published:
+        if self.published:
             changed, added, removed = new.diff(old)
             parts = ["%s %s" % (label, summary(paths)) for label, paths in
                      (("changed", changed), ("added", added), ("removed", removed)) if paths]
@@ -1113,7 +1114,7 @@ class Promoter:
             if old.entries and not new.entries:
                 log.warning("version %s has no files (it had %d): boards will remove the files "
                             "they were given", new.version[:12], len(old.entries))
-        self._published = True
+        self.published = True
         self.snapshot = new
         self.changed_at = time.time()
         for listener in self.listeners:
@@ -1998,6 +1999,8 @@ class Compiler:
                 (self.mpy_cross,)
             jobs = collections.OrderedDict(((syntax, e.checksum), e) for e in batch)
             snapshot = self.promoter.snapshot
+            if not self.promoter.published:
+                views = []  # the first scan is not done: no state of the folder yet
             for view in views:
                 command = tuple(view.compiler.command)
                 for entry in snapshot.entries:
@@ -3312,7 +3315,14 @@ def run(args, start):
                 pass
         main = None
         try:
-            __import__(app)
+            try:
+                __import__(app)
+            finally:  # imported, or it raised (no crash of the firmware): the mark of
+                if start:  # otapromoter_start goes
+                    try:
+                        os.remove(start[_DIR] + $IMPORT)
+                    except OSError:
+                        pass
             main = getattr(sys.modules[app], "main", None)
             if main:
                 main()
@@ -3425,6 +3435,8 @@ def start(args, reset, run):
     run[_HOLD] = ours and run[_HOLD]  # it crashed, and stays, till the next version or reset
     if not run[_HOLD] and ($GOOD in names or $RESTARTS in names):
         run[_TRIAL] = int(args[3] * 1000)
+    if not run[_HOLD]:  # the runner removes it once the app is imported
+        open(d + $IMPORT, "wb").close()
     if args[8] and not run[_HOLD]:  # the watchdog, for the app about to run
         import otapromoter_try
         run[_WDT] = otapromoter_try.watchdog(args[8])
@@ -3873,14 +3885,17 @@ def work(args, event, reset):
         event = "update"
     ota = OTAPromoter(args[0], args[1], **args[7])
     ota.keep = True
-    _remove(ota.state + $RUN)  # under way: a start after a reset does it again
     ours = _kind(ota.state + $RESTART)
+    # No run file at a start it did not make: the last work (an update, a
+    # rollback) did not end.
+    died = event is None and not ours and _kind(ota.state) == 2 and not _kind(ota.state + $RUN)
+    _remove(ota.state + $RUN)  # under way: a start after a reset does it again
     _remove(ota.state + $RESTART)
     hold = False
     # (A first install, with no state folder yet, has none of this.)
     if event is not None or not ours and _kind(ota.state) == 2 or _kind(ota.state + $REPORT):
         try:  # how the last run ended, and a crash report
-            hold = _call("otapromoter_trial", "before", ota, args, event, ours)
+            hold = _call("otapromoter_trial", "before", ota, args, event, ours, died)
         except Exception as e:
             ota._say(repr(e))
             if event is not None and isinstance(e, MemoryError):
@@ -3991,16 +4006,28 @@ def crashed(args, event):
         _write(ota.state + $TRIAL, "crashed")
 
 
-def before(ota, args, event, ours=False):
+def before(ota, args, event, ours=False, died=False):
     # Act on how the last run ended: a crash (event), or a start otapromoter
     # did not make (event None and not `ours`: a power cut, a crash it could
     # not catch, a hang), counted, and against a trial; send a crash report.
     # True if the app is not to run (it crashed in this version, which stays:
-    # not on trial, or rollback=False).
+    # not on trial, or rollback=False). A reset while the app was imported,
+    # or during the last work (`died`), is reported: a crash of the firmware
+    # leaves no traceback.
     url, main_dir, app, trial, restarts, rollback, wait, kw, watchdog = args
     recover(ota.dir, ota._say)  # a rollback cut short
     count = ota.state + $TRIAL
     hold = False
+    imported = event is None and not ours and _kind(ota.state + $IMPORT)
+    _remove(ota.state + $IMPORT)
+    why = " (a power cut, or a crash of the firmware: .mpy files compiled for a newer " \
+        "MicroPython crash it)"
+    if imported:
+        imported = " while %s was imported" % app
+        _report(ota, "the board reset%s (version %s)%s" % (imported, ota.version(), why))
+    if died:
+        _report(ota, "the board reset during an update or a rollback (version %s)%s; done "
+                "again now" % (ota.version(), why))
     if isinstance(event, Exception):
         # The report and the trial's end are written first: if the heap runs
         # out in the rollback, the next start rolls back (it counts "crashed").
@@ -4024,7 +4051,8 @@ def before(ota, args, event, ours=False):
         starts = restarts + 1 if crashed else int(starts) + 1
         if starts > restarts and rollback:  # (what the crash left in the report goes below)
             _report(ota, _call("otapromoter_switch", "roll_back", ota, "it crashed" if crashed
-                               else "it restarted %d times during its trial" % (starts - 1)),
+                               else "it restarted %d times during its trial%s" % (
+                                   starts - 1, imported and ", the last" + imported or "")),
                     crashed)
         elif starts <= restarts:
             _write(count, str(starts))
@@ -4848,6 +4876,16 @@ def run(main, url, kw):
             names = [line.split(" ", 2)[2].rstrip("\n") for line in f]
     except OSError:  # a power cut while it was made: the update makes it again
         return clear(test)
+    try:
+        with open(d + $TRIED) as f:
+            done = f.read(40) == version
+    except OSError:
+        done = False
+    if done:  # the test ended (try/ was to go next), or the board reset during it: it failed
+        return clear(test)
+    with open(d + $TRIED, "w") as f:
+        f.write("%s the board reset during its test (a crash of the firmware? .mpy files "
+                "compiled for a newer MicroPython crash it)" % version)
     saved = {}
     for name in list(sys.modules):
         if name.startswith("otapromoter"):
@@ -4878,9 +4916,9 @@ def run(main, url, kw):
             del sys.modules[name]
     sys.modules.update(saved)
     saved = None
-    clear(test)
     with open(d + $TRIED, "w") as f:
         f.write("%s %s" % (version, why[:150]))
+    clear(test)
 
 
 def watchdog(seconds):
