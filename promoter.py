@@ -4020,8 +4020,7 @@ def before(ota, args, event, ours=False, died=False):
     hold = False
     imported = event is None and not ours and _kind(ota.state + $IMPORT)
     _remove(ota.state + $IMPORT)
-    why = " (a power cut, or a crash of the firmware: .mpy files compiled for a newer " \
-        "MicroPython crash it)"
+    why = " (a power cut, or a crash of the firmware)"
     if imported:
         imported = " while %s was imported" % app
         _report(ota, "the board reset%s (version %s)%s" % (imported, ota.version(), why))
@@ -4876,16 +4875,16 @@ def run(main, url, kw):
             names = [line.split(" ", 2)[2].rstrip("\n") for line in f]
     except OSError:  # a power cut while it was made: the update makes it again
         return clear(test)
+    # Tested before: it ended (try/ was to go next), or the board reset
+    # during it (a crash of the firmware), which the result says.
     try:
         with open(d + $TRIED) as f:
-            done = f.read(40) == version
+            if f.read(40) == version:
+                return clear(test)
     except OSError:
-        done = False
-    if done:  # the test ended (try/ was to go next), or the board reset during it: it failed
-        return clear(test)
+        pass
     with open(d + $TRIED, "w") as f:
-        f.write("%s the board reset during its test (a crash of the firmware? .mpy files "
-                "compiled for a newer MicroPython crash it)" % version)
+        f.write(version + " the board reset during its test")
     saved = {}
     for name in list(sys.modules):
         if name.startswith("otapromoter"):

@@ -1777,8 +1777,9 @@ class TestServer:
                     return
                 head += chunk
             # A MicroPython board asks for the paths of its .mpy view
-            # (/mpy6/files.txt): answered here as the plain ones.
-            path = re.sub(r"^/mpy[0-9]+(?=/)", "", head.split(b" ", 2)[1].decode())
+            # (/mpy6/1.29/files.txt): answered here as the plain ones.
+            path = re.sub(r"^/mpy[0-9]+(/[0-9]+\.[0-9]+)?(?=/)", "",
+                          head.split(b" ", 2)[1].decode())
             try:
                 self.respond(path, head, conn)
             except OSError:
