@@ -1995,8 +1995,7 @@ class Compiler:
                 self._busy = len(batch)
             # Each (compiler, content) once: the syntax check's run serves a
             # view of the same compiler.
-            syntax = tuple(self.mpy_cross) if isinstance(self.mpy_cross, list) else \
-                (self.mpy_cross,)
+            syntax = (self.mpy_cross,)
             jobs = collections.OrderedDict(((syntax, e.checksum), e) for e in batch)
             snapshot = self.promoter.snapshot
             if not self.promoter.published:
@@ -3035,7 +3034,7 @@ def export_static(root, out, port=DEFAULT_PORT, default_ignores=True, compilers=
         if chosen is None:
             raise PromoterError("export --mpy: no compiler for MicroPython %d.%d (pip install "
                                 "mpy-cross-multi, or --micropython %d.%d for boards of that "
-                                "release and newer)" % (release + compilers[-1].release * 2))
+                                "release and newer)" % (release + compilers[-1].release))
         results = {}
         for entry, result in zip(sources, parallel(
                 lambda e: compile_entry(root, e, chosen.command), sources)):
