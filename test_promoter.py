@@ -1545,6 +1545,10 @@ class BadInputTest(PromoterTest):
         self.assertLess(time.monotonic() - start, 5)
 
     def test_connections_past_the_bound_get_503_waiting_ones_take_no_slot(self):
+        # A stalled download keeps its slot until the idle timeout: long enough
+        # here for all eight to be busy at once on a loaded machine.
+        self.served.close()
+        self.served = self.serve(max_connections=8, idle_timeout=10)
         # Waiting requests are parked: more of them than slots still leave room.
         _, held = hold_waiting_requests(self.served, 20, wait=10)
         self.assertEqual(self.served.request("/status.json")[0], 200)
