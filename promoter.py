@@ -111,6 +111,8 @@ FAST_QUIET = 0.005  # s of silence after a save that completed a published file
 WRITE_SETTLE = 1.0  # s a file written without a close must stay still to be published
 POLL_SETTLE = 0.25  # s a polled change must stay still before it is published
 DEBOUNCE_CAP = 2.0  # s: other changes of a burst wait no longer for a file still written
+NEW_PATH_WAIT = 10.0  # s a batch waits for a new file in it that is still being written
+RETRY_FIRST, RETRY_MAX = 0.25, 30.0  # s before a failed read is tried again, doubling
 ROOT_CHECK = 0.5  # s between checks that the watched folder is still at the root path
 MAX_DEPTH = 128  # folders deeper than this are skipped (with a warning)
 PATH_MAX = 4096  # bytes, Linux's limit: longer paths are skipped (with a warning)
@@ -399,10 +401,13 @@ def _answer(child, timeout):
 
 Entry = collections.namedtuple("Entry", "path checksum size sig")
 Entry.__doc__ = "One served file; sig is the stat_sig it was hashed at."
+Reading = collections.namedtuple("Reading", "snapshot retry failed incomplete")
+Reading.__doc__ = "What Snapshot.updated read, and what it left to read again."
 ENTRY_PATH, ENTRY_CHECKSUM = operator.attrgetter("path"), operator.attrgetter("checksum")
 
 UNSETTLED = "unsettled"  # a read disturbed by a write: keep the last entry, try again
 GONE = "gone"  # not there (a fresh lstat, through no symlinked folder, says so)
+GONE_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # the only errors that mean "not there"
 ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # O_PATH: a folder passed through needs no read permission. O_NOFOLLOW with
 # O_DIRECTORY fails on a symlink: no folder below the root is reached through one.
@@ -414,6 +419,24 @@ FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
 
 class RootMissing(Exception):
     """The root folder is not there (moved, deleted, unmounted)."""
+
+
+class TreeUnreadable(Exception):
+    """The root folder is there but could not be listed (no descriptors
+    left, no permission): nothing may be concluded about its files."""
+
+
+class Failed(str):
+    """Why a path that is there could not be read (no permission, no
+    descriptors left, an I/O error). Never taken for an absence: a served
+    path keeps its last entry and is read again later."""
+
+    def __new__(cls, error):
+        reason = error.strerror or str(error)
+        text = super().__new__(cls, "cannot read (%s)" % reason)
+        text.reason = reason
+        text.transient = error.errno not in (errno.EACCES, errno.EPERM)
+        return text
 
 
 STAT_SIG = struct.Struct("=Qqqq")
@@ -510,7 +533,7 @@ def lstat_beneath(root, relpath):
         finally:
             os.close(fd)
     except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+        if e.errno in GONE_ERRNOS:
             return None
         raise
 
@@ -604,24 +627,28 @@ def open_for_writing(fd):
 
 
 def hash_file(root, relpath, known=None, min_age=0.0, dir_fd=None, check_writers=True,
-              buf=None):
-    """An Entry for the file at relpath, GONE, UNSETTLED, or a reason to skip
-    it (str). `known` (the last Entry) is returned as it is when the file's
+              buf=None, linked=None):
+    """An Entry for the file at relpath, GONE, UNSETTLED, a Failed read, or
+    a reason to skip it (str). `known` (the last Entry) is returned as it is when the file's
     stat has not changed. A file is UNSETTLED (its bytes are not a state
     that was on disk as a whole) if it changed while read, or changed less
     than `min_age` seconds ago, or is still open for writing and changed
     less than WRITE_SETTLE ago; where open writers cannot be seen, a change
     less than RACE_AGE ago counts as one (a write's data is visible a moment
-    before its event is queued)."""
+    before its event is queued). A file read that has other hard links is
+    added to the set `linked`, if given."""
     try:
         fd, before = open_file(root, relpath, dir_fd)
     except OSError as e:
         if e.errno == errno.ENXIO:
             return "not a regular file; skipped"
-        if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-            return "cannot read (%s); not served" % e.strerror
+        if e.errno not in GONE_ERRNOS:
+            return Failed(e)
         # Gone only if it is really gone: a rename over it may be under way.
-        return GONE if lstat_beneath(root, relpath) is None else UNSETTLED
+        try:
+            return GONE if lstat_beneath(root, relpath) is None else UNSETTLED
+        except OSError as e:
+            return Failed(e)
     try:
         sig = stat_sig(before)
         if known is not None and known.sig == sig:
@@ -637,25 +664,31 @@ def hash_file(root, relpath, known=None, min_age=0.0, dir_fd=None, check_writers
         recent = check_writers and 0 <= age < WRITE_SETTLE
         writing = open_for_writing(fd) if recent else False
     except OSError as e:
-        return "cannot read (%s); not served" % e.strerror
+        return Failed(e)
     finally:
         os.close(fd)
     if stat_sig(after) != sig or size != after.st_size:
         return UNSETTLED
     if writing or 0 <= age < (RACE_AGE if writing is None else min_age):
         return UNSETTLED
+    if linked is not None and after.st_nlink > 1:
+        linked.add(relpath)
     h.update(relpath.encode("utf-8"))
     return Entry(relpath, h.hexdigest(), size, sig)
 
 
-def walk(root, rules, top="", on_dir=None, notices=None):
+def walk(root, rules, top="", on_dir=None, notices=None, failed=None):
     """Yield (relpath, kind, stat_sig) below `top`, depth first in walk order,
     pruning ignored folders and never passing through a symlinked folder.
     `on_dir(relpath)` is called for each folder (`top` too) just before it
     is listed, so a watcher that watches it there misses nothing created
-    meanwhile. Raises RootMissing if the root itself cannot be listed."""
+    meanwhile. A folder or name that is there but cannot be read is put in
+    `failed` ({relpath: Failed}): what is below it is unknown, not absent.
+    Raises RootMissing if there is no root folder, TreeUnreadable if it is
+    there but cannot be listed."""
     notices = notices or Notices()
-    stack = [iter(_listing(root, rules, top, on_dir, notices))]
+    failed = {} if failed is None else failed
+    stack = [iter(_listing(root, rules, top, on_dir, notices, failed))]
     while stack:  # iterative: a tree of any depth
         item = next(stack[-1], None)
         if item is None:
@@ -663,10 +696,10 @@ def walk(root, rules, top="", on_dir=None, notices=None):
             continue
         yield item
         if item[1] == "dir":
-            stack.append(iter(_listing(root, rules, item[0], on_dir, notices)))
+            stack.append(iter(_listing(root, rules, item[0], on_dir, notices, failed)))
 
 
-def _listing(root, rules, top, on_dir, notices):
+def _listing(root, rules, top, on_dir, notices, failed):
     """The servable entries of one folder, sorted: [(relpath, kind, stat_sig)]."""
     if on_dir:
         on_dir(top)
@@ -674,18 +707,25 @@ def _listing(root, rules, top, on_dir, notices):
     try:
         fd = open_dir(root, top, LIST_FLAGS)
     except OSError as e:
-        if not top:
-            raise RootMissing()
-        if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-            notices.warn(top, "cannot list (%s); skipped" % e.strerror)
-        return items
+        if e.errno in GONE_ERRNOS:
+            if not top:
+                raise RootMissing()
+            return items
+        return _unlisted(top, Failed(e), notices, failed)
     try:
-        for name in sorted(os.listdir(fd), key=os.fsencode):
+        names = sorted(os.listdir(fd), key=os.fsencode)
+    except OSError as e:
+        os.close(fd)
+        return _unlisted(top, Failed(e), notices, failed)
+    try:
+        for name in names:
             relpath = top + "/" + name if top else name
             try:
                 kind, st = classify(root, relpath, os.stat(name, dir_fd=fd, follow_symlinks=False))
-            except OSError:
-                continue  # gone meanwhile
+            except OSError as e:
+                if e.errno not in GONE_ERRNOS:  # else gone meanwhile
+                    failed[relpath] = Failed(e)
+                continue
             if kind is None or rules.matches(relpath, is_dir=(kind == "dir")):
                 continue
             problem = "not a regular file" if kind == "special" else path_problem(root, relpath)
@@ -693,11 +733,18 @@ def _listing(root, rules, top, on_dir, notices):
                 notices.warn(relpath, problem + "; skipped")
                 continue
             items.append((relpath, kind, stat_sig(st)))  # a stat_result is ten times larger
-    except OSError as e:
-        notices.warn(top or ".", "cannot list (%s); skipped" % e.strerror)
     finally:
         os.close(fd)
     return items
+
+
+def _unlisted(top, failure, notices, failed):
+    if not top:
+        notices.warn(".", "cannot list the root folder (%s); nothing published until it can "
+                          "be" % failure.reason)
+        raise TreeUnreadable(failure)
+    failed[top] = failure
+    return []
 
 
 def parallel(function, items, workers=HASH_WORKERS):
@@ -724,10 +771,10 @@ def parallel(function, items, workers=HASH_WORKERS):
     return results
 
 
-def hash_files(root, files, known, fresh=frozenset(), min_age=0.0):
+def hash_files(root, files, known, fresh=frozenset(), min_age=0.0, linked=None):
     """{relpath: hash_file result} of [(relpath, kind, stat_sig)] (a link's
     is its target's). A file whose `known` entry was hashed at that very
-    stat keeps it unread, unless it is in `fresh`. Files of one folder are
+    stat keeps it unread, unless it is in `fresh`. `linked`: see hash_file. Files of one folder are
     read through one descriptor of it, in tasks spread over HASH_WORKERS
     threads (os.readv and hashlib release the GIL). The walk is done
     before: walking while hashing makes the two fight for the GIL."""
@@ -751,7 +798,7 @@ def hash_files(root, files, known, fresh=frozenset(), min_age=0.0):
         try:
             buf = bytearray(HASH_CHUNK)  # one per task: reused for its files
             return [(p, hash_file(root, p, None if p in fresh else known.get(p), min_age, fd,
-                                  buf=buf)) for p in paths]
+                                  buf=buf, linked=linked)) for p in paths]
         finally:
             if fd is not None:
                 os.close(fd)
@@ -792,22 +839,30 @@ class Snapshot:
 
     @classmethod
     def scan(cls, root, rules, previous=None, hold=frozenset(), min_age=0.0, on_dir=None,
-             notices=None):
-        """Index the whole tree: (Snapshot, paths to read again). See `updated`."""
-        return (previous or cls([])).updated(root, rules, None, hold, min_age, on_dir, notices)
+             notices=None, known=None):
+        """Index the whole tree: a Reading. See `updated`."""
+        return (previous or cls([])).updated(root, rules, None, hold, min_age, on_dir, notices,
+                                             known)
 
     def updated(self, root, rules, paths, hold=frozenset(), min_age=0.0, on_dir=None,
-                notices=None):
-        """(new Snapshot, paths to read again) with `paths` (files or folders,
-        relative; None: the whole tree) re-read from disk, and the served
-        symlinks checked again. Files whose stat is unchanged keep their
-        entry unread, unless they are among `paths`. A file in `hold` (still
-        being written) or whose read was disturbed keeps its last entry, and
-        the disturbed ones are returned to be read again. Raises RootMissing.
+                notices=None, known=None):
+        """A Reading: the new Snapshot with `paths` (files or folders,
+        relative; None: the whole tree) re-read from disk and the served
+        symlinks checked again, and what is left to read. Files whose stat is
+        unchanged keep their entry unread (from `known` too: entries read
+        before and not published), unless they are among `paths`.
+
+        Only a path that is gone is dropped. A served path in `hold` (still
+        being written) or whose read was disturbed keeps its last entry and
+        is in `retry`; one that could not be read (or a folder that could not
+        be listed: all that was served below it) keeps its last entries and is
+        in `failed`. A new path of which no whole state could be read is left
+        out and named in `incomplete`. Raises RootMissing, TreeUnreadable.
 
         The cost is linear in the changed paths plus the tree, never their
         product."""
         notices = notices or Notices()
+        failed = {}
         if paths is None:
             reported, entries = {""}, {}
         else:
@@ -820,19 +875,27 @@ class Snapshot:
                 for gone in [p for p in entries if under(p, folders)]:
                     del entries[gone]
         found = []  # (relpath, kind, stat) of the files found
+        walked = set()  # folders walked: what is below them is found there, once
         for relpath in sorted(reported, key=path_key):
+            if under(relpath, walked):
+                continue
             entries.pop(relpath, None)
             if not relpath:
                 kind = "dir"  # the whole tree
             elif rules.ignored(relpath):
                 continue
             else:
-                st = lstat_beneath(root, relpath)
-                kind, st = classify(root, relpath, st) if st else (None, None)
+                try:
+                    st = lstat_beneath(root, relpath)
+                    kind, st = classify(root, relpath, st) if st else (None, None)
+                except OSError as e:
+                    failed[relpath] = Failed(e)
+                    continue
                 if kind == "dir" and rules.matches(relpath, is_dir=True):
                     continue  # a folder made since the last walk, which a folder rule hides
             if kind == "dir":
-                found.extend(item for item in walk(root, rules, relpath, on_dir, notices)
+                walked.add(relpath)
+                found.extend(item for item in walk(root, rules, relpath, on_dir, notices, failed)
                              if item[1] != "dir")
             elif kind in ("file", "link"):
                 problem = path_problem(root, relpath)
@@ -844,27 +907,67 @@ class Snapshot:
                 notices.warn(relpath, "not a regular file; skipped")
         # A reported path is always read: a rewrite of the same size within
         # one coarse mtime tick would keep its stat.
-        results = hash_files(root, [item for item in found if item[0] not in hold],
-                             self.by_path, set(paths or ()), min_age)
-        links, retry = set(), set()
+        known = self.by_path if known is None else known
+        linked = set()
+        results = hash_files(root, [item for item in found if item[0] not in hold], known,
+                             set(paths or ()), min_age, linked)
+        others = self._hard_linked(results, linked, found, hold)
+        if others:
+            results.update(hash_files(root, others, known, {p for p, _, _ in others}, min_age))
+            found.extend(others)
+        links, retry, incomplete = set(), set(), set()
+
+        def keep(path):  # its last entry stays
+            entries[path] = self.by_path[path]
+            if path in self.links:
+                links.add(path)
+
         for relpath, kind, _ in found:
             result = results.get(relpath, UNSETTLED)  # held: as if disturbed
             if isinstance(result, Entry):
                 entries[relpath] = result
                 if kind == "link":
                     links.add(relpath)
-                continue
-            if result == UNSETTLED:
+            elif isinstance(result, Failed):
+                failed[relpath] = result
+            elif result == UNSETTLED:
                 if relpath not in hold:
                     retry.add(relpath)
                 if relpath in self.by_path:
-                    entries[relpath] = self.by_path[relpath]
-                    if relpath in self.links:
-                        links.add(relpath)
+                    keep(relpath)
+                else:
+                    incomplete.add(relpath)
             elif result != GONE:
                 notices.warn(relpath, result)
+        # What could not be read keeps what was served (a folder: all below it).
+        for relpath, failure in failed.items():
+            last = [relpath] if relpath in self.by_path else [
+                p for p in self.by_path if under(p, {relpath})]
+            notices.warn(relpath, failure + ("; its last version stays served until it can be "
+                                             "read" if last else "; not served until it can be "
+                                             "read"))
+            if not last and failure.transient:
+                incomplete.add(relpath)
+            for p in last:
+                if p not in entries:
+                    keep(p)
         touched = None if paths is None else [p for p, _, _ in found if p in entries]
-        return self._build(entries, self, links, touched), retry
+        return Reading(self._build(entries, self, links, touched), retry, failed, incomplete)
+
+    def _hard_linked(self, results, linked, found, hold):
+        """The served paths (kind "file", stat None) that are other hard links
+        of a file read again with new bytes: an edit in place changed them
+        too, and no event names them."""
+        changed = {path for path in linked if isinstance(results.get(path), Entry)
+                   and results[path] is not self.by_path.get(path)}
+        if not changed:
+            return []
+        inodes = {STAT_SIG.unpack(results[path].sig)[0] for path in changed}
+        seen = {item[0] for item in found}
+        return [(path, "link" if path in self.links else "file", None)
+                for path, entry in self.by_path.items()
+                if path not in seen and path not in hold
+                and STAT_SIG.unpack(entry.sig)[0] in inodes]
 
     def restored(self, older, paths):
         """This snapshot with `paths` put back as they are in `older`."""
@@ -895,9 +998,10 @@ class Snapshot:
             old, new = previous.by_path[path], entries[path]
             if new is not old:
                 ordered[cls._position(ordered, path)] = new
-                del by_checksum[old.checksum]
+                if new.checksum != old.checksum:  # else read again, the same bytes
+                    del by_checksum[old.checksum]
+                    changed.append(path)
                 by_checksum[new.checksum] = new
-                changed.append(path)
         snapshot = cls(ordered, entries, frozenset(links), by_checksum)
         snapshot.changed_since = (previous.version, changed)  # what diff() would find
         return snapshot
@@ -1040,6 +1144,8 @@ class Promoter:
         self.listeners = []  # called after each publish and at close (from the writer's thread)
         self.compiler = Compiler(self, mpy_cross, compilers)
         self.hold_broken = hold_broken  # a .py that does not compile keeps its last version
+        self._read_ahead = {}  # entries of a batch held back for its new paths
+        self._holding_since = None
 
     def reload_rules(self):
         self.rules = Rules.load(self.root, self.default_ignores)
@@ -1050,23 +1156,32 @@ class Promoter:
         root path is another one) and publish the result. `hold`: paths still
         being written, kept as they are. `recheck()`, called after reading,
         returns the paths changed meanwhile: they are kept as they were too.
-        Returns the paths whose read was disturbed, to be read again."""
+        Returns (paths to read again soon, paths to read again later): the
+        first were disturbed by a write, the second could not be read ("":
+        the whole tree). While a new path of the batch has no whole state to
+        read (a file saved into a folder just moved in), the batch is not
+        published and comes back whole, for up to NEW_PATH_WAIT."""
         for _ in range(3):
             identity = root_identity(self.root)
             if identity is None or self._unmounted(identity):
                 self._root_lost()
-                return set()
+                return set(), set()
             full = paths is None or identity != self.root_id
             old = self.snapshot
+            known = old.by_path if not self._read_ahead else collections.ChainMap(
+                old.by_path, self._read_ahead)
             try:
                 if full:
-                    new, retry = Snapshot.scan(self.root, self.rules, old, hold, min_age, on_dir,
-                                               self.notices)
+                    reading = Snapshot.scan(self.root, self.rules, old, hold, min_age, on_dir,
+                                            self.notices, known)
                 else:
-                    new, retry = old.updated(self.root, self.rules, paths, hold, min_age, on_dir,
-                                             self.notices)
+                    reading = old.updated(self.root, self.rules, paths, hold, min_age, on_dir,
+                                          self.notices, known)
             except RootMissing:
                 continue
+            except TreeUnreadable:
+                return set(), {""}
+            new = reading.snapshot
             if recheck:
                 new = new.restored(old, recheck())
             if root_identity(self.root) != identity:
@@ -1075,12 +1190,34 @@ class Promoter:
                 self.root_missing = False
                 log.warning("root %s is back; indexed it again", self.root)
             self.root_id = identity
+            failed = set(reading.failed)
+            if reading.incomplete and self._hold_back(reading):
+                batch = {""} if full else set(paths)
+                return reading.retry | (batch - failed), failed
+            self._read_ahead = {}
+            self._holding_since = None
             self._publish(new)
             if full or len(paths) >= 64:
                 give_memory_back()
-            return retry
+            return reading.retry, failed
         self._root_lost()
-        return set()
+        return set(), set()
+
+    def _hold_back(self, reading):
+        """True if this batch waits for its new paths: they may be whole in
+        a moment. Its entries are kept, so the next read hashes only what
+        changed meanwhile."""
+        now = time.monotonic()
+        if self._holding_since is None:
+            self._holding_since = now
+        if now - self._holding_since < NEW_PATH_WAIT:
+            self._read_ahead.update((p, e) for p, e in reading.snapshot.by_path.items()
+                                    if p not in self.snapshot.by_path)
+            return True
+        for relpath in sorted(reading.incomplete, key=path_key):
+            self.notices.warn(relpath, "new, and still being written or unreadable after "
+                                       "%gs; published without it for now" % NEW_PATH_WAIT)
+        return False
 
     def _unmounted(self, identity):
         """True for an empty folder on another file system than the one
@@ -1089,8 +1226,8 @@ class Promoter:
             return False
         try:
             return not os.listdir(self.root)
-        except OSError:
-            return True
+        except OSError as e:
+            return e.errno in GONE_ERRNOS  # EMFILE, EACCES: it is there
 
     def _root_lost(self):
         if not self.root_missing:
@@ -1176,6 +1313,8 @@ class Debouncer:
         self.pending = {}
         self.rescan = False
         self.first = self.last = 0.0
+        self.later = {}  # path ("": the whole tree) -> when to read it again (its read failed)
+        self.failing = {}  # path -> the delay before its last retry
 
     def _event(self):
         now = time.monotonic()
@@ -1188,32 +1327,65 @@ class Debouncer:
         now = self._event()
         self.pending[path] = now if writing else self.DONE if done else None
 
-    def retry(self, paths):
-        """Read these paths again soon (their last read was disturbed)."""
+    def mark(self, path):
+        """Its metadata changed (permissions, links): read it again, without
+        changing what is known of a writer."""
+        self._event()
+        self.pending.setdefault(path, None)
+
+    def retry(self, paths, failed=(), read=None):
+        """Read `paths` again soon (their last read was disturbed by a write;
+        "": the whole tree), and `failed` ones later: each after a delay that
+        doubles while it keeps failing, from RETRY_FIRST to RETRY_MAX. `read`:
+        the paths of the batch just read (None: all), so that one that read
+        well starts again from the shortest delay."""
         for path in paths:
-            if path not in self.pending:
+            if not path:
+                self.request_rescan()
+            elif path not in self.pending:
                 self.add(path)
+        for path in [p for p in self.failing if p not in failed
+                     and (read is None or p in read or p == "")]:
+            del self.failing[path]
+        now = time.monotonic()
+        for path in failed:
+            delay = min(self.failing.get(path, RETRY_FIRST / 2) * 2, RETRY_MAX)
+            self.failing[path] = delay
+            self.later[path] = now + delay
+
+    def _retry_due(self, now):
+        """Move the failed paths whose delay is over into the batch."""
+        for path in [p for p, t in self.later.items() if t <= now]:
+            del self.later[path]
+            if not path:
+                self.rescan = True
+            else:
+                self.pending.setdefault(path, None)
 
     def request_rescan(self):
         self._event()
         self.rescan = True
 
     def due_time(self):
-        """Monotonic time the pending batch is due, or None if nothing is pending."""
+        """Monotonic time the pending batch (or the next retry of a failed
+        read) is due, or None if nothing is pending."""
+        retry = min(self.later.values(), default=None)
         if not self.pending and not self.rescan:
-            return None
+            return retry
         # When each path may go: at once, or once its writer has been still for `settle`.
         ready = [t + self.settle if type(t) is float else 0.0 for t in self.pending.values()]
         lone_save = not self.rescan and all(t is self.DONE for t in self.pending.values())
         due = max([self.last + (self.fast if lone_save else self.quiet)] + ready)
         soonest = 0.0 if self.rescan else min(ready, default=0.0)
-        return min(due, max(self.first + self.cap, soonest))  # the cap: what is ready goes
+        due = min(due, max(self.first + self.cap, soonest))  # the cap: what is ready goes
+        return due if retry is None else min(due, retry)
 
     def take(self):
         """(paths, rescan, held) if the batch is due, else None; the held
         paths (still being written) stay pending."""
-        due = self.due_time()
         now = time.monotonic()
+        self._retry_due(now)
+        due = self.due_time()
         if due is None or now < due:
             return None
         held = {p: t for p, t in self.pending.items()
@@ -1251,7 +1423,7 @@ class Watcher:
 
     def scan(self):
         """Index the whole tree (the first time, or after the watch broke)."""
-        self._debounce.retry(self._refresh(None, frozenset(), 0.0))
+        self._debounce.retry(*self._refresh(None, frozenset(), 0.0))
 
     def _on_dir(self, relpath):
         """Called for each folder just before it is listed."""
@@ -1271,13 +1443,14 @@ class Watcher:
         if IGNORE_FILE in paths:
             self.promoter.reload_rules()
         try:
-            retry = self._refresh(None if full else paths, held, self.min_age)
+            retry, failed = self._refresh(None if full else paths, held, self.min_age)
         except WatchUnavailable:
             raise
         except Exception:  # noqa: a bug here must not leave a stale index
             log.exception("updating the index failed; rescanning the whole tree")
-            retry = self._refresh(None, held, self.min_age)
-        self._debounce.retry(retry)
+            full = True
+            retry, failed = self._refresh(None, held, self.min_age)
+        self._debounce.retry(retry, failed, None if full else paths)
 
     def _run(self):
         backoff = 0.1
@@ -1312,6 +1485,7 @@ class PollingWatcher(Watcher):
         super().__init__(promoter, Debouncer(POLL_SETTLE, POLL_SETTLE), "poll")
         self.interval = interval
         self._seen = {}
+        self._failed = set()  # paths the last walk could not stat or list
         self._next_walk = 0.0
 
     def scan(self):
@@ -1321,17 +1495,27 @@ class PollingWatcher(Watcher):
 
     def _stat_tree(self):
         """{relpath: "dir" or stat sig} of the tree, or None if the root is missing."""
-        tree = {}
+        tree, failed = {}, {}
         try:
             tree[IGNORE_FILE] = stat_sig(os.stat(os.path.join(self.promoter.root, IGNORE_FILE)))
         except OSError:
             pass
         try:
             for relpath, kind, sig in walk(self.promoter.root, self.promoter.rules,
-                                          notices=self.promoter.notices):
+                                          notices=self.promoter.notices, failed=failed):
                 tree[relpath] = kind if kind == "dir" else sig
         except RootMissing:
             return None
+        except TreeUnreadable:
+            return self._seen  # nothing can be told: as it was
+        # What could not be listed or stat'ed is taken as unchanged, not as gone;
+        # newly so, it is read (the index says why, and tries again later).
+        for relpath, seen in self._seen.items():
+            if relpath in failed or under(relpath, failed):
+                tree.setdefault(relpath, seen)
+        for relpath in failed.keys() - self._failed:
+            self._debounce.mark(relpath)
+        self._failed = set(failed)
         return tree
 
     def _step(self):
@@ -1359,6 +1543,7 @@ class PollingWatcher(Watcher):
 
 # inotify(7) constants and the event header: int wd; uint32 mask, cookie, len.
 IN_MODIFY = 0x2
+IN_ATTRIB = 0x4
 IN_CLOSE_WRITE = 0x8
 IN_MOVED_FROM = 0x40
 IN_MOVED_TO = 0x80
@@ -1373,7 +1558,7 @@ IN_ONLYDIR = 0x01000000
 IN_DONT_FOLLOW = 0x02000000
 IN_EXCL_UNLINK = 0x04000000
 IN_ISDIR = 0x40000000
-WATCH_MASK = (IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
+WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
               | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
               | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK)
 EVENT = struct.Struct("iIII")
@@ -1599,10 +1784,14 @@ class InotifyWatcher(Watcher):
             if folder == "":
                 self._next_root_check = 0.0  # checked right after this read
             return  # a subfolder: its parent reports the DELETE/MOVED_FROM
+        if not name:
+            return  # IN_ATTRIB of a watched folder itself: its parent reports it too
         relpath = folder + "/" + name if folder else name
         if relpath != IGNORE_FILE and self.promoter.rules.ignored(relpath, mask & IN_ISDIR):
             return
-        if mask & IN_ISDIR:
+        if mask & IN_ATTRIB:  # permissions, owner, times, link count
+            self._debounce.mark(relpath)
+        elif mask & IN_ISDIR:
             if mask & (IN_MOVED_FROM | IN_DELETE):
                 self._forget(relpath)
             elif mask & (IN_CREATE | IN_MOVED_TO):

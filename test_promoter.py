@@ -937,6 +937,112 @@ class PublishTests(WatchHelpers):
         self.assertEqual(self.log.messages(logging.ERROR), [])
 
 
+    def test_a_save_inside_a_folder_just_moved_in_is_published_with_the_whole_folder(self):
+        # The folder's batch is due while the save inside it is still being
+        # written: publishing without that file would remove it on boards,
+        # though it was there all along.
+        served = self.start()
+        incoming = os.path.join(self.tmp, "incoming")
+        names = ["pkg/m%03d.py" % i for i in range(300)]
+        for name in names:
+            write(incoming, name, "old %s\n" % name)
+        recorder = Recorder(served)
+        with open(os.path.join(incoming, names[7]), "w") as f:  # a save under way...
+            f.write("new ")
+            f.flush()
+            os.rename(os.path.join(incoming, "pkg"), os.path.join(self.root, "pkg"))
+            time.sleep(0.4)  # ...while the folder's batch is read
+            f.write("content\n")
+        self.wait_content(served, names[7], b"new content\n")
+        answers = recorder.stop()
+        partial = [len([p for p in files if p.startswith("pkg/")]) for _, files in answers]
+        self.assertEqual(set(partial) - {0, len(names)}, set(),
+                         "a list had only some of the folder's files")
+        self.assert_only([a for a, n in zip(answers, partial) if n], names[7],
+                         [b"new content\n"])
+
+    def test_a_hard_link_edited_in_place_changes_both_paths(self):
+        served = self.start()
+        os.link(os.path.join(self.root, "main.py"), os.path.join(self.root, "copy.py"))
+        served.wait_for(lambda f: "copy.py" in f, message="copy.py")
+        self.assertEqual(http_request(served.port, "/files/%s" % served.files()["copy.py"]
+                                      ["checksum"])[2], b"initial main.py\n")  # now cached
+        with open(os.path.join(self.root, "main.py"), "r+") as f:
+            f.write("edited!!")
+        self.wait_content(served, "copy.py", b"edited!!main.py\n")
+        self.wait_content(served, "main.py", b"edited!!main.py\n")
+        status, _, body = http_request(served.port, "/files/%s" % served.files()["copy.py"]
+                                       ["checksum"])
+        self.assertEqual((status, body), (200, b"edited!!main.py\n"))
+
+    @unittest.skipUnless(shutil.which("tar"), "tar is not installed")
+    def test_tar_unpacked_over_the_tree_is_published_as_it_is(self):
+        # tar sets each folder's times after writing into it.
+        served = self.start(["main.py", "lib/util.py", "lib/deep/x.py"])
+        archive = os.path.join(self.tmp, "tree.tar")
+        write(self.tmp, "src/lib/util.py", "from the archive\n")
+        write(self.tmp, "src/lib/deep/x.py", "x from the archive\n")
+        subprocess.run(["tar", "cf", archive, "-C", os.path.join(self.tmp, "src"), "lib"],
+                       check=True)
+        subprocess.run(["tar", "xf", archive, "-C", self.root], check=True)
+        write(self.root, "lib/deep/x.py", "saved after\n")
+        self.wait_content(served, "lib/deep/x.py", b"saved after\n")
+        self.wait_content(served, "lib/util.py", b"from the archive\n")
+        self.settle(served)
+        self.assertEqual(self.log.messages(logging.ERROR), [])
+        self.assert_served_exactly(served, ["main.py", "lib/util.py", "lib/deep/x.py",
+                                            "zz-marker.txt"])
+
+
+class ReadErrorTests(WatchHelpers):
+    """A path that is there but cannot be read is never taken for one that
+    is gone: boards would delete it. The server runs as user nobody."""
+
+    def start_cli(self):
+        write(self.root, "main.py", "main\n")
+        write(self.root, "lib/a.py", "a\n")
+        write(self.root, "lib/b.py", "b\n")
+        os.chmod(self.tmp, 0o755)
+        os.chmod(self.root, 0o755)
+        poll = [] if self.POLL is None else ["--poll", str(self.POLL)]
+        return CliProcess(self, ["--root", self.root, "--port", "0"] + poll, demote=True)
+
+    def test_permissions_taken_away_keep_the_files_and_given_back_are_seen(self):
+        proc = self.start_cli()
+        everything = ["lib/a.py", "lib/b.py", "main.py"]
+        os.chmod(os.path.join(self.root, "main.py"), 0)
+        wait_until(lambda: "main.py: cannot read (Permission denied); its last version stays "
+                           "served" in proc.stderr, message="the warning")
+        os.chmod(os.path.join(self.root, "lib"), 0)
+        wait_until(lambda: "lib: cannot read (Permission denied)" in proc.stderr,
+                   message="the folder's warning")
+        write(self.root, promoter.IGNORE_FILE, "# a full rescan\n")
+        wait_until(lambda: "reloaded" in proc.stderr, message="the rules reloaded")
+        write(self.root, "marker.txt", "after the rescan\n")
+        wait_until(lambda: "marker.txt" in proc.paths(), message="marker.txt")
+        self.assertEqual(proc.paths(), everything + ["marker.txt"])
+        self.assertEqual(proc.stderr.count("main.py: cannot read"), 1)  # said once
+        # Given back, with new bytes written meanwhile: both are seen.
+        write(self.root, "main.py", "changed while locked\n")
+        os.chmod(os.path.join(self.root, "main.py"), 0o644)
+        os.chmod(os.path.join(self.root, "lib"), 0o755)
+        write(self.root, "lib/a.py", "a again\n")
+        want = {"main.py": checksum(b"changed while locked\n", "main.py"),
+                "lib/a.py": checksum(b"a again\n", "lib/a.py")}
+        wait_until(lambda: all(f["checksum"] == want.get(f["path"], f["checksum"])
+                               for f in json.loads(proc.get("/files")[2])["files"])
+                   and len(proc.paths()) == 4, timeout=10, message="the new bytes served")
+        self.assertNotIn("removed", proc.stdout + proc.stderr)
+
+
+class InotifyReadErrorTest(ReadErrorTests, PromoterTest):
+    POLL = None
+
+
+class PollingReadErrorTest(ReadErrorTests, PromoterTest):
+    POLL = 0.1
+
+
 class InotifyPublishTest(PublishTests, PromoterTest):
     POLL = None
 
@@ -4837,8 +4943,9 @@ def main(argv):
     if "--bench" in argv:
         return bench(quick="--quick" in argv)
     loader = unittest.TestLoader()
-    if "-k" in argv:
-        loader.testNamePatterns = ["*%s*" % argv[argv.index("-k") + 1]]
+    patterns = ["*%s*" % argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "-k"]
+    if patterns:
+        loader.testNamePatterns = patterns
     suite = loader.loadTestsFromModule(sys.modules[__name__])
     result = unittest.TextTestRunner(verbosity=2).run(suite)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
