@@ -73,8 +73,9 @@ import time
 import unicodedata
 try:
     import fcntl
-except ImportError:  # not on Windows: no leases there
-    fcntl = None
+    import resource
+except ImportError:  # not on Windows: no leases, no descriptor limit there
+    fcntl = resource = None
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -119,6 +120,8 @@ PATH_MAX = 4096  # bytes, Linux's limit: longer paths are skipped (with a warnin
 RULE_DEADLINE = 0.5  # s an ignore rule may take on its probe names before it is rejected
 HASH_WORKERS = min(4, os.cpu_count() or 1)  # threads hashing a large batch
 HASH_CHUNK = 64 << 10  # bytes read at a time (under malloc's mmap threshold)
+COMPILE_TIMEOUT = 5  # s a compiler may take on a file of up to COMPILE_SIZE bytes...
+COMPILE_SIZE = 256 << 10  # ...and as much again for each more
 RACE_AGE = 0.02  # s: without leases, a file changed this recently may be mid-write
 # Leases are Linux's; its values where the fcntl module lacks the names.
 LEASES = fcntl is not None and sys.platform.startswith("linux")
@@ -127,6 +130,8 @@ MAX_WAIT = 300  # s, cap of ?wait=N
 MAX_URL = 2048
 IDLE_TIMEOUT = 10  # s a connection may sit without sending a request
 MAX_CONNECTIONS = 256
+FD_RESERVE = 64  # descriptors kept for reading files, the watcher, compilers
+WAIT_RETRY = 5  # s a waiting request refused for want of descriptors is told to wait
 LISTEN_BACKLOG = 1024  # connections the kernel queues before they are accepted
 HEAD_TIMEOUT = 10  # s from a request's first byte to the end of its head
 MAX_HEAD = 16384  # bytes of a request head (request line and headers)
@@ -149,6 +154,12 @@ BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 class PromoterError(Exception):
     """A problem to report to the user as one line ("what: why")."""
+
+
+def clean_text(text):
+    """Text from outside (a board, a client, a compiler) made harmless for a
+    terminal: each control character but newline and tab shown as "?"."""
+    return "".join(c if c in "\n\t" or c.isprintable() else "?" for c in text)
 
 # --- protocol: what the server and the device module share -------------------
 #
@@ -1048,13 +1059,15 @@ class Snapshot:
                 sorted(old - new, key=path_key))
 
 
-def read_entry(root, entry):
+def read_entry(root, entry, errors=False):
     """The bytes of an indexed file if they still hash to its checksum, else
     None (changed, gone, unreadable, or no longer a regular file inside the
-    root)."""
+    root). `errors`: an error other than absence is raised (OSError)."""
     try:
         fd, st = open_file(root, entry.path)
-    except OSError:
+    except OSError as e:
+        if errors and e.errno not in GONE_ERRNOS + (errno.ENXIO,):
+            raise
         return None
     chunks = []
     try:
@@ -1960,12 +1973,31 @@ def compiler_for(release):
         "boards (--micropython %s for boards of that release or newer)" % (wanted, own, own))
 
 
+class CompileLater(Exception):
+    """A compile that could not be made now (no descriptors, a full /tmp):
+    the file is compiled again later."""
+
+
+RUNNING = set()  # compiler processes running now: killed when the server stops
+
+
+def kill_compilers(procs=None):
+    """Kill compiler processes, each with what it started (its own session)."""
+    for proc in list(RUNNING if procs is None else procs):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def compile_source(data, relpath, mpy_cross=None):
     """(.mpy bytes or None, error) of a .py file's bytes, where error is the
     (line, message) of its syntax error or None: with mpy-cross,
     MicroPython's own compiler (a path, or a command: compiler_for()), where
-    given, else with CPython's compile() (no bytes). PromoterError if
-    mpy-cross cannot run."""
+    given, else with CPython's compile() (no bytes). A compiler that ran out
+    of memory on the file gives (None, None), with a warning. PromoterError
+    if mpy-cross cannot run, hangs (COMPILE_TIMEOUT, more for a large file)
+    or writes what is not a .mpy file; CompileLater if the system refused."""
     if mpy_cross is None:
         try:
             compile(data, relpath, "exec", dont_inherit=True)
@@ -1973,34 +2005,66 @@ def compile_source(data, relpath, mpy_cross=None):
             return None, (e.lineno or 0, e.msg)
         except ValueError as e:  # a NUL byte
             return None, (0, str(e))
+        except MemoryError:
+            log.warning("%s: too large for Python's compile(); its syntax is not checked",
+                        relpath)
         return None, None
     import subprocess
     import tempfile
-    with tempfile.TemporaryDirectory(prefix="promoter-") as tmp:
-        source, out = os.path.join(tmp, "source.py"), os.path.join(tmp, "out.mpy")
-        with open(source, "wb") as f:
-            f.write(data)
-        try:
-            # -s: the name its tracebacks show on the board
-            command = list(mpy_cross) if isinstance(mpy_cross, list) else [mpy_cross]
-            result = subprocess.run(command + ["-s", relpath, "-o", out, source],
-                                    stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
-            if result.returncode == 0:
+    command = list(mpy_cross) if isinstance(mpy_cross, list) else [mpy_cross]
+    timeout = COMPILE_TIMEOUT * (1 + len(data) // COMPILE_SIZE)
+    try:
+        with tempfile.TemporaryDirectory(prefix="promoter-") as tmp:
+            source, out = os.path.join(tmp, "source.py"), os.path.join(tmp, "out.mpy")
+            with open(source, "wb") as f:
+                f.write(data)
+            try:
+                # -s: the name its tracebacks show on the board
+                proc = subprocess.Popen(command + ["-s", relpath, "-o", out, source],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM):
+                    raise CompileLater(e.strerror)
+                raise PromoterError("%s: cannot run (%s)" % (command[0], e.strerror))
+            RUNNING.add(proc)
+            try:
+                text = proc.communicate(timeout=timeout)[0][-4096:]
+            except subprocess.TimeoutExpired:
+                kill_compilers([proc])
+                proc.communicate()
+                raise PromoterError("%s: no answer in %d s on %s" % (command[0], timeout, relpath))
+            finally:
+                RUNNING.discard(proc)
+            if proc.returncode == 0:
                 with open(out, "rb") as f:
-                    return f.read(), None
-        except (OSError, subprocess.SubprocessError) as e:
-            raise PromoterError("%s: cannot run (%s)" % (mpy_cross, e))
-    text = result.stderr.decode("utf-8", "replace").strip()
+                    compiled = f.read()
+                if compiled[:1] != b"M" or len(compiled) < 4:
+                    raise PromoterError("%s: wrote what is not a .mpy file for %s"
+                                        % (command[0], relpath))
+                return compiled, None
+    except OSError as e:
+        raise CompileLater(e.strerror)
+    text = clean_text(text.decode("utf-8", "replace")).strip()
+    if "MemoryError" in text or proc.returncode < 0:
+        log.warning("%s: %s %s; its syntax is not checked, and it stays source", relpath,
+                    command[0], "ran out of memory" if "MemoryError" in text else
+                    "died (signal %d)" % -proc.returncode)
+        return None, None
     line = re.search(r"line (\d+)", text)
-    message = text.splitlines()[-1] if text else "mpy-cross exit status %d" % result.returncode
+    message = text.splitlines()[-1] if text else "mpy-cross exit status %d" % proc.returncode
     return None, (int(line.group(1)) if line else 0, message.replace("SyntaxError: ", "", 1))
 
 
 def compile_entry(root, entry, mpy_cross=None):
     """(.mpy bytes or SOURCE, error, source bytes) of a served .py file (see
     compile_source; SOURCE: it stays source in the .mpy view), or None if it
-    changed since it was indexed. PromoterError if mpy-cross cannot run."""
-    data = read_entry(root, entry)  # not cached: boards did not ask for it
+    changed since it was indexed. PromoterError if mpy-cross cannot run;
+    CompileLater if the file cannot be read now."""
+    try:
+        data = read_entry(root, entry, errors=True)  # not cached: boards did not ask for it
+    except OSError as e:
+        raise CompileLater(e.strerror)
     if data is None:
         return None
     compiled, error = compile_source(data, entry.path, mpy_cross)
@@ -2195,7 +2259,8 @@ class Compiler:
                     if entry.path.endswith(".py") and entry.checksum not in view.results:
                         jobs.setdefault((command, entry.checksum), entry)
             keys = list(jobs)
-            results = dict(zip(keys, parallel(lambda key: self.compile(jobs[key], key[0]),
+            later = []
+            results = dict(zip(keys, parallel(lambda key: self.compile(jobs[key], key[0], later),
                                               keys)))
             for entry in batch:
                 if results[syntax, entry.checksum] is not None:
@@ -2204,22 +2269,37 @@ class Compiler:
                 self._build_view(view, results)
             with self._cond:
                 self._busy = 0
+                if later:  # the system refused: again in a moment
+                    self._cond.wait(1.0)
+                    for entry in later:
+                        if self._checked.get(entry.path) == entry.checksum:
+                            self._todo[entry.path] = entry
+                    self._behind = bool(self.views)
 
-    def compile(self, entry, command=None):
+    def compile(self, entry, command=None, later=None):
         # compile_entry() with the syntax check's compiler, or `command` (a
-        # view's, as a tuple); a compiler failing is one more warning.
-        if command is None or command == (self.mpy_cross,):
-            try:
-                return compile_entry(self.promoter.root, entry, self.mpy_cross)
-            except PromoterError as e:
-                log.warning("%s; checking the syntax with Python's compile() from now on", e)
-                self.mpy_cross = None
-                return compile_entry(self.promoter.root, entry)
+        # view's, as a tuple); a compiler failing is one more warning, and
+        # one the system refused is put in `later`.
         try:
-            return compile_entry(self.promoter.root, entry, list(command))
-        except PromoterError as e:
-            log.warning("%s: %s; served as source in the .mpy view", entry.path, e)
-            return SOURCE, None, None
+            if command is None or command == (self.mpy_cross,):
+                try:
+                    return compile_entry(self.promoter.root, entry, self.mpy_cross)
+                except PromoterError as e:
+                    log.warning("%s; checking the syntax with Python's compile() from now on",
+                                e)
+                    self.mpy_cross = None
+                    return compile_entry(self.promoter.root, entry)
+            try:
+                return compile_entry(self.promoter.root, entry, list(command))
+            except PromoterError as e:
+                log.warning("%s; served as source in the .mpy view", e)
+                return SOURCE, None, None
+        except CompileLater as e:
+            self.promoter.notices.warn(entry.path, "cannot be compiled now (%s); again in a "
+                                                   "moment" % e)
+            if later is not None:
+                later.append(entry)
+            return None
 
     def hold(self, entry, error, served):
         """--hold-broken: `entry` does not compile and is not published; the
@@ -2521,8 +2601,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                                   {"error": "a report is a whole body from a board with an "
                                             + ID_HEADER})
         self.server.devices.check_in(self.headers, self.client_address[0])
-        text = "".join(c if c in "\n\t" or c.isprintable() else "?"
-                       for c in body.decode("utf-8", "replace")).strip("\n")
+        text = clean_text(body.decode("utf-8", "replace")).strip("\n")
         if not self.server.devices.report(device_id, text):
             return self.send_json(HTTPStatus.TOO_MANY_REQUESTS,
                                   {"error": "too many reports; at most %d a minute from a board"
@@ -2632,6 +2711,13 @@ class RequestHandler(BaseHTTPRequestHandler):
             except ValueError:
                 return self.send_json(HTTPStatus.BAD_REQUEST,
                                       {"error": "wait must be a number of seconds"})
+            if snapshot.version in tags and wait > 0 and (
+                    self.server.parking.count + len(self.server.to_park)
+                    >= self.server.waiting_limit()):
+                return self.send_json(HTTPStatus.SERVICE_UNAVAILABLE,
+                                      {"error": "too many waiting requests; retry in %d s"
+                                                % WAIT_RETRY},
+                                      extra={"Retry-After": "%d" % WAIT_RETRY})
             if snapshot.version in tags and wait > 0:
                 # Parked once this thread is done with the connection: the
                 # parking thread answers it; this thread and its slot go
@@ -2896,6 +2982,34 @@ class Parking:
         return http_head(HTTPStatus.OK, "application/json", headers, len(body)) + body
 
 
+def fd_limit():
+    """The soft limit of open descriptors (read each time: it may be changed)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource else -1
+    return 1 << 20 if soft < 0 or soft == getattr(resource, "RLIM_INFINITY", -1) else soft
+
+
+def raise_fd_limit():
+    """Raise the soft limit of open descriptors to the hard one, as Go's
+    runtime and nginx do: 1,024 is common, and a fleet's waiting requests
+    hold one each."""
+    if resource:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            except (OSError, ValueError):
+                pass
+
+
+def open_descriptors():
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the one listing it
+    except OSError:
+        return None
+
+
 def somaxconn():
     """The kernel's cap on a listen queue (net.core.somaxconn)."""
     try:
@@ -2923,7 +3037,14 @@ class PromoterServer(ThreadingHTTPServer):
         self.head_timeout = head_timeout
         self.token = token
         self.devices = DeviceTable()
-        self._slots = threading.BoundedSemaphore(max_connections)
+        # Each connection takes a descriptor: the slots leave room for a
+        # reserve and as many waiting requests (see waiting_limit).
+        self.max_connections = max(1, min(max_connections, (fd_limit() - FD_RESERVE) // 2))
+        if self.max_connections < max_connections:
+            log.warning("at most %d connections at once: the limit of open files is %d",
+                        self.max_connections, fd_limit())
+        self._accept_backoff = 0.0
+        self._slots = threading.BoundedSemaphore(self.max_connections)
         self._connections = {}  # socket -> [state, since]: "idle", "head" or "busy"
         self._connections_lock = threading.Lock()
         self.to_park = {}  # socket -> (address, view, version, deadline, keep-alive) of a waiting request
@@ -2931,6 +3052,30 @@ class PromoterServer(ThreadingHTTPServer):
         self.request_queue_size = min(LISTEN_BACKLOG, somaxconn())
         self.parking = Parking(self)  # before binding: a failed bind closes it
         super().__init__(address, RequestHandler)
+
+    def waiting_limit(self):
+        """How many waiting requests may be parked: each holds a descriptor,
+        and what is left must still read files and take connections."""
+        return max(0, fd_limit() - FD_RESERVE - self.max_connections)
+
+    def get_request(self):
+        """accept(), which backs off while no descriptor is left: the
+        listening socket stays readable, and retrying at once would spin."""
+        try:
+            request = super().get_request()
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            if not self._accept_backoff:
+                log.warning("out of file descriptors (%s; the limit is %d): new connections "
+                            "wait", e.strerror, fd_limit())
+            self._accept_backoff = min(max(self._accept_backoff * 2, 0.01), 0.5)
+            time.sleep(self._accept_backoff)
+            raise
+        if self._accept_backoff:
+            self._accept_backoff = 0.0
+            log.warning("file descriptors available again: taking connections")
+        return request
 
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False) and not (
@@ -3015,6 +3160,9 @@ class PromoterServer(ThreadingHTTPServer):
             "root_missing": self.promoter.root_missing,
             "token_required": bool(self.token),
             "waiting_requests": self.parking.count,
+            "descriptors": {"limit": fd_limit(), "open": open_descriptors(),
+                            "connections_max": self.max_connections,
+                            "waiting_max": self.waiting_limit()},
             "files": [{"path": e.path, "size": e.size, "checksum": e.checksum}
                       for e in snapshot.entries],
             "devices": devices,
@@ -5309,6 +5457,7 @@ def serve(args):
     # Ctrl-C (SIGINT) stops it even where it was started ignoring SIGINT, as
     # a job a script started in the background is.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    raise_fd_limit()
     mpy_cross, compilers = mpy_option(args)
     promoter = Promoter(args.root, args.default_ignores, mpy_cross, compilers, args.hold_broken)
     try:
@@ -5345,6 +5494,7 @@ def serve(args):
         pass
     finally:
         promoter.close()
+        kill_compilers()
         watcher.stop()
         server.server_close()
         log.info("stopped")

@@ -12,12 +12,14 @@ on any failure.
 
 import atexit
 import base64
+import collections
 import hashlib
 import http.client
 import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -1033,6 +1035,75 @@ class ReadErrorTests(WatchHelpers):
                                for f in json.loads(proc.get("/files")[2])["files"])
                    and len(proc.paths()) == 4, timeout=10, message="the new bytes served")
         self.assertNotIn("removed", proc.stdout + proc.stderr)
+
+
+    def start_limited(self, limit):
+        """promoter.py whose limit of open files is `limit`, soft and hard."""
+        write(self.root, "main.py", "main\n")
+        write(self.root, "lib/a.py", "a\n")
+        wrapper = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
+                   "(%d, %d)); os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+                   % (limit, limit))
+        poll = [] if self.POLL is None else ["--poll", str(self.POLL)]
+        return CliProcess(self, [], argv=[sys.executable, "-c", wrapper, SCRIPT, "--root",
+                                           self.root, "--port", "0"] + poll)
+
+    def test_waiting_requests_past_the_descriptor_budget_get_503_and_saves_are_whole(self):
+        proc = self.start_limited(256)
+        status = json.loads(proc.get("/status.json")[2])["descriptors"]
+        self.assertEqual((status["limit"], status["connections_max"], status["waiting_max"]),
+                         (256, 96, 96))
+        version = json.loads(proc.get("/files/version")[2])["version"]
+        conns, answers = [], collections.Counter()
+        for _ in range(150):
+            conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=30)
+            conn.request("GET", "/files/version?wait=60", headers={"If-None-Match":
+                                                                  '"%s"' % version})
+            conns.append(conn)
+        wait_until(lambda: json.loads(proc.get("/status.json")[2])["waiting_requests"] == 96,
+                   message="the budget of waiting requests taken")
+        write(self.root, "main.py", "saved under pressure\n")
+        for conn in conns:
+            resp = conn.getresponse()
+            answers[resp.status, resp.getheader("Retry-After")] += 1
+            resp.read()
+            conn.close()
+        self.assertEqual(answers, {(200, None): 96, (503, "5"): 54})
+        files = {f["path"]: f["checksum"] for f in json.loads(proc.get("/files")[2])["files"]}
+        self.assertEqual(files, {"main.py": checksum(b"saved under pressure\n", "main.py"),
+                                 "lib/a.py": checksum(b"a\n", "lib/a.py")})
+        self.assertNotIn("cannot", proc.stderr)
+
+    def test_out_of_descriptors_nothing_is_dropped_and_accept_does_not_spin(self):
+        proc = self.start_limited(1024)
+        fds = lambda: len(os.listdir("/proc/%d/fd" % proc.proc.pid))
+        # Below what it has open (a walk may hold one for a moment): none left.
+        resource.prlimit(proc.proc.pid, resource.RLIMIT_NOFILE, (fds() - 1, 1024))
+        clients = [socket.create_connection(("127.0.0.1", proc.port)) for _ in range(5)]
+        for sock in clients:
+            sock.sendall(b"GET /files HTTP/1.0\r\n\r\n")
+        write(self.root, "main.py", "saved while out of descriptors\n")
+
+        def cpu():
+            with open("/proc/%d/stat" % proc.proc.pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        before = cpu()
+        time.sleep(1.0)  # what the server does meanwhile is the point: no condition to wait for
+        self.assertLess(cpu() - before, 0.3, "the server spins while out of descriptors")
+        resource.prlimit(proc.proc.pid, resource.RLIMIT_NOFILE, (1024, 1024))
+        for sock in clients:
+            sock.settimeout(10)
+            self.assertEqual(sock.recv(100).split(b"\r\n")[0], b"HTTP/1.1 200 OK")
+            sock.close()
+        want = checksum(b"saved while out of descriptors\n", "main.py")
+        wait_until(lambda: want in proc.get("/files")[2].decode(), timeout=20,
+                   message="the save published once descriptors are back")
+        self.assertEqual(proc.paths(), ["lib/a.py", "main.py"])
+        self.assertIn("out of file descriptors", proc.stderr)
+        for wrong in ("removed", "has no files", "is gone", "Traceback"):
+            self.assertNotIn(wrong, proc.stderr)
 
 
 class InotifyReadErrorTest(ReadErrorTests, PromoterTest):
@@ -4129,6 +4200,53 @@ class MpyViewTest(PromoterTest):
         self.assertIn("lib/util.mpy", paths)
         self.assertIn("lib/crash.py:0: Segmentation fault; served as source in the .mpy view",
                       self.log.text())
+
+    def test_a_compiler_that_hangs_lies_or_runs_out_of_memory_is_not_trusted(self):
+        fake = os.path.join(self.tmp, "mpy-cross")
+        hang = "60.%d" % os.getpid()  # a command line of its own, for pgrep
+        with open(fake, "w") as f:
+            f.write('#!/bin/sh\nfor a; do last="$a"; done\n'
+                    'case "$last" in *.py)\n'
+                    '  if grep -q HANG "$last"; then sleep %s; fi\n'
+                    '  if grep -q LIE "$last"; then for a; do [ "$prev" = -o ] && '
+                    'echo garbage > "$a"; prev="$a"; done; exit 0; fi\n'
+                    '  if grep -q MEMORY "$last"; then echo "\033[2JMemoryError: memory '
+                    'allocation failed" >&2; exit 1; fi;;\nesac\nexec "%s" "$@"\n' % (hang, MPY_CROSS))
+        os.chmod(fake, 0o755)
+        self.addCleanup(setattr, promoter, "COMPILE_TIMEOUT", promoter.COMPILE_TIMEOUT)
+        promoter.COMPILE_TIMEOUT = 1
+        for name in ("hang", "lie", "memory"):
+            write(self.root, "lib/%s.py" % name, "X = 1  # %s\n" % name.upper())
+        served = self.serve(mpy_cross=fake, mpy=True)
+        started = time.monotonic()
+        listing = lambda: served.get_json(self.prefix + "/files") if served.request(
+            self.prefix + "/files")[0] == 200 else None
+        wait_until(listing, timeout=10, message="the view built")
+        self.assertLess(time.monotonic() - started, 5)
+        paths = [f["path"] for f in listing()["files"]]
+        for path in ("lib/hang.py", "lib/lie.py", "lib/memory.py", "lib/util.mpy"):
+            self.assertIn(path, paths)
+        text = self.log.text()
+        self.assertIn("mpy-cross: no answer in 1 s on lib/hang.py", text)
+        self.assertIn("mpy-cross: wrote what is not a .mpy file for lib/lie.py", text)
+        self.assertIn("lib/memory.py: %s ran out of memory" % fake, text)
+        self.assertNotIn("\033", text)
+        self.assertEqual(served.get_json("/status.json")["syntax_errors"], [])
+        # The hung compiler was killed with what it started, and a syntax error
+        # saved now is still reported (by Python's compile() if need be).
+        sleeping = lambda: subprocess.run(["pgrep", "-f", "sleep " + hang],
+                                          capture_output=True).stdout
+        self.assertEqual(sleeping(), b"")
+        write(self.root, "lib/broken.py", "def f(:\n")
+        wait_until(lambda: served.get_json("/status.json")["syntax_errors"], timeout=10,
+                   message="the syntax error reported")
+        # A server stopped while a compiler hangs takes it down with it.
+        served.close()
+        write(self.root, "lib/hang.py", "X = 2  # HANG\n")
+        proc = CliProcess(self, ["--root", self.root, "--port", "0", "--mpy=" + fake])
+        wait_until(sleeping, message="the compiler hanging")
+        proc.stop()
+        self.assertEqual(sleeping(), b"")
 
     def test_a_module_that_does_not_compile_is_served_as_source_in_the_view(self):
         write(self.root, "lib/util.py", "def f(:\n")
