@@ -49,6 +49,7 @@ test of a new module, the end of a trial, the watchdog); CLI.
 
 import argparse
 import base64
+import codecs
 import collections
 import ctypes
 import errno
@@ -141,8 +142,7 @@ CACHE_MAX_FILE = 4 << 20  # larger files are streamed, not cached
 STREAM_CHUNK = 64 << 10
 MAX_DEVICES = 1000  # boards remembered for the status page
 REPORTS_PER_BOARD = 60  # crash reports taken from one board per REPORT_WINDOW (a
-# developer saving a crashing app every second never meets it)...
-REPORTS_IN_ALL = 600  # ...and from all boards together; more get 429
+# developer saving a crashing app every second never meets it); more get 429
 REPORT_WINDOW = 60.0  # s
 STATUS_REFRESH = 2  # s between refreshes of the status page
 # The oldest firmware the device module runs on; .mpy files compiled for it
@@ -289,16 +289,27 @@ class Rules:
     def load(cls, root, defaults=True):
         """Read root/.promoterignore; a line that is not a valid expression,
         or that takes too long to match (see probe_rules), is logged and
-        skipped: the other rules still apply."""
+        skipped: the other rules still apply. A file that is there but
+        cannot be read or decoded raises PromoterError: serving without the
+        user's rules would serve what they hide. UTF-8, or UTF-16 with its
+        byte-order mark; a UTF-8 byte-order mark (Notepad's) is skipped."""
         patterns = list(DEFAULT_IGNORES) if defaults else []
         try:
-            with open(os.path.join(root, IGNORE_FILE), encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            with open(os.path.join(root, IGNORE_FILE), "rb") as f:
+                data = f.read()
         except (FileNotFoundError, NotADirectoryError):
-            lines = []
-        except (OSError, UnicodeDecodeError) as e:
-            log.warning("%s: cannot read (%s); using the defaults only", IGNORE_FILE, e)
-            lines = []
+            data = b""
+        except OSError as e:
+            raise PromoterError("%s: cannot read (%s)" % (IGNORE_FILE, e.strerror))
+        try:
+            if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                text = data.decode("utf-16")
+            else:
+                text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise PromoterError("%s: not UTF-8 (byte %d is 0x%02x); save it as UTF-8"
+                                % (IGNORE_FILE, e.start, data[e.start]))
+        lines = text.splitlines()
         own = []  # (line number, rule)
         for number, line in enumerate(lines, 1):
             line = line.strip()
@@ -350,10 +361,13 @@ import re, sys
 def probes(rule):
     units = sorted(set(c for c in rule if c.isalnum() or c in "._-/ ") | set("aA0._-/ "))
     units += re.findall(r"[A-Za-z0-9_]{2,}", rule)
-    for unit in units:
-        for length in (32, 1000):
-            for end in ("", "!", "/", "\x01"):
-                yield unit * (length // len(unit)) + end
+    # A literal part before the repetition ("lib/(a+)+b") must be there too.
+    prefixes = [""] + sorted(set(re.findall(r"[A-Za-z0-9_./ -]+", rule)))[:8]
+    for prefix in prefixes:
+        for unit in units:
+            for length in (32, 1000):
+                for end in ("", "!", "/", "\x01"):
+                    yield prefix + unit * (length // len(unit)) + end
 sys.stdout.write("ready\n")
 sys.stdout.flush()
 for line in sys.stdin.buffer:
@@ -557,10 +571,10 @@ def link_target(root, relpath):
     return target[len(prefix):] if target.startswith(prefix) else None
 
 
-def classify(root, relpath, st):
+def classify(root, relpath, st, rules=None):
     """(kind, stat) of an lstat result: "dir", "file", "link" (a symlink to a
-    file inside the root, with the target's stat), "special" (FIFO, socket,
-    device) or None (a symlink to skip)."""
+    file inside the root that `rules` do not hide, with the target's stat),
+    "special" (FIFO, socket, device) or None (a symlink to skip)."""
     if stat.S_ISDIR(st.st_mode):
         return "dir", st
     if stat.S_ISREG(st.st_mode):
@@ -568,6 +582,8 @@ def classify(root, relpath, st):
     if stat.S_ISLNK(st.st_mode):
         # Symlinked folders are not walked: they could loop or duplicate.
         inner = link_target(root, relpath)
+        if inner and rules is not None and rules.ignored(inner):
+            return None, st  # an alias must not serve what the rules hide
         target = inner and lstat_beneath(root, inner)
         if target and stat.S_ISREG(target.st_mode):
             return "link", target
@@ -732,7 +748,8 @@ def _listing(root, rules, top, on_dir, notices, failed):
         for name in names:
             relpath = top + "/" + name if top else name
             try:
-                kind, st = classify(root, relpath, os.stat(name, dir_fd=fd, follow_symlinks=False))
+                kind, st = classify(root, relpath, os.stat(name, dir_fd=fd, follow_symlinks=False),
+                                    rules)
             except OSError as e:
                 if e.errno not in GONE_ERRNOS:  # else gone meanwhile
                     failed[relpath] = Failed(e)
@@ -898,7 +915,7 @@ class Snapshot:
             else:
                 try:
                     st = lstat_beneath(root, relpath)
-                    kind, st = classify(root, relpath, st) if st else (None, None)
+                    kind, st = classify(root, relpath, st, rules) if st else (None, None)
                 except OSError as e:
                     failed[relpath] = Failed(e)
                     continue
@@ -1161,7 +1178,13 @@ class Promoter:
         self._holding_since = None
 
     def reload_rules(self):
-        self.rules = Rules.load(self.root, self.default_ignores)
+        """Read the ignore file again; one that cannot be read or decoded
+        keeps the rules in force (never fewer rules for an error)."""
+        try:
+            self.rules = Rules.load(self.root, self.default_ignores)
+        except PromoterError as e:
+            log.warning("%s; keeping the rules read before", e)
+            return
         log.info("%s reloaded (%d rules)", IGNORE_FILE, len(self.rules.patterns))
 
     def refresh(self, paths=None, hold=frozenset(), min_age=0.0, on_dir=None, recheck=None):
@@ -2416,14 +2439,15 @@ def clean_header(value, limit):
 
 class DeviceTable:
     """The boards that checked in, most recently seen last; past `limit`
-    the least recently seen drop out. Values come from request headers:
+    the least recently seen drop out, but never one that reported in the
+    last REPORT_WINDOW (ids made up by the thousand cannot push out the
+    board whose crash is being looked at). Values come from request headers:
     they are cut and stripped of control characters here, and must still
     be escaped wherever they are shown."""
 
     def __init__(self, limit=MAX_DEVICES):
         self.limit = limit
         self._devices = collections.OrderedDict()
-        self._report_times = collections.deque()  # when the last reports came, of all boards
         self._lock = threading.Lock()
 
     def check_in(self, headers, address):
@@ -2446,26 +2470,27 @@ class DeviceTable:
             if error != device["last_error"]:
                 device.update(last_error=error, last_error_at=now if error else None)
             self._devices[device_id] = device
-            while len(self._devices) > self.limit:
-                self._devices.popitem(last=False)
+            if len(self._devices) > self.limit:
+                recent = time.monotonic() - REPORT_WINDOW
+                old = next((key for key, d in self._devices.items()
+                            if not d.get("_reports") or d["_reports"][-1] < recent), device_id)
+                del self._devices[old]
 
     def report(self, device_id, text):
         """Keep a board's crash report (after its check-in); False if that
-        board, or all boards together, sent too many lately."""
+        board sent too many lately (a limit per board: others' reports, real
+        or forged, never use up a board's own)."""
         now = time.monotonic()
         with self._lock:
             device = self._devices.get(device_id)
             if device is None:
                 return False
-            for times, limit in ((self._report_times, REPORTS_IN_ALL),
-                                 (device.setdefault("_reports", collections.deque()),
-                                  REPORTS_PER_BOARD)):
-                while times and times[0] < now - REPORT_WINDOW:
-                    times.popleft()
-                if len(times) >= limit:
-                    return False
-            self._report_times.append(now)
-            device["_reports"].append(now)
+            times = device.setdefault("_reports", collections.deque())
+            while times and times[0] < now - REPORT_WINDOW:
+                times.popleft()
+            if len(times) >= REPORTS_PER_BOARD:
+                return False
+            times.append(now)
             device.update(report=text, report_at=time.time())
             return True
 
@@ -2846,11 +2871,11 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def log_request(self, code="-", size="-"):
         # int(): Python < 3.11 formats HTTPStatus.OK as "HTTPStatus.OK"
-        log.debug('%s "%s" %s', self.client_address[0], self.requestline,
+        log.debug('%s "%s" %s', self.client_address[0], clean_text(self.requestline),
                   int(code) if isinstance(code, int) else code)
 
     def log_message(self, fmt, *args):
-        log.debug("%s %s", self.client_address[0], fmt % args)
+        log.debug("%s %s", self.client_address[0], clean_text(fmt % args).replace("\n", "?"))
 
 
 class Parking:
@@ -3361,9 +3386,12 @@ def export_static(root, out, port=DEFAULT_PORT, default_ignores=True, compilers=
         raise PromoterError("export to %s: nginx.conf cannot name a path with quotes, "
                             "backslashes, $, braces, ; or control characters; choose another"
                             % ascii(out))
-    snapshot, unsettled = Snapshot.scan(root, Rules.load(root, default_ignores))
+    snapshot, unsettled, failed, _ = Snapshot.scan(root, Rules.load(root, default_ignores))
     if unsettled:
         raise PromoterError("%s changed during the export; run it again" % summary(sorted(unsettled)))
+    if failed:
+        raise PromoterError("%s: %s; the export would lack it (fix it, or name it in %s)"
+                            % (summary(sorted(failed)), sorted(failed.values())[0], IGNORE_FILE))
     views, compiled = [("", snapshot)], {}
     sources = [e for e in snapshot.entries if e.path.endswith(".py")]
     for release in sorted(set(releases)) if compilers is not None else ():

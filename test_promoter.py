@@ -12,6 +12,7 @@ on any failure.
 
 import atexit
 import base64
+import codecs
 import collections
 import hashlib
 import http.client
@@ -1191,6 +1192,52 @@ class RulesTest(PromoterTest):
         self.assertLess(time.monotonic() - start, 5)  # a frozen server would never answer
 
 
+    def test_a_slow_rule_behind_a_literal_prefix_is_rejected_too(self):
+        name = "lib/" + "a" * 27 + ".py"
+        write(self.root, ".promoterignore", "lib/(a+)+b\n")
+        write(self.root, name, "x")
+        proc = CliProcess(self, ["--root", self.root, "--port", "0"])
+        self.assertIn("line 1: 'lib/(a+)+b' takes too long to match", proc.stderr)
+        start = time.monotonic()
+        self.assertEqual(proc.paths(), [name])
+        self.assertLess(time.monotonic() - start, 2)
+
+    def test_the_ignore_file_fails_closed(self):
+        rule = "lib/secrets\\.py\n# comment\n"
+        write(self.root, "lib/secrets.py", "PASSWORD = 'x'\n")
+        write(self.root, "main.py", "main\n")
+        # A byte-order mark (Notepad), or UTF-16: the rules apply.
+        for data in (codecs.BOM_UTF8 + rule.encode(), rule.encode("utf-16")):
+            write(self.root, promoter.IGNORE_FILE, data)
+            proc = CliProcess(self, ["--root", self.root, "--port", "0"])
+            self.assertEqual(proc.paths(), ["main.py"])
+            proc.stop()
+        # Not decodable at start: the server refuses to start, and says why.
+        write(self.root, promoter.IGNORE_FILE, rule.encode() + b"# caf\xe9\n")
+        result = run_cli(["--root", self.root, "--port", "0"])
+        self.assert_usage_error(result, ".promoterignore: not UTF-8 (byte 31 is 0xe9); save it "
+                                        "as UTF-8")
+        # ...and while running: the rules read before stay in force.
+        write(self.root, promoter.IGNORE_FILE, rule)
+        proc = CliProcess(self, ["--root", self.root, "--port", "0"])
+        write(self.root, promoter.IGNORE_FILE, rule.encode() + b"# caf\xe9\n")
+        wait_until(lambda: "keeping the rules read before" in proc.stderr, message="the warning")
+        write(self.root, "marker.py", "after\n")
+        wait_until(lambda: "marker.py" in proc.paths(), message="marker.py")
+        self.assertEqual(proc.paths(), ["main.py", "marker.py"])
+
+    def test_a_symlink_to_an_ignored_file_is_not_served(self):
+        write(self.root, promoter.IGNORE_FILE, "secrets\\.py\n")
+        write(self.root, "secrets.py", "PASSWORD = 'x'\n")
+        os.symlink("secrets.py", os.path.join(self.root, "config.py"))
+        served = self.serve()
+        self.assert_served_exactly(served, [])
+        os.symlink("secrets.py", os.path.join(self.root, "alias.py"))  # made while serving
+        write(self.root, "main.py", "main\n")
+        served.wait_for(lambda f: "main.py" in f, message="main.py")
+        self.assert_served_exactly(served, ["main.py"])
+
+
 class SnapshotTest(PromoterTest):
     def test_readers_never_see_a_half_updated_index(self):
         for i in range(30):
@@ -1378,8 +1425,10 @@ class CliTest(PromoterTest):
         self.assertNotIn("GET /files HTTP/1.1", proc.stderr)
         verbose = CliProcess(self, ["--root", self.root, "--port", "0", "-v"])
         verbose.get("/files")
+        raw_exchange(verbose.port, b"GET /\x1b[2J\x07\rx HTTP/1.1\r\n\r\n")
         verbose.stop()
         self.assertIn('"GET /files HTTP/1.1" 200', verbose.stderr)
+        self.assertIn('"GET /?[2J??x HTTP/1.1" 400', verbose.stderr)  # control characters
         quiet = CliProcess(self, ["--root", self.root, "--port", "0", "-q"])
         quiet.get("/files/" + json.loads(quiet.get("/files")[2])["files"][0]["checksum"])
         quiet.stop()
@@ -4362,6 +4411,19 @@ class ReportEndpointTest(PromoterTest):
         self.assertEqual(self.post(served, "x", {"X-Device-Id": "board-10"}, token="s3cret")[0],
                          204)
         self.assertEqual(served.request("/report", "PUT")[0], 405)
+
+
+    def test_forged_ids_neither_use_up_a_boards_reports_nor_push_it_out(self):
+        served = self.serve()
+        served.server.devices.limit = 20
+        self.assertEqual(self.post(served, "the real crash")[0], 204)
+        for i in range(promoter.REPORTS_PER_BOARD + 40):  # past any limit for all boards
+            self.assertEqual(self.post(served, "forged", {"X-Device-Id": "fake-%d" % i})[0],
+                             204 if i < 19 else 429)
+        self.assertEqual(self.post(served, "the real crash again")[0], 204)
+        devices = {d["id"]: d for d in served.get_json("/status.json")["devices"]}
+        self.assertEqual(devices["board-9"]["report"], "the real crash again")
+        self.assertEqual(len(devices), 20)
 
 
 # --- hostile clients and a fleet -----------------------------------------------------
