@@ -140,6 +140,7 @@ MAX_BODY = 65536  # bytes of a request body read and dropped (boards send none)
 CACHE_BYTES = 16 << 20  # verified file bodies kept in memory (LRU)
 CACHE_MAX_FILE = 4 << 20  # larger files are streamed, not cached
 STREAM_CHUNK = 64 << 10
+SEND_STALL = 1.0  # s a download may take no bytes before its slot can go to another client
 MAX_DEVICES = 1000  # boards remembered for the status page
 REPORTS_PER_BOARD = 60  # crash reports taken from one board per REPORT_WINDOW (a
 # developer saving a crashing app every second never meets it); more get 429
@@ -2817,6 +2818,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.send_bytes(HTTPStatus.OK, None, content_type, headers, length=entry.size)
             if self.command == "HEAD":
                 return True
+            self.server.track(self.connection, "sending")
             h = hashlib.sha1()
             held, left = b"", entry.size
             while left:
@@ -2826,7 +2828,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 h.update(piece)
                 left -= len(piece)
                 if held:
-                    self.wfile.write(held)
+                    self.send_body(held)
                 held = piece
             h.update(entry.path.encode("utf-8"))
             if left or h.hexdigest() != entry.checksum:
@@ -2834,7 +2836,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                             entry.path, self.client_address[0])
                 self.close_connection = True
                 return True
-            self.wfile.write(held)
+            self.send_body(held)
         return True
 
     def send_json(self, status, obj, extra=None):
@@ -2854,9 +2856,18 @@ class RequestHandler(BaseHTTPRequestHandler):
         if body and self.command != "HEAD":
             if len(body) > 65536:
                 self.wfile.write(data)
-                data = b""
+                return self.send_body(body)
             data += body
         self.wfile.write(data)
+
+    def send_body(self, data):
+        """Write a large body in pieces, each one progress: a connection
+        whose client stops reading can be evicted for a board (see _evict)."""
+        self.server.track(self.connection, "sending")
+        with memoryview(data) as view:
+            for start in range(0, len(view), STREAM_CHUNK):
+                self.wfile.write(view[start:start + STREAM_CHUNK])
+                self.server.track(self.connection, "sending")
 
     def send_error(self, code, message=None, explain=None):
         """Errors found by http.server's parser (bad request line, headers
@@ -3070,7 +3081,9 @@ class PromoterServer(ThreadingHTTPServer):
                         self.max_connections, fd_limit())
         self._accept_backoff = 0.0
         self._slots = threading.BoundedSemaphore(self.max_connections)
-        self._connections = {}  # socket -> [state, since]: "idle", "head" or "busy"
+        # socket -> [state, since]: "idle", "head", "busy", or "sending" a
+        # body (since: its last piece taken by the client)
+        self._connections = {}
         self._connections_lock = threading.Lock()
         self.to_park = {}  # socket -> (address, view, version, deadline, keep-alive) of a waiting request
         # A fleet connecting at once must not overflow the listen queue (5 by default).
@@ -3152,12 +3165,14 @@ class PromoterServer(ThreadingHTTPServer):
             self._connections.pop(request, None)
 
     def _evict(self):
-        """All slots are taken: close the least useful connection, the one
-        idle the longest or the oldest still sending its head (never one
-        being answered or waiting for a change). True if one was closed."""
+        """All slots are taken: close the connection making the least
+        progress: idle the longest, the oldest still sending its head, or a
+        download whose client has taken nothing for SEND_STALL s (never one
+        being answered or moving). True if one was closed."""
+        stalled = time.monotonic() - SEND_STALL
         with self._connections_lock:
             candidates = [(since, request) for request, (state, since) in self._connections.items()
-                          if state != "busy"]
+                          if state != "busy" and (state != "sending" or since < stalled)]
         if not candidates:
             return False
         victim = min(candidates, key=lambda c: c[0])[1]

@@ -1771,22 +1771,20 @@ class BadInputTest(PromoterTest):
         self.assertLess(time.monotonic() - start, 5)
 
     def test_connections_past_the_bound_get_503_waiting_ones_take_no_slot(self):
-        # A stalled download keeps its slot until the idle timeout: long enough
-        # here for all eight to be busy at once on a loaded machine.
+        # A request being read keeps its slot until the idle timeout: long
+        # enough here for all eight to be busy at once on a loaded machine.
         self.served.close()
         self.served = self.serve(max_connections=8, idle_timeout=10)
         # Waiting requests are parked: more of them than slots still leave room.
         _, held = hold_waiting_requests(self.served, 20, wait=10)
         self.assertEqual(self.served.request("/status.json")[0], 200)
-        # Every slot busy sending a big file to a client that does not read it.
-        write(self.root, "big.bin", os.urandom(32 << 20))
-        self.served.wait_for(lambda f: "big.bin" in f, message="big.bin")
-        cs = self.served.files()["big.bin"]["checksum"]
+        # Every slot busy with a request being read (a report whose body is
+        # still to come): not idle, not a stalled download, so not evicted.
         stalled = []
         for _ in range(8):
             sock = socket.create_connection(("127.0.0.1", self.served.port))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.sendall(b"GET /files/%s HTTP/1.1\r\nHost: x\r\n\r\n" % cs.encode())
+            sock.sendall(b"POST /report HTTP/1.1\r\nHost: x\r\nX-Device-Id: b\r\n"
+                         b"Content-Length: 100\r\n\r\n")
             stalled.append(sock)
         wait_until(lambda: sum(state == "busy" for state, _ in
                                list(self.served.server._connections.values())) == 8,
@@ -4517,6 +4515,25 @@ class SlowClientTest(PromoterTest):
             t.join()
         self.assertEqual(proc.get("/files/version")[0], 200)
         self.assertLess(rss_peak(proc.proc.pid) - before, 20)  # MB, for 250 MB of headers
+
+    def test_downloads_whose_clients_stop_reading_give_their_slots_to_a_board(self):
+        served = self.serve(max_connections=16, idle_timeout=30)
+        write(self.root, "big.bin", os.urandom(8 << 20))
+        served.wait_for(lambda f: "big.bin" in f, message="big.bin")
+        request = b"GET /files/%s HTTP/1.1\r\nHost: x\r\n\r\n" % served.files()[
+            "big.bin"]["checksum"].encode()
+        for _ in range(40):  # more readers than slots, each taking nothing after its start
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", served.port))
+            self.addCleanup(sock.close)
+            sock.sendall(request)
+        stalled = lambda: sum(state == "sending" and time.monotonic() - since
+                              > promoter.SEND_STALL for state, since in list(
+                                  served.server._connections.values()))
+        wait_until(lambda: stalled() == 16, message="every slot held by a stalled download")
+        answers = [served.request("/files/version")[0] for _ in range(10)]
+        self.assertEqual(answers, [200] * 10)
 
     def test_slow_clients_on_every_slot_do_not_lock_out_a_board(self):
         served = self.serve(max_connections=256, idle_timeout=30)
