@@ -123,6 +123,7 @@ HASH_WORKERS = min(4, os.cpu_count() or 1)  # threads hashing a large batch
 HASH_CHUNK = 64 << 10  # bytes read at a time (under malloc's mmap threshold)
 COMPILE_TIMEOUT = 5  # s a compiler may take on a file of up to COMPILE_SIZE bytes...
 COMPILE_SIZE = 256 << 10  # ...and as much again for each more
+COMPILER_PAUSE = 60  # s a view's compiler that hung is not used
 RACE_AGE = 0.02  # s: without leases, a file changed this recently may be mid-write
 # Leases are Linux's; its values where the fcntl module lacks the names.
 LEASES = fcntl is not None and sys.platform.startswith("linux")
@@ -2002,6 +2003,10 @@ class CompileLater(Exception):
     the file is compiled again later."""
 
 
+class CompilerHung(PromoterError):
+    """A compiler gave no answer in time (and was killed)."""
+
+
 RUNNING = set()  # compiler processes running now: killed when the server stops
 
 
@@ -2057,7 +2062,7 @@ def compile_source(data, relpath, mpy_cross=None):
             except subprocess.TimeoutExpired:
                 kill_compilers([proc])
                 proc.communicate()
-                raise PromoterError("%s: no answer in %d s on %s" % (command[0], timeout, relpath))
+                raise CompilerHung("%s: no answer in %d s on %s" % (command[0], timeout, relpath))
             finally:
                 RUNNING.discard(proc)
             if proc.returncode == 0:
@@ -2172,6 +2177,9 @@ class Compiler:
         self._cond = threading.Condition()
         self._closing = False
         self._thread = None
+        # A view's compiler that hung: command -> (until when it is not
+        # used, the checksums served as source meanwhile)
+        self._paused = {}
         promoter.listeners.append(self.published)
         if compilers:
             self.view(None, OLDEST_MICROPYTHON, wait=0)
@@ -2261,8 +2269,11 @@ class Compiler:
     def _run(self):
         while True:
             with self._cond:
-                while not (self._todo or self._behind or self._closing):
-                    self._cond.wait()
+                while True:
+                    pause = self._resume()
+                    if self._todo or self._behind or self._closing:
+                        break
+                    self._cond.wait(pause)
                 if self._closing:
                     return
                 batch = list(self._todo.values())  # a cold start's, in parallel
@@ -2300,10 +2311,27 @@ class Compiler:
                             self._todo[entry.path] = entry
                     self._behind = bool(self.views)
 
+    def _resume(self):
+        """(Holding _cond.) Take back the compilers whose pause is over: what
+        they left as source is compiled again. Seconds until the next one
+        is over, or None."""
+        now = time.monotonic()
+        for command, (until, sources) in list(self._paused.items()):
+            if until <= now:
+                del self._paused[command]
+                for view in self.views.values():
+                    if tuple(view.compiler.command) == command:
+                        for checksum in sources:
+                            view.results.pop(checksum, None)
+                        self._behind = True
+        return min((until for until, _ in self._paused.values()), default=now + 1e9) - now \
+            if self._paused else None
+
     def compile(self, entry, command=None, later=None):
         # compile_entry() with the syntax check's compiler, or `command` (a
-        # view's, as a tuple); a compiler failing is one more warning, and
-        # one the system refused is put in `later`.
+        # view's, as a tuple, or the syntax check's when the batch began); a
+        # compiler failing is one more warning, and one the system refused
+        # is put in `later`.
         try:
             if command is None or command == (self.mpy_cross,):
                 try:
@@ -2313,8 +2341,20 @@ class Compiler:
                                 e)
                     self.mpy_cross = None
                     return compile_entry(self.promoter.root, entry)
+            paused = self._paused.get(command)
+            if paused:
+                paused[1].add(entry.checksum)
+                return SOURCE, None, None
             try:
                 return compile_entry(self.promoter.root, entry, list(command))
+            except CompilerHung as e:
+                # Waiting for it on each file would keep a new view from its boards.
+                with self._cond:
+                    self._paused.setdefault(command, (time.monotonic() + COMPILER_PAUSE,
+                                                      set()))[1].add(entry.checksum)
+                log.warning("%s; served as source in the .mpy view, as are the files this "
+                            "compiler would compile in the next %d s", e, COMPILER_PAUSE)
+                return SOURCE, None, None
             except PromoterError as e:
                 log.warning("%s; served as source in the .mpy view", e)
                 return SOURCE, None, None
