@@ -964,6 +964,29 @@ class PublishTests(WatchHelpers):
         self.assert_only([a for a, n in zip(answers, partial) if n], names[7],
                          [b"new content\n"])
 
+    def test_a_save_inside_a_folder_being_copied_in_waits_past_the_burst_cap(self):
+        # cp -r, then a save into the copy that outlasts the cap on a burst:
+        # the folder's batch goes at the cap, and must not go without it.
+        served = self.start()
+        names = ["pkg/m%03d.py" % i for i in range(300)]
+        for name in names:
+            write(self.tmp, "incoming/" + name, "old %s\n" % name)
+        recorder = Recorder(served)
+        subprocess.run(["cp", "-r", os.path.join(self.tmp, "incoming/pkg"), self.root],
+                       check=True)
+        with open(os.path.join(self.root, names[7]), "a") as f:
+            deadline = time.monotonic() + promoter.DEBOUNCE_CAP + 0.5
+            while time.monotonic() < deadline:  # a slow writer: a line every 0.1 s
+                f.write("more\n")
+                f.flush()
+                time.sleep(0.1)
+        self.wait_content(served, names[-1], ("old %s\n" % names[-1]).encode())
+        self.settle(served)
+        answers = recorder.stop()
+        partial = [len([p for p in files if p.startswith("pkg/")]) for _, files in answers]
+        self.assertEqual(set(partial) - {0, len(names)}, set(),
+                         "a list had only some of the folder's files")
+
     def test_a_hard_link_edited_in_place_changes_both_paths(self):
         served = self.start()
         os.link(os.path.join(self.root, "main.py"), os.path.join(self.root, "copy.py"))
