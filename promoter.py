@@ -637,6 +637,47 @@ def read_whole(fd, sink, buf=None):
             return total
 
 
+class Settling:
+    """The timing rules, in one place: when a change is settled enough to
+    be published. Each watcher has one; its Debouncer times batches by it,
+    and hash_file judges the files that watcher reads by it.
+
+    quiet       s of silence that end a burst of events (an editor's save)
+    fast        the same when every pending path is DONE (a lone save)
+    hold        s a path still being written must stay still before a batch
+                takes it (for the poller, which sees no closes: any change)
+    cap         s the other changes of a burst wait, at most, for such a path
+    min_age     a file changed more recently is read later (the poller)
+    writer_age  a file changed more recently is asked whether a writer has
+                it open; one still for longer is taken as it is
+    race_age    where writers cannot be seen, a change this recent may be
+                mid-write (a write's data shows a moment before its event)
+    """
+
+    def __init__(self, quiet, fast, hold, cap, min_age=0.0, writer_age=WRITE_SETTLE,
+                 race_age=RACE_AGE):
+        self.quiet, self.fast, self.hold, self.cap = quiet, fast, hold, cap
+        self.min_age, self.writer_age, self.race_age = min_age, writer_age, race_age
+
+    def ask_writer(self, age):
+        """True if a file whose last change is `age` s old may still have a
+        writer worth asking about (a change from the future, a clock set
+        back, counts as old)."""
+        return 0 <= age < self.writer_age
+
+    def unsettled(self, age, writing):
+        """True if a file read whole is not yet a state to publish: a writer
+        has it open (`writing` True), or its change is younger than min_age,
+        or, where writers cannot be seen (`writing` None), than race_age."""
+        return bool(writing) or 0 <= age < (self.race_age if writing is None else self.min_age)
+
+
+INOTIFY_SETTLING = Settling(quiet=DEBOUNCE_QUIET, fast=FAST_QUIET, hold=WRITE_SETTLE,
+                            cap=DEBOUNCE_CAP)
+POLL_SETTLING = Settling(quiet=POLL_SETTLE, fast=POLL_SETTLE, hold=POLL_SETTLE, cap=DEBOUNCE_CAP,
+                         min_age=POLL_SETTLE)
+
+
 def open_for_writing(fd):
     """True if some process has this file open for writing, False if none
     has, None if the system cannot tell (a read lease is refused while a
@@ -655,17 +696,14 @@ def open_for_writing(fd):
     return False
 
 
-def hash_file(root, relpath, known=None, min_age=0.0, dir_fd=None, check_writers=True,
-              buf=None, linked=None):
+def hash_file(root, relpath, known=None, settling=INOTIFY_SETTLING, dir_fd=None, buf=None,
+              linked=None):
     """An Entry for the file at relpath, GONE, UNSETTLED, a Failed read, or
     a reason to skip it (str). `known` (the last Entry) is returned as it is when the file's
     stat has not changed. A file is UNSETTLED (its bytes are not a state
-    that was on disk as a whole) if it changed while read, or changed less
-    than `min_age` seconds ago, or is still open for writing and changed
-    less than WRITE_SETTLE ago; where open writers cannot be seen, a change
-    less than RACE_AGE ago counts as one (a write's data is visible a moment
-    before its event is queued). A file read that has other hard links is
-    added to the set `linked`, if given."""
+    that was on disk as a whole) if it changed while read, or if `settling`
+    says so (a writer still has it open...). A file read that has other
+    hard links is added to the set `linked`, if given."""
     try:
         fd, before = open_file(root, relpath, dir_fd)
     except OSError as e:
@@ -685,20 +723,18 @@ def hash_file(root, relpath, known=None, min_age=0.0, dir_fd=None, check_writers
         h = hashlib.sha1()
         size = read_whole(fd, h.update, buf)
         after = os.fstat(fd)
-        # A file still for WRITE_SETTLE is taken as it is, writers or not (and
-        # so is one from the future: the clock was set back). Else a writer is
-        # asked for after the read: one that opened the file before the read
-        # ended still has it open, or has closed it and its events are queued.
+        # A writer is asked for after the read: one that opened the file
+        # before the read ended still has it open, or has closed it and its
+        # events are queued.
         age = time.time() - after.st_ctime
-        recent = check_writers and 0 <= age < WRITE_SETTLE
-        writing = open_for_writing(fd) if recent else False
+        writing = open_for_writing(fd) if settling.ask_writer(age) else False
     except OSError as e:
         return Failed(e)
     finally:
         os.close(fd)
     if stat_sig(after) != sig or size != after.st_size:
         return UNSETTLED
-    if writing or 0 <= age < (RACE_AGE if writing is None else min_age):
+    if settling.unsettled(age, writing):
         return UNSETTLED
     if linked is not None and after.st_nlink > 1:
         linked.add(relpath)
@@ -801,7 +837,7 @@ def parallel(function, items, workers=HASH_WORKERS):
     return results
 
 
-def hash_files(root, files, known, fresh=frozenset(), min_age=0.0, linked=None):
+def hash_files(root, files, known, fresh=frozenset(), settling=INOTIFY_SETTLING, linked=None):
     """{relpath: hash_file result} of [(relpath, kind, stat_sig)] (a link's
     is its target's). A file whose `known` entry was hashed at that very
     stat keeps it unread, unless it is in `fresh`. `linked`: see hash_file. Files of one folder are
@@ -827,7 +863,7 @@ def hash_files(root, files, known, fresh=frozenset(), min_age=0.0, linked=None):
             fd = None  # each file then says for itself what is wrong
         try:
             buf = bytearray(HASH_CHUNK)  # one per task: reused for its files
-            return [(p, hash_file(root, p, None if p in fresh else known.get(p), min_age, fd,
+            return [(p, hash_file(root, p, None if p in fresh else known.get(p), settling, fd,
                                   buf=buf, linked=linked)) for p in paths]
         finally:
             if fd is not None:
@@ -868,14 +904,14 @@ class Snapshot:
         self._bodies = {}
 
     @classmethod
-    def scan(cls, root, rules, previous=None, hold=frozenset(), min_age=0.0, on_dir=None,
-             notices=None, known=None):
+    def scan(cls, root, rules, previous=None, hold=frozenset(), settling=INOTIFY_SETTLING,
+             on_dir=None, notices=None, known=None):
         """Index the whole tree: a Reading. See `updated`."""
-        return (previous or cls([])).updated(root, rules, None, hold, min_age, on_dir, notices,
+        return (previous or cls([])).updated(root, rules, None, hold, settling, on_dir, notices,
                                              known)
 
-    def updated(self, root, rules, paths, hold=frozenset(), min_age=0.0, on_dir=None,
-                notices=None, known=None):
+    def updated(self, root, rules, paths, hold=frozenset(), settling=INOTIFY_SETTLING,
+                on_dir=None, notices=None, known=None):
         """A Reading: the new Snapshot with `paths` (files or folders,
         relative; None: the whole tree) re-read from disk and the served
         symlinks checked again, and what is left to read. Files whose stat is
@@ -940,10 +976,10 @@ class Snapshot:
         known = self.by_path if known is None else known
         linked = set()
         results = hash_files(root, [item for item in found if item[0] not in hold], known,
-                             set(paths or ()), min_age, linked)
+                             set(paths or ()), settling, linked)
         others = self._hard_linked(results, linked, found, hold)
         if others:
-            results.update(hash_files(root, others, known, {p for p, _, _ in others}, min_age))
+            results.update(hash_files(root, others, known, {p for p, _, _ in others}, settling))
             found.extend(others)
         links, retry, incomplete = set(), set(), set()
 
@@ -1189,10 +1225,12 @@ class Promoter:
             return
         log.info("%s reloaded (%d rules)", IGNORE_FILE, len(self.rules.patterns))
 
-    def refresh(self, paths=None, hold=frozenset(), min_age=0.0, on_dir=None, recheck=None):
+    def refresh(self, paths=None, hold=frozenset(), settling=INOTIFY_SETTLING, on_dir=None,
+                recheck=None):
         """Re-read `paths` (None: the whole tree, as when the folder at the
         root path is another one) and publish the result. `hold`: paths still
-        being written, kept as they are. `recheck()`, called after reading,
+        being written, kept as they are; `settling`: the watcher's timing
+        rules, by which a file is whole. `recheck()`, called after reading,
         returns the paths changed meanwhile: they are kept as they were too.
         Returns (paths to read again soon, paths to read again later): the
         first were disturbed by a write, the second could not be read ("":
@@ -1210,10 +1248,10 @@ class Promoter:
                 old.by_path, self._read_ahead)
             try:
                 if full:
-                    reading = Snapshot.scan(self.root, self.rules, old, hold, min_age, on_dir,
+                    reading = Snapshot.scan(self.root, self.rules, old, hold, settling, on_dir,
                                             self.notices, known)
                 else:
-                    reading = old.updated(self.root, self.rules, paths, hold, min_age, on_dir,
+                    reading = old.updated(self.root, self.rules, paths, hold, settling, on_dir,
                                           self.notices, known)
             except RootMissing:
                 continue
@@ -1244,7 +1282,10 @@ class Promoter:
     def _hold_back(self, reading):
         """True if this batch waits for its new paths: they may be whole in
         a moment. Its entries are kept, so the next read hashes only what
-        changed meanwhile."""
+        changed meanwhile. The first read is never held back: until it is
+        published, boards would be told the folder is empty."""
+        if not self.published:
+            return False
         now = time.monotonic()
         if self._holding_since is None:
             self._holding_since = now
@@ -1327,49 +1368,58 @@ class Promoter:
 # --- watchers ----------------------------------------------------------------
 
 
+CHANGED, WRITING, DONE = "changed", "writing", "done"  # what a path's last event said
+
+
+def event_state(mask, published):
+    """What an inotify event on a file says of it: WRITING (written, not yet
+    closed), DONE (written whole: closed, or renamed over, when the file was
+    published; or a file never published gone again, an editor's temp
+    file), else CHANGED."""
+    if mask & (IN_MODIFY | IN_CREATE):
+        return WRITING
+    return DONE if published == bool(mask & (IN_CLOSE_WRITE | IN_MOVED_TO)) else CHANGED
+
+
 class Debouncer:
-    """Collects changed paths and says when a batch is due: the one place
-    for timing rules, used by both watchers.
+    """Collects changed paths and says when a batch is due, by the rules of
+    its Settling (and its clock: the rules are tested with one of their own).
 
     A batch is due `quiet` after the last event, and no later than `cap`
-    after the first. A path still being written (a write event not yet
-    followed by its close; for the poller, any change) is held out of the
-    batch until it is closed or has been still for `settle`: the cap only
+    after the first. A path still being written (WRITING: a write event not
+    yet followed by its close; for the poller, any change) is held out of
+    the batch until it is closed or has been still for `hold`: the cap only
     keeps the other changes from waiting for it, it never publishes a file
-    half-written. When every pending path is DONE (a published file saved
-    whole, a file never published gone again: a lone editor save), the
-    batch is due `fast` after the last event instead of `quiet`.
+    half-written. When every pending path is DONE (a lone editor save), the
+    batch is due `fast` after the last event instead of `quiet`. A path whose
+    read failed is read again after a delay that doubles (RETRY_FIRST to
+    RETRY_MAX).
     """
 
-    DONE = "done"
-
-    def __init__(self, quiet=DEBOUNCE_QUIET, settle=WRITE_SETTLE, cap=DEBOUNCE_CAP,
-                 fast=None):
-        self.quiet, self.settle, self.cap = quiet, settle, cap
-        self.fast = quiet if fast is None else fast
-        # path -> time of its last write while unfinished, DONE, or None (changed)
-        self.pending = {}
+    def __init__(self, settling, clock=time.monotonic):
+        self.settling = settling
+        self.clock = clock
+        self.pending = {}  # path -> (CHANGED, WRITING or DONE, time of its last event)
         self.rescan = False
         self.first = self.last = 0.0
         self.later = {}  # path ("": the whole tree) -> when to read it again (its read failed)
         self.failing = {}  # path -> the delay before its last retry
 
     def _event(self):
-        now = time.monotonic()
+        now = self.clock()
         if not self.pending and not self.rescan:
             self.first = now
         self.last = now
         return now
 
-    def add(self, path, writing=False, done=False):
-        now = self._event()
-        self.pending[path] = now if writing else self.DONE if done else None
+    def add(self, path, state=CHANGED):
+        self.pending[path] = (state, self._event())
 
     def mark(self, path):
         """Its metadata changed (permissions, links): read it again, without
         changing what is known of a writer."""
-        self._event()
-        self.pending.setdefault(path, None)
+        now = self._event()
+        self.pending.setdefault(path, (CHANGED, now))
 
     def retry(self, paths, failed=(), read=None):
         """Read `paths` again soon (their last read was disturbed by a write;
@@ -1385,7 +1435,7 @@ class Debouncer:
         for path in [p for p in self.failing if p not in failed
                      and (read is None or p in read or p == "")]:
             del self.failing[path]
-        now = time.monotonic()
+        now = self.clock()
         for path in failed:
             delay = min(self.failing.get(path, RETRY_FIRST / 2) * 2, RETRY_MAX)
             self.failing[path] = delay
@@ -1398,7 +1448,7 @@ class Debouncer:
             if not path:
                 self.rescan = True
             else:
-                self.pending.setdefault(path, None)
+                self.pending.setdefault(path, (CHANGED, now))
 
     def request_rescan(self):
         self._event()
@@ -1410,24 +1460,26 @@ class Debouncer:
         retry = min(self.later.values(), default=None)
         if not self.pending and not self.rescan:
             return retry
-        # When each path may go: at once, or once its writer has been still for `settle`.
-        ready = [t + self.settle if type(t) is float else 0.0 for t in self.pending.values()]
-        lone_save = not self.rescan and all(t is self.DONE for t in self.pending.values())
-        due = max([self.last + (self.fast if lone_save else self.quiet)] + ready)
+        rules = self.settling
+        # When each path may go: at once, or once its writer has been still for `hold`.
+        ready = [since + rules.hold if state == WRITING else 0.0
+                 for state, since in self.pending.values()]
+        lone_save = not self.rescan and all(state == DONE for state, _ in self.pending.values())
+        due = max([self.last + (rules.fast if lone_save else rules.quiet)] + ready)
         soonest = 0.0 if self.rescan else min(ready, default=0.0)
-        due = min(due, max(self.first + self.cap, soonest))  # the cap: what is ready goes
+        due = min(due, max(self.first + rules.cap, soonest))  # the cap: what is ready goes
         return due if retry is None else min(due, retry)
 
     def take(self):
         """(paths, rescan, held) if the batch is due, else None; the held
         paths (still being written) stay pending."""
-        now = time.monotonic()
+        now = self.clock()
         self._retry_due(now)
         due = self.due_time()
         if due is None or now < due:
             return None
-        held = {p: t for p, t in self.pending.items()
-                if type(t) is float and now < t + self.settle}
+        held = {p: v for p, v in self.pending.items()
+                if v[0] == WRITING and now < v[1] + self.settling.hold}
         batch = (sorted(p for p in self.pending if p not in held), self.rescan, frozenset(held))
         self.pending, self.rescan = held, False
         self.first = now
@@ -1437,8 +1489,6 @@ class Debouncer:
 class Watcher:
     """What both watchers share: a thread that never dies of an error, a
     Debouncer, and how a due batch reaches the index."""
-
-    min_age = 0.0  # a file changed more recently than this (seconds) is read later
 
     def __init__(self, promoter, debounce, name):
         self.promoter = promoter
@@ -1460,8 +1510,9 @@ class Watcher:
         """Interrupt the thread's wait (the event itself wakes the poller)."""
 
     def scan(self):
-        """Index the whole tree (the first time, or after the watch broke)."""
-        self._debounce.retry(*self._refresh(None, frozenset(), 0.0))
+        """Index the whole tree (the first time, or after the watch broke),
+        taking files as they are: no change of theirs was seen."""
+        self._debounce.retry(*self._refresh(None, frozenset(), INOTIFY_SETTLING))
 
     def _on_dir(self, relpath):
         """Called for each folder just before it is listed."""
@@ -1470,8 +1521,9 @@ class Watcher:
         """Paths changed while the last batch was read."""
         return ()
 
-    def _refresh(self, paths, held, min_age):
-        return self.promoter.refresh(paths, held, min_age, self._on_dir, self._recheck)
+    def _refresh(self, paths, held, settling=None):
+        return self.promoter.refresh(paths, held, settling or self._debounce.settling,
+                                     self._on_dir, self._recheck)
 
     def _apply(self, paths, rescan, held):
         """Publish a due batch. A change of the ignore file reloads the rules
@@ -1481,13 +1533,13 @@ class Watcher:
         if IGNORE_FILE in paths:
             self.promoter.reload_rules()
         try:
-            retry, failed = self._refresh(None if full else paths, held, self.min_age)
+            retry, failed = self._refresh(None if full else paths, held)
         except WatchUnavailable:
             raise
         except Exception:  # noqa: a bug here must not leave a stale index
             log.exception("updating the index failed; rescanning the whole tree")
             full = True
-            retry, failed = self._refresh(None, held, self.min_age)
+            retry, failed = self._refresh(None, held)
         self._debounce.retry(retry, failed, None if full else paths)
 
     def _run(self):
@@ -1517,10 +1569,8 @@ class PollingWatcher(Watcher):
     change time is more recent than that is read later.
     """
 
-    min_age = POLL_SETTLE
-
     def __init__(self, promoter, interval=1.0):
-        super().__init__(promoter, Debouncer(POLL_SETTLE, POLL_SETTLE), "poll")
+        super().__init__(promoter, Debouncer(POLL_SETTLING), "poll")
         self.interval = interval
         self._seen = {}
         self._failed = set()  # paths the last walk could not stat or list
@@ -1568,7 +1618,7 @@ class PollingWatcher(Watcher):
         else:
             for path in set(tree) | set(self._seen):
                 if tree.get(path) != self._seen.get(path):
-                    self._debounce.add(path, writing=True)
+                    self._debounce.add(path, WRITING)
             self._seen = tree
             if self.promoter.root_missing:
                 self._debounce.request_rescan()  # back, maybe exactly as it was
@@ -1662,7 +1712,7 @@ class InotifyWatcher(Watcher):
     """
 
     def __init__(self, promoter, poll_interval=1.0):
-        super().__init__(promoter, Debouncer(fast=FAST_QUIET), "inotify")
+        super().__init__(promoter, Debouncer(INOTIFY_SETTLING), "inotify")
         self.poll_interval = poll_interval
         self.replacement = None  # the PollingWatcher taking over, if any
         self._libc = load_libc()
@@ -1745,9 +1795,9 @@ class InotifyWatcher(Watcher):
         except RootMissing:
             pass
 
-    def _refresh(self, paths, held, min_age):
+    def _refresh(self, paths, held, settling=None):
         self._visited = set()
-        retry = super()._refresh(paths, held, min_age)
+        retry = super()._refresh(paths, held, settling)
         if "" in self._visited:  # a full scan: drop the watches of folders gone or ignored
             for relpath in [p for p in self._path_wd if p not in self._visited]:
                 self._forget(relpath)
@@ -1835,14 +1885,9 @@ class InotifyWatcher(Watcher):
             elif mask & (IN_CREATE | IN_MOVED_TO):
                 self._watch_tree(relpath)
             self._debounce.add(relpath)
-        elif mask & (IN_MODIFY | IN_CREATE):
-            self._debounce.add(relpath, writing=True)
         else:
-            # Done: a published file written whole (closed, or renamed over),
-            # or a file never published gone again (an editor's temp file).
-            published = relpath in self.promoter.snapshot.by_path
-            self._debounce.add(relpath, done=published == bool(mask & (IN_CLOSE_WRITE
-                                                                       | IN_MOVED_TO)))
+            self._debounce.add(relpath, event_state(mask,
+                                                    relpath in self.promoter.snapshot.by_path))
 
 
 def start_watcher(promoter, poll=None):

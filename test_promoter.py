@@ -445,6 +445,125 @@ class WatchHelpers:
         self.wait_content(served, "zz-marker.txt", data)
 
 
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class SettlingTest(unittest.TestCase):
+    """The timing rules (Settling, Debouncer, event_state) on a clock of the
+    test's own: each rule's edge, in microseconds of test time."""
+
+    def debouncer(self, settling=promoter.INOTIFY_SETTLING):
+        self.clock = FakeClock()
+        return promoter.Debouncer(settling, self.clock)
+
+    def at(self, seconds):
+        self.clock.now = 100.0 + seconds + 1e-9
+
+    def due(self, debouncer):
+        return round(debouncer.due_time() - 100.0, 6)
+
+    def test_a_lone_save_goes_after_fast_a_burst_after_quiet(self):
+        d = self.debouncer()
+        rules = d.settling
+        d.add("main.py", promoter.DONE)
+        self.assertEqual(self.due(d), rules.fast)
+        self.assertLess(rules.fast, rules.quiet)
+        self.at(rules.fast - 0.001)
+        self.assertIsNone(d.take())
+        self.at(rules.fast)
+        self.assertEqual(d.take(), (["main.py"], False, frozenset()))
+        self.assertIsNone(d.due_time())
+        self.at(1.0)
+        d.add("a.py", promoter.DONE)
+        d.add("b.py")  # not done: the burst waits for quiet
+        self.assertEqual(self.due(d), 1.0 + rules.quiet)
+
+    def test_a_file_still_written_is_held_until_closed_or_still(self):
+        d = self.debouncer()
+        rules = d.settling
+        d.add("log.txt", promoter.WRITING)
+        self.assertEqual(self.due(d), rules.hold)
+        self.at(rules.hold / 2)
+        self.assertIsNone(d.take())
+        d.add("log.txt", promoter.DONE)  # closed
+        self.assertEqual(self.due(d), rules.hold / 2 + rules.fast)
+        self.at(rules.hold / 2 + rules.fast)
+        self.assertEqual(d.take(), (["log.txt"], False, frozenset()))
+        d.add("big.bin", promoter.WRITING)  # never closed: taken once still for `hold`
+        self.at(rules.hold / 2 + rules.fast + rules.hold)
+        self.assertEqual(d.take(), (["big.bin"], False, frozenset()))
+
+    def test_the_cap_lets_the_rest_of_a_burst_go_but_never_a_file_being_written(self):
+        d = self.debouncer()
+        rules = d.settling
+        d.add("main.py")
+        t = 0.0
+        while t < rules.cap:
+            self.at(t)
+            d.add("slow.bin", promoter.WRITING)  # written on and on
+            self.assertIsNone(d.take())
+            t += rules.hold / 2
+        self.at(rules.cap)
+        self.assertEqual(d.take(), (["main.py"], False, frozenset(["slow.bin"])))
+        self.assertEqual(d.pending["slow.bin"][0], promoter.WRITING)
+
+    def test_a_rescan_or_a_metadata_change_waits_for_quiet(self):
+        d = self.debouncer()
+        d.request_rescan()
+        self.assertEqual(self.due(d), d.settling.quiet)
+        self.at(d.settling.quiet)
+        self.assertEqual(d.take(), ([], True, frozenset()))
+        d.add("a.py", promoter.WRITING)
+        d.mark("a.py")  # a chmod does not end a write
+        self.assertEqual(d.pending["a.py"][0], promoter.WRITING)
+
+    def test_a_failed_read_is_tried_again_later_and_later(self):
+        d = self.debouncer()
+        delays = []
+        for _ in range(10):
+            start = self.clock.now
+            d.retry([], {"locked.py"}, ["locked.py"])
+            delays.append(round(d.due_time() - start, 6))
+            self.clock.now = d.due_time() + 1e-9
+            self.assertEqual(d.take()[0], ["locked.py"])
+        self.assertEqual(delays, [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0])
+        d.retry([], set(), ["locked.py"])  # read well: the next failure starts again
+        start = self.clock.now
+        d.retry([], {"locked.py"}, ["locked.py"])
+        self.assertEqual(round(d.due_time() - start, 6), 0.25)
+        d.retry([""], set())  # "": the whole tree
+        self.assertTrue(d.rescan)
+
+    def test_when_a_read_file_is_whole(self):
+        inotify, poll = promoter.INOTIFY_SETTLING, promoter.POLL_SETTLING
+        self.assertTrue(inotify.unsettled(5.0, True))  # a writer has it open
+        self.assertFalse(inotify.unsettled(0.001, False))  # none has: taken at once
+        self.assertTrue(inotify.unsettled(inotify.race_age / 2, None))  # cannot tell
+        self.assertFalse(inotify.unsettled(inotify.race_age * 2, None))
+        self.assertTrue(poll.unsettled(poll.min_age / 2, False))  # the poller sees no closes
+        self.assertFalse(poll.unsettled(poll.min_age * 2, False))
+        self.assertTrue(inotify.ask_writer(inotify.writer_age / 2))
+        self.assertFalse(inotify.ask_writer(inotify.writer_age * 2))  # still: taken as it is
+        self.assertFalse(inotify.ask_writer(-60))  # from the future: the clock was set back
+
+    def test_what_an_inotify_event_says_of_a_file(self):
+        cases = [(promoter.IN_MODIFY, True, promoter.WRITING),
+                 (promoter.IN_CREATE, False, promoter.WRITING),
+                 (promoter.IN_CLOSE_WRITE, True, promoter.DONE),  # a save of a served file
+                 (promoter.IN_MOVED_TO, True, promoter.DONE),  # renamed over it
+                 (promoter.IN_CLOSE_WRITE, False, promoter.CHANGED),  # a new file
+                 (promoter.IN_DELETE, False, promoter.DONE),  # an editor's temp file gone
+                 (promoter.IN_DELETE, True, promoter.CHANGED),  # a served file removed
+                 (promoter.IN_MOVED_FROM, True, promoter.CHANGED)]
+        for mask, published, state in cases:
+            self.assertEqual(promoter.event_state(mask, published), state, (mask, published))
+
+
 class WatchTests(WatchHelpers):
     """Editor saves and folder changes, for both watchers."""
 
