@@ -4227,6 +4227,15 @@ class SyntaxCheckTest(PromoterTest):
     def errors(self):
         return [(e["path"], e["line"]) for e in self.served.get_json("/status.json")["syntax_errors"]]
 
+    def test_a_file_too_large_for_the_compiler_is_not_called_a_syntax_error(self):
+        if not self.mpy_cross:
+            self.skipTest("this is about mpy-cross running out of memory")
+        write(self.root, "lib/table.py", "X = [%s]\n" % ", ".join(map(str, range(400000))))
+        self.served = self.serve(mpy_cross=self.mpy_cross)
+        wait_until(lambda: "lib/table.py: %s ran out of memory" % self.mpy_cross
+                   in self.log.text(), timeout=20, message="the warning")
+        self.assertEqual(self.errors(), [])
+
     def test_a_syntax_error_is_shown_with_file_and_line_until_the_file_is_fixed(self):
         self.served = self.serve(mpy_cross=self.mpy_cross)
         self.served.wait_for(lambda files: "lib/util.py" in files)
