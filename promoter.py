@@ -699,8 +699,8 @@ def open_for_writing(fd):
 def hash_file(root, relpath, known=None, settling=INOTIFY_SETTLING, dir_fd=None, buf=None,
               linked=None):
     """An Entry for the file at relpath, GONE, UNSETTLED, a Failed read, or
-    a reason to skip it (str). `known` (the last Entry) is returned as it is when the file's
-    stat has not changed. A file is UNSETTLED (its bytes are not a state
+    a reason to skip it (str). `known` (the last Entry) is returned as it is
+    when the file's stat has not changed. A file is UNSETTLED (its bytes are not a state
     that was on disk as a whole) if it changed while read, or if `settling`
     says so (a writer still has it open...). A file read that has other
     hard links is added to the set `linked`, if given."""
@@ -789,7 +789,9 @@ def _listing(root, rules, top, on_dir, notices, failed):
                 kind, st = classify(root, relpath, os.stat(name, dir_fd=fd, follow_symlinks=False),
                                     rules)
             except OSError as e:
-                if e.errno not in GONE_ERRNOS:  # else gone meanwhile
+                # Gone meanwhile, or unknown: a path that the rules hide either
+                # way is no concern of ours.
+                if e.errno not in GONE_ERRNOS and not rules.matches(relpath, is_dir=True):
                     failed[relpath] = Failed(e)
                 continue
             if kind is None or rules.matches(relpath, is_dir=(kind == "dir")):
@@ -840,10 +842,11 @@ def parallel(function, items, workers=HASH_WORKERS):
 def hash_files(root, files, known, fresh=frozenset(), settling=INOTIFY_SETTLING, linked=None):
     """{relpath: hash_file result} of [(relpath, kind, stat_sig)] (a link's
     is its target's). A file whose `known` entry was hashed at that very
-    stat keeps it unread, unless it is in `fresh`. `linked`: see hash_file. Files of one folder are
-    read through one descriptor of it, in tasks spread over HASH_WORKERS
-    threads (os.readv and hashlib release the GIL). The walk is done
-    before: walking while hashing makes the two fight for the GIL."""
+    stat keeps it unread, unless it is in `fresh`. `linked`: see hash_file.
+    Files of one folder are read through one descriptor of it, in tasks
+    spread over HASH_WORKERS threads (os.readv and hashlib release the
+    GIL). The walk is done before: walking while hashing makes the two
+    fight for the GIL."""
     results, tasks = {}, []
     for relpath, kind, sig in files:
         entry = None if relpath in fresh else known.get(relpath)
