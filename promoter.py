@@ -82,7 +82,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__version__ = "1.5.0"
+__version__ = "1.6.0"
 
 log = logging.getLogger("promoter")
 
