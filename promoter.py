@@ -2056,10 +2056,14 @@ class CompilerHung(PromoterError):
 
 
 RUNNING = set()  # compiler processes running now: killed when the server stops
+STOPPING = threading.Event()  # the server stops: a compiler started now is killed at once
 
 
 def kill_compilers(procs=None):
-    """Kill compiler processes, each with what it started (its own session)."""
+    """Kill compiler processes, each with what it started (its own session);
+    without `procs`, all of them, now and from now on."""
+    if procs is None:
+        STOPPING.set()
     for proc in list(RUNNING if procs is None else procs):
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -2105,6 +2109,8 @@ def compile_source(data, relpath, mpy_cross=None):
                     raise CompileLater(e.strerror)
                 raise PromoterError("%s: cannot run (%s)" % (command[0], e.strerror))
             RUNNING.add(proc)
+            if STOPPING.is_set():
+                kill_compilers([proc])
             try:
                 text = proc.communicate(timeout=timeout)[0][-4096:]
             except subprocess.TimeoutExpired:
@@ -2825,14 +2831,12 @@ class RequestHandler(BaseHTTPRequestHandler):
             except ValueError:
                 return self.send_json(HTTPStatus.BAD_REQUEST,
                                       {"error": "wait must be a number of seconds"})
-            if snapshot.version in tags and wait > 0 and (
-                    self.server.parking.count + len(self.server.to_park)
-                    >= self.server.waiting_limit()):
-                return self.send_json(HTTPStatus.SERVICE_UNAVAILABLE,
-                                      {"error": "too many waiting requests; retry in %d s"
-                                                % WAIT_RETRY},
-                                      extra={"Retry-After": "%d" % WAIT_RETRY})
             if snapshot.version in tags and wait > 0:
+                if not self.server.parking.reserve(self.server.waiting_limit()):
+                    return self.send_json(HTTPStatus.SERVICE_UNAVAILABLE,
+                                          {"error": "too many waiting requests; retry in %d s"
+                                                    % WAIT_RETRY},
+                                          extra={"Retry-After": "%d" % WAIT_RETRY})
                 # Parked once this thread is done with the connection: the
                 # parking thread answers it; this thread and its slot go
                 # back to work.
@@ -2988,6 +2992,7 @@ class Parking:
     def __init__(self, server):
         self.server = server
         self.count = 0  # requests parked now
+        self.held = 0  # requests parked or on their way (each holds a descriptor)
         self._selector = selectors.DefaultSelector()
         self._parked = {}  # socket -> (address, view, version, deadline, keep_alive)
         self._incoming = collections.deque()
@@ -3002,14 +3007,28 @@ class Parking:
         server.promoter.listeners.append(self.wake)
         server.promoter.compiler.listeners.append(self.wake)
 
+    def reserve(self, limit):
+        """Count one more waiting request, unless `limit` are held already
+        (then False). Each is released once answered or dropped."""
+        with self._lock:
+            if self.held >= limit:
+                return False
+            self.held += 1
+            return True
+
+    def _release(self, count=1):
+        with self._lock:
+            self.held -= count
+
     def park(self, sock, address, view, version, deadline, keep_alive):
         """Take over a connection whose request waits for the version of
         `view` (the Promoter or the .mpy view) to change from `version` (its
-        handler's thread is done with it)."""
+        handler's thread is done with it; reserve() counted it)."""
         with self._lock:
             if not self._done:
                 self._incoming.append((sock, address, view, version, deadline, keep_alive))
                 return self.wake()
+        self._release()
         self.server.close_request(sock)  # the server is closing: the board tries again
 
     def wake(self, closing=False):
@@ -3074,6 +3093,7 @@ class Parking:
         once for all), then the keep-alive connections are handed back."""
         answers = {}  # (snapshot, changed, keep_alive) -> the answer's bytes
         after = []
+        self._release(len(due))
         for sock, hung_up in due.items():
             address, view, waited, _, keep_alive = self._parked.pop(sock)
             self._selector.unregister(sock)
