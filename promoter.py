@@ -1260,9 +1260,14 @@ class Promoter:
                 continue
             except TreeUnreadable:
                 return set(), {""}
-            new = reading.snapshot
+            new, incomplete = reading.snapshot, set(reading.incomplete)
             if recheck:
-                new = new.restored(old, recheck())
+                changed = recheck()
+                new = new.restored(old, changed)
+                # A new file written again while it was read is left out: the
+                # list would lack it, as if it were not there.
+                incomplete.update(p for p in changed if p in reading.snapshot.by_path
+                                  and p not in old.by_path)
             if root_identity(self.root) != identity:
                 continue  # the root was moved or replaced while it was read
             if self.root_missing:
@@ -1270,7 +1275,7 @@ class Promoter:
                 log.warning("root %s is back; indexed it again", self.root)
             self.root_id = identity
             failed = set(reading.failed)
-            if reading.incomplete and self._hold_back(reading):
+            if incomplete and self._hold_back(reading, incomplete):
                 batch = {""} if full else set(paths)
                 return reading.retry | (batch - failed), failed
             self._read_ahead = {}
@@ -1282,7 +1287,7 @@ class Promoter:
         self._root_lost()
         return set(), set()
 
-    def _hold_back(self, reading):
+    def _hold_back(self, reading, incomplete):
         """True if this batch waits for its new paths: they may be whole in
         a moment. Its entries are kept, so the next read hashes only what
         changed meanwhile. The first read is never held back: until it is
@@ -1296,7 +1301,7 @@ class Promoter:
             self._read_ahead.update((p, e) for p, e in reading.snapshot.by_path.items()
                                     if p not in self.snapshot.by_path)
             return True
-        for relpath in sorted(reading.incomplete, key=path_key):
+        for relpath in sorted(incomplete, key=path_key):
             self.notices.warn(relpath, "new, and still being written or unreadable after "
                                        "%gs; published without it for now" % NEW_PATH_WAIT)
         return False
