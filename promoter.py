@@ -146,7 +146,9 @@ MAX_DEVICES = 1000  # boards remembered for the status page
 REPORTS_PER_BOARD = 60  # crash reports taken from one board per REPORT_WINDOW (a
 # developer saving a crashing app every second never meets it); more get 429
 REPORT_WINDOW = 60.0  # s
-STATUS_REFRESH = 2  # s between refreshes of the status page
+OUTPUTS_PER_BOARD = 600  # posts of output taken from one board per REPORT_WINDOW
+CONSOLE_LINES, CONSOLE_BYTES = 200, 16 << 10  # a board's last output kept for the status page
+STATUS_REFRESH = 0.5  # s between refreshes of the status page (its boards' output is live)
 # The oldest firmware the device module runs on; .mpy files compiled for it
 # run on every newer one, and `client` compiles for it by default.
 OLDEST_MICROPYTHON = (1, 19)
@@ -174,6 +176,7 @@ LIST_PATH = "/files.txt"  # "<version>\n", then a LIST_LINE a file, in walk orde
 LIST_LINE = "%s %d %s\n"  # checksum, size, path (the rest of the line)
 FILE_PATH = "/files/"  # + a checksum: the file's bytes
 REPORT_PATH = "/report"  # POST: a board's crash report, text
+OUTPUT_PATH = "/output"  # POST: what a board's app printed since its last post, text
 # + any of the above: the same API, each .py compiled to that .mpy format, by a
 # compiler no newer than the board's MicroPython release, "<N>/<X.Y>" (format
 # only: for the oldest release supported).
@@ -187,6 +190,8 @@ VERSION_HEADER, VERSION_MAX = "X-Device-Version", 40  # the version on the board
 STATE_HEADER, STATE_MAX = "X-Device-State", 80  # running, on trial, crashed, rolled back from X...
 ERROR_HEADER, ERROR_MAX = "X-Device-Error", 200  # why its last update failed
 REPORT_MAX = 4096  # bytes of a crash report
+OUTPUT_MAX = 4096  # bytes of one post of output
+DROPPED_HEADER = "X-Device-Dropped"  # bytes of output the board dropped before this post
 STATE_DIR = ".promoter"  # a board's own files, in its main folder; never served
 # Those files, by their names in the device module's templates:
 BOARD_FILES = {
@@ -2594,11 +2599,55 @@ class DeviceTable:
             device.update(report=text, report_at=time.time())
             return True
 
-    def rows(self):
-        """Copies of the device records, most recently seen first."""
+    def output(self, device_id, text, dropped=0):
+        """Add what a board printed to its console (kept bounded: the last
+        CONSOLE_LINES lines, CONSOLE_BYTES at most); a line cut by the end
+        of a post waits for the rest. Returns the lines completed, in order,
+        or None if that board posted too often lately (or never checked in)."""
+        now = time.monotonic()
         with self._lock:
-            return [{k: v for k, v in d.items() if not k.startswith("_")}
-                    for d in reversed(self._devices.values())]
+            device = self._devices.get(device_id)
+            if device is None:
+                return None
+            times = device.setdefault("_outputs", collections.deque())
+            while times and times[0] < now - REPORT_WINDOW:
+                times.popleft()
+            if len(times) >= OUTPUTS_PER_BOARD:
+                return None
+            times.append(now)
+            console = device.setdefault("_console", collections.deque())
+            head, partial = [], device.get("_partial", "")
+            if dropped:  # what the board could not keep, said where it was lost
+                head = ([partial] if partial else []) + [
+                    "[\u2026 %s bytes dropped]" % format(dropped, ",")]
+                partial = ""
+            lines = (partial + text).split("\n")
+            partial = lines.pop()
+            lines = head + lines
+            if len(partial) > LINE_MAX:  # a line without end: shown as it comes
+                lines.append(partial)
+                partial = ""
+            device["_partial"] = partial
+            size = device.get("_console_bytes", 0)
+            for line in lines:
+                console.append(line)
+                size += len(line) + 1
+            while console and (len(console) > CONSOLE_LINES or size > CONSOLE_BYTES):
+                size -= len(console.popleft()) + 1
+            device["_console_bytes"] = size
+            return lines
+
+    def rows(self):
+        """Copies of the device records, most recently seen first; each
+        board's console is its lines, the one still open last."""
+        with self._lock:
+            rows = []
+            for d in reversed(self._devices.values()):
+                row = {k: v for k, v in d.items() if not k.startswith("_")}
+                row["console"] = list(d.get("_console", ())) + (
+                    [d["_partial"]] if d.get("_partial") else [])
+                rows.append(row)
+            return rows
 
 
 class HeadTooLarge(Exception):
@@ -2705,28 +2754,35 @@ class RequestHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         """POST /report: a board's crash report (a traceback, as text). It
         is kept per board (the last one), shown on the status page and
-        logged as one block, each line prefixed by the board's id."""
-        if self.path != REPORT_PATH:
+        logged as one block, each line prefixed by the board's id.
+        POST /output: what a board's app printed, logged line by line with
+        the board's id (unless --no-board-output) and kept as its console."""
+        if self.path not in (REPORT_PATH, OUTPUT_PATH):
             return self.not_allowed()
         self.server.track(self.connection, "busy")
         self.close_connection = True  # whatever happens to its body
         if not self.authorized():
             return self.unauthorized()
+        what, limit = ("a report", REPORT_MAX) if self.path == REPORT_PATH else (
+            "output", OUTPUT_MAX)
         length = self.headers.get("Content-Length", "")
         if self.headers.get("Transfer-Encoding") or not length.strip().isdigit():
             return self.send_json(HTTPStatus.LENGTH_REQUIRED,
-                                  {"error": "a report needs a Content-Length"})
-        if int(length) > REPORT_MAX:
+                                  {"error": "%s needs a Content-Length" % what})
+        if int(length) > limit:
             return self.send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                  {"error": "a report is at most %d bytes" % REPORT_MAX})
+                                  {"error": "%s is at most %d bytes" % (what, limit)})
         body = self.rfile.read(int(length))
         device_id = clean_header(self.headers.get(ID_HEADER), ID_MAX)
         if len(body) < int(length) or not device_id:
             return self.send_json(HTTPStatus.BAD_REQUEST,
-                                  {"error": "a report is a whole body from a board with an "
-                                            + ID_HEADER})
+                                  {"error": "%s is a whole body from a board with an %s"
+                                            % (what, ID_HEADER)})
         self.server.devices.check_in(self.headers, self.client_address[0])
-        text = clean_text(body.decode("utf-8", "replace")).strip("\n")
+        text = clean_text(body.decode("utf-8", "replace"))
+        if self.path == OUTPUT_PATH:
+            return self.take_output(device_id, text)
+        text = text.strip("\n")
         if not self.server.devices.report(device_id, text):
             return self.send_json(HTTPStatus.TOO_MANY_REQUESTS,
                                   {"error": "too many reports; at most %d a minute from a board"
@@ -2735,6 +2791,21 @@ class RequestHandler(BaseHTTPRequestHandler):
         log.warning("board %s reports (version %s):\n%s", device_id,
                     clean_header(self.headers.get(VERSION_HEADER), VERSION_MAX)[:12] or "none",
                     "\n".join("  %s | %s" % (device_id, line) for line in text.split("\n")))
+        self.send_bytes(HTTPStatus.NO_CONTENT, None, None, {})
+
+    def take_output(self, device_id, text):
+        dropped = self.headers.get(DROPPED_HEADER, "0").strip()
+        lines = self.server.devices.output(device_id, text,
+                                           int(dropped) if dropped.isdigit() else 0)
+        if lines is None:
+            return self.send_json(HTTPStatus.TOO_MANY_REQUESTS,
+                                  {"error": "too much output; at most %d posts a minute from "
+                                            "a board" % OUTPUTS_PER_BOARD},
+                                  extra={"Retry-After": "1"})
+        if self.server.log_output:
+            for line in lines:
+                log.info("%s | %s", device_id, line)
+        self.close_connection = False  # the body was read whole: the board posts again soon
         self.send_bytes(HTTPStatus.NO_CONTENT, None, None, {})
 
     def route(self):
@@ -2770,9 +2841,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         if path == "/":
             return self.send_bytes(HTTPStatus.OK, STATUS_PAGE.encode(), "text/html; charset=utf-8",
                                    {"Cache-Control": "no-cache"})
-        if path == "/status.json":
-            return self.send_json(HTTPStatus.OK, self.server.status(snapshot),
-                                  extra={"Cache-Control": "no-cache"})
+        if path == "/status.json":  # ?since=VERSION: no file list if that is still the version
+            return self.send_json(HTTPStatus.OK, self.server.status(
+                snapshot, query.get("since", [None])[-1] != snapshot.version),
+                extra={"Cache-Control": "no-cache"})
         if path == VERSION_PATH:
             return self.get_version(view, snapshot, query)
         if path in ("/files", "/files/"):
@@ -3185,6 +3257,7 @@ class PromoterServer(ThreadingHTTPServer):
         self.idle_timeout = idle_timeout
         self.head_timeout = head_timeout
         self.token = token
+        self.log_output = True  # the boards' output in the log (--no-board-output: not)
         self.devices = DeviceTable()
         # Each connection takes a descriptor: the slots leave room for a
         # reserve and as many waiting requests (see waiting_limit).
@@ -3296,7 +3369,7 @@ class PromoterServer(ThreadingHTTPServer):
             pass
         return True
 
-    def status(self, snapshot):
+    def status(self, snapshot, files=True):
         """What the status page shows, as a JSON-ready dict."""
         devices = self.devices.rows()
         views = [{"release": view.name(), "format": view.compiler.format,
@@ -3317,7 +3390,7 @@ class PromoterServer(ThreadingHTTPServer):
                             "connections_max": self.max_connections,
                             "waiting_max": self.waiting_limit()},
             "files": [{"path": e.path, "size": e.size, "checksum": e.checksum}
-                      for e in snapshot.entries],
+                      for e in snapshot.entries] if files else None,
             "devices": devices,
             "compiling": self.promoter.compiler.pending(),
             "syntax_errors": [{"path": path, "line": line, "message": message, "held": held}
@@ -3351,6 +3424,7 @@ body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.5em}
 table{border-collapse:collapse}td,th{padding:.25em .8em;border-bottom:1px solid #ddd;text-align:left}
 code,.mono{font-family:ui-monospace,monospace}.ok{color:#080}.behind{color:#b60}.err{color:#b00}
+.console{max-height:16em;overflow:auto;background:#f4f4f4;padding:.5em;margin:.3em 0 1em}
 </style></head><body>
 <h1>promoter</h1>
 <p>Serving <code id="root"></code>, version <code id="version"></code>,
@@ -3361,6 +3435,7 @@ changed <span id="changed"></span>. <span id="state" class="err"></span></p>
 <table><thead><tr><th>board</th><th>address</th><th>version</th><th>state</th><th>app</th>
 <th>last seen</th><th>last error</th><th>last report</th></tr></thead>
 <tbody id="devices"></tbody></table>
+<div id="consoles"></div>
 <h2>Files (<span id="file-count">0</span>)</h2>
 <table><thead><tr><th>path</th><th>size</th><th>checksum</th></tr></thead>
 <tbody id="files"></tbody></table>
@@ -3395,6 +3470,23 @@ function fill(id, rows) {
     });
   });
 }
+function consoles(devices) {  // each board's output, kept scrolled to its end
+  var box = document.getElementById("consoles"), was = {};
+  box.querySelectorAll("pre").forEach(function (p) {
+    was[p.dataset.id] = p.scrollTop + p.clientHeight >= p.scrollHeight - 4 ? -1 : p.scrollTop;
+  });
+  box.textContent = "";
+  devices.forEach(function (d) {
+    if (!d.console.length) return;
+    box.appendChild(document.createElement("h3")).textContent = "Output of " + d.id;
+    var pre = box.appendChild(document.createElement("pre"));
+    pre.className = "console";
+    pre.dataset.id = d.id;
+    pre.textContent = d.console.join("\\n");
+    pre.scrollTop = was[d.id] === undefined || was[d.id] < 0 ? pre.scrollHeight : was[d.id];
+  });
+}
+var shown = "";  // the version whose files are listed
 function show(s) {
   text("root", s.root);
   text("version", s.version.slice(0, 12) +
@@ -3408,7 +3500,7 @@ function show(s) {
     return e.path + ":" + e.line + ": " + e.message +
            (e.held ? " (held: the last version that compiled is served)" : "");
   }).join("\\n"));
-  text("device-count", s.devices.length); text("file-count", s.files.length);
+  text("device-count", s.devices.length);
   fill("devices", s.devices.map(function (d) {
     return [[d.id], [d.address], [d.version.slice(0, 12)],
             d.up_to_date ? ["up to date", "ok"] : ["behind", "behind"],
@@ -3418,12 +3510,17 @@ function show(s) {
             d.report ? [d.report.split("\\n")[0] + " (" + ago(d.report_at) + ")", "err", d.report]
                      : [""]];
   }));
-  fill("files", s.files.slice(0, 2000).map(function (f) {
-    return [[f.path], [f.size], [f.checksum.slice(0, 12), "mono"]];
-  }));
+  consoles(s.devices);
+  if (s.files) {
+    shown = s.version;
+    text("file-count", s.files.length);
+    fill("files", s.files.slice(0, 2000).map(function (f) {
+      return [[f.path], [f.size], [f.checksum.slice(0, 12), "mono"]];
+    }));
+  }
 }
 function refresh() {
-  fetch("status.json", {cache: "no-store"})
+  fetch("status.json?since=" + shown, {cache: "no-store"})
     .then(function (r) { return r.json(); })
     .then(function (s) { show(s); text("state", ""); },
           function () { text("state", "server unreachable; retrying"); })
@@ -5557,6 +5654,9 @@ def build_parser():
                              "version that compiled is, until it compiles again")
     parser.add_argument("--max-connections", type=positive_int, default=MAX_CONNECTIONS,
                         help="connections served at once; more get 503 (default: %(default)s)")
+    parser.add_argument("--no-board-output", action="store_true",
+                        help="do not log what the boards' apps print (the status page still "
+                             "shows it)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     commands = parser.add_subparsers(dest="command", metavar="[command]")
@@ -5619,6 +5719,7 @@ def serve(args):
     try:
         server = PromoterServer((args.host, args.port), promoter, args.max_connections,
                                 token=args.token)
+        server.log_output = not args.no_board_output
     except PermissionError:
         raise PromoterError("port %d: permission denied (ports below 1024 need root; "
                             "use --port 9090)" % args.port)

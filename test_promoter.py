@@ -4591,6 +4591,86 @@ class ReportEndpointTest(PromoterTest):
         self.assertEqual(len(devices), 20)
 
 
+class BoardOutputTest(PromoterTest):
+    """POST /output: what a board's app prints, in the log with the board's
+    id and on the status page, bounded and limited per board."""
+
+    def post(self, served, body, board="board-7", headers=None, token=None):
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+        headers = dict({"X-Device-Id": board}, **(headers or {}))
+        if token:
+            headers["Authorization"] = "Bearer " + token
+        try:
+            conn.request("POST", promoter.OUTPUT_PATH, body=body, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def console(self, served, board="board-7"):
+        return [d for d in served.get_json("/status.json")["devices"]
+                if d["id"] == board][0]["console"]
+
+    def test_lines_are_logged_with_the_board_id_and_kept_in_order(self):
+        served = self.serve()
+        self.assertEqual(self.post(served, "temperature 21.5\nhumid")[0], 204)
+        self.assertEqual(self.console(served), ["temperature 21.5", "humid"])  # open line last
+        self.assertEqual(self.post(served, "ity 40\n\x1b[2Jcleared\r\n")[0], 204)
+        self.assertEqual(self.post(served, "after a loss\n",
+                                   headers={"X-Device-Dropped": "3412"})[0], 204)
+        self.assertEqual(self.console(served), ["temperature 21.5", "humidity 40", "?[2Jcleared?",
+                                                "[\u2026 3,412 bytes dropped]", "after a loss"])
+        text = self.log.text()
+        for line in ("board-7 | temperature 21.5", "board-7 | humidity 40",
+                     "board-7 | ?[2Jcleared?", "board-7 | [\u2026 3,412 bytes dropped]"):
+            self.assertIn(line, text)
+        self.assertNotIn("\x1b", text)
+        self.assertEqual(text.count("humid"), 1)  # a line is logged once it is whole
+
+    def test_the_console_is_bounded_and_posts_are_limited_per_board(self):
+        served = self.serve(token="s3cret")
+        self.assertEqual(self.post(served, "x\n")[0], 401)
+        self.assertEqual(self.post(served, "x\n", board="", token="s3cret")[0], 400)
+        self.assertEqual(self.post(served, "x" * (promoter.OUTPUT_MAX + 1),
+                                   token="s3cret")[0], 413)
+        for start in range(0, 300, 100):
+            self.post(served, "".join("line %d\n" % i for i in range(start, start + 100)),
+                      token="s3cret")
+        self.assertEqual(self.console(served_with(served, "s3cret")),
+                         ["line %d" % i for i in range(100, 300)])
+        for _ in range(8):
+            self.post(served, ("y" * 999 + "\n") * 4, token="s3cret")
+        kept = self.console(served_with(served, "s3cret"))
+        self.assertLessEqual(sum(len(line) + 1 for line in kept), promoter.CONSOLE_BYTES)
+        self.assertEqual(kept[-1], "y" * 999)
+        posts = [self.post(served, "z\n", token="s3cret")[0]
+                 for _ in range(promoter.OUTPUTS_PER_BOARD)]
+        self.assertEqual(posts.count(429), 3 + 8)  # those made above count too
+        self.assertEqual(self.post(served, "another board\n", board="board-8",
+                                   token="s3cret")[0], 204)
+        self.assertEqual(served.request("/files/version", headers={
+            "Authorization": "Bearer s3cret"})[0], 200)
+
+    def test_no_board_output_keeps_the_log_quiet_and_the_page_full(self):
+        write(self.root, "main.py", "print(1)\n")
+        proc = CliProcess(self, ["--root", self.root, "--port", "0", "--no-board-output"])
+        self.assertEqual(self.post(proc, "a quiet line\n")[0], 204)
+        devices = json.loads(proc.get("/status.json")[2])["devices"]
+        self.assertEqual(devices[0]["console"], ["a quiet line"])
+        proc.stop()
+        self.assertNotIn("a quiet line", proc.stderr)
+
+
+def served_with(served, token):
+    """A view of a Served whose get_json sends `token`."""
+    class WithToken:
+        def get_json(self, path):
+            status, _, body = served.request(path, headers={"Authorization": "Bearer " + token})
+            assert status == 200, (path, status, body)
+            return json.loads(body)
+    return WithToken()
+
+
 # --- hostile clients and a fleet -----------------------------------------------------
 
 
@@ -5086,8 +5166,8 @@ class StatusPageTest(PromoterTest):
         # A board checks in; the open page shows it without a reload.
         Board(self).update(served.url, device_id="board-7")
         wait_until(lambda: "board-7" in body(), message="the board on the page")
-        # Shown without a reload: from here on the test asks for refreshes
-        # (the page's own function) rather than waiting 2 s for each.
+        # Shown without a reload: from here on the test also asks for
+        # refreshes (the page's own function), for a loaded machine.
         hurry = threading.Event()
         self.addCleanup(hurry.set)
 
@@ -5121,6 +5201,20 @@ class StatusPageTest(PromoterTest):
         wait_until(lambda: browser.script("return document.querySelector('#devices details') "
                                           "!== window.marker"), message="a refresh of the page")
         self.assertIn("ValueError: <b>x</b>", body())
+        # What the board's app prints: its console, as text, kept at its end.
+        printed = "".join("reading %d <i>ok</i>\n" % i for i in range(60))
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+        conn.request("POST", "/output", body=printed, headers={"X-Device-Id": "board-7"})
+        self.assertEqual(conn.getresponse().status, 204)
+        conn.close()
+        console = lambda: browser.script("return document.getElementById('consoles').innerText")
+        wait_until(lambda: "reading 59 <i>ok</i>" in console(), message="the console")
+        self.assertIn("Output of board-7", console())
+        self.assertEqual(browser.script("return document.querySelectorAll('#consoles i')"
+                                        ".length"), 0)
+        self.assertTrue(browser.script("var p = document.querySelector('#consoles pre'); "
+                                       "return p.scrollHeight > p.clientHeight && p.scrollTop "
+                                       "+ p.clientHeight >= p.scrollHeight - 4"))
         evil = "<script>document.title='x'</script><img src=x onerror=alert(1)>"  # 63 chars
         served.request("/files/version", headers={"X-Device-Id": evil})
         wait_until(lambda: evil in body(), message="the evil id shown as text")
