@@ -2760,6 +2760,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         if self.path not in (REPORT_PATH, OUTPUT_PATH):
             return self.not_allowed()
         self.server.track(self.connection, "busy")
+        keep_alive = not self.close_connection  # as the client asked
         self.close_connection = True  # whatever happens to its body
         if not self.authorized():
             return self.unauthorized()
@@ -2781,7 +2782,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.server.devices.check_in(self.headers, self.client_address[0])
         text = clean_text(body.decode("utf-8", "replace"))
         if self.path == OUTPUT_PATH:
-            return self.take_output(device_id, text)
+            return self.take_output(device_id, text, keep_alive)
         text = text.strip("\n")
         if not self.server.devices.report(device_id, text):
             return self.send_json(HTTPStatus.TOO_MANY_REQUESTS,
@@ -2793,7 +2794,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                     "\n".join("  %s | %s" % (device_id, line) for line in text.split("\n")))
         self.send_bytes(HTTPStatus.NO_CONTENT, None, None, {})
 
-    def take_output(self, device_id, text):
+    def take_output(self, device_id, text, keep_alive):
         dropped = self.headers.get(DROPPED_HEADER, "0").strip()
         lines = self.server.devices.output(device_id, text,
                                            int(dropped) if dropped.isdigit() else 0)
@@ -2805,8 +2806,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         if self.server.log_output:
             for line in lines:
                 log.info("%s | %s", device_id, line)
-        self.close_connection = False  # the body was read whole: the board posts again soon
-        self.send_bytes(HTTPStatus.NO_CONTENT, None, None, {})
+        # The body was read whole: the connection may serve the board's next post.
+        self.close_connection = not keep_alive
+        self.send_bytes(HTTPStatus.NO_CONTENT, None, None,
+                        {} if keep_alive else {"Connection": "close"})
 
     def route(self):
         if len(self.path) > MAX_URL:

@@ -4626,6 +4626,22 @@ class BoardOutputTest(PromoterTest):
             self.assertIn(line, text)
         self.assertNotIn("\x1b", text)
         self.assertEqual(text.count("humid"), 1)  # a line is logged once it is whole
+        # HTTP/1.1 keeps the connection for the next post; HTTP/1.0 gets it closed.
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+        for line in (b"one\n", b"two\n"):
+            conn.request("POST", promoter.OUTPUT_PATH, body=line,
+                         headers={"X-Device-Id": "board-7"})
+            resp = conn.getresponse()
+            self.assertEqual((resp.status, resp.read(), resp.getheader("Connection")),
+                             (204, b"", None))
+        conn.close()
+        start = time.monotonic()
+        answer = raw_exchange(served.port, b"POST /output HTTP/1.0\r\nX-Device-Id: board-7\r\n"
+                                           b"Content-Length: 6\r\n\r\nthree\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 204 "), answer)
+        self.assertIn(b"Connection: close", answer)
+        self.assertLess(time.monotonic() - start, 1.0)  # not held to the idle timeout
+        self.assertEqual(self.console(served)[-3:], ["one", "two", "three"])
 
     def test_the_console_is_bounded_and_posts_are_limited_per_board(self):
         served = self.serve(token="s3cret")
