@@ -2585,36 +2585,38 @@ class DeviceTable:
         """Keep a board's crash report (after its check-in); False if that
         board sent too many lately (a limit per board: others' reports, real
         or forged, never use up a board's own)."""
-        now = time.monotonic()
         with self._lock:
-            device = self._devices.get(device_id)
+            device = self._admit(device_id, "_reports", REPORTS_PER_BOARD)
             if device is None:
                 return False
-            times = device.setdefault("_reports", collections.deque())
-            while times and times[0] < now - REPORT_WINDOW:
-                times.popleft()
-            if len(times) >= REPORTS_PER_BOARD:
-                return False
-            times.append(now)
             device.update(report=text, report_at=time.time())
             return True
+
+    def _admit(self, device_id, kind, limit):
+        """(Holding _lock.) The record of a board that checked in, with one
+        more post of `kind` counted, or None if it is unknown or has made
+        `limit` of them in the last REPORT_WINDOW."""
+        device = self._devices.get(device_id)
+        if device is None:
+            return None
+        now = time.monotonic()
+        times = device.setdefault(kind, collections.deque())
+        while times and times[0] < now - REPORT_WINDOW:
+            times.popleft()
+        if len(times) >= limit:
+            return None
+        times.append(now)
+        return device
 
     def output(self, device_id, text, dropped=0):
         """Add what a board printed to its console (kept bounded: the last
         CONSOLE_LINES lines, CONSOLE_BYTES at most); a line cut by the end
         of a post waits for the rest. Returns the lines completed, in order,
         or None if that board posted too often lately (or never checked in)."""
-        now = time.monotonic()
         with self._lock:
-            device = self._devices.get(device_id)
+            device = self._admit(device_id, "_outputs", OUTPUTS_PER_BOARD)
             if device is None:
                 return None
-            times = device.setdefault("_outputs", collections.deque())
-            while times and times[0] < now - REPORT_WINDOW:
-                times.popleft()
-            if len(times) >= OUTPUTS_PER_BOARD:
-                return None
-            times.append(now)
             console = device.setdefault("_console", collections.deque())
             head, partial = [], device.get("_partial", "")
             if dropped:  # what the board could not keep, said where it was lost
