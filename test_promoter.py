@@ -158,6 +158,14 @@ def write(root, relpath, data):
         f.write(data)
 
 
+def write_script(path, text):
+    """An executable script, written by a child process: a descriptor open for writing in
+    this process would be inherited by whatever another thread forks meanwhile, and
+    running the script then fails with ETXTBSY (Text file busy)."""
+    subprocess.run(["sh", "-c", 'cat > "$0" && chmod 755 "$0"', path],
+                   input=text.encode(), check=True)
+
+
 def http_request(port, path, method="GET", headers=None, timeout=10):
     """(status, headers with lower-case names, body) of one request."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -4385,11 +4393,10 @@ class MpyViewTest(PromoterTest):
 
     def test_a_failing_mpy_cross_leaves_that_file_source_never_half_a_view(self):
         fake = os.path.join(self.tmp, "mpy-cross")
-        with open(fake, "w") as f:
-            f.write('#!/bin/sh\nfor a; do last="$a"; done\n'
-                    'case "$last" in *.py) if grep -q CRASH "$last"; then '
-                    'echo "Segmentation fault" >&2; exit 139; fi;; esac\nexec "%s" "$@"\n' % MPY_CROSS)
-        os.chmod(fake, 0o755)
+        write_script(fake, '#!/bin/sh\nfor a; do last="$a"; done\n'
+                     'case "$last" in *.py) if grep -q CRASH "$last"; then '
+                     'echo "Segmentation fault" >&2; exit 139; fi;; esac\nexec "%s" "$@"\n'
+                     % MPY_CROSS)
         write(self.root, "lib/crash.py", "X = 1  # CRASH\n")
         served = self.serve(mpy_cross=fake, mpy=True)
         listing = lambda: served.get_json(self.prefix + "/files") if served.request(
@@ -4406,16 +4413,14 @@ class MpyViewTest(PromoterTest):
         hang = "60.%d" % os.getpid()  # a command line of its own, for pgrep
         flag = os.path.join(self.tmp, "hanging")
         write(self.tmp, "hanging", "")
-        with open(fake, "w") as f:
-            f.write('#!/bin/sh\nfor a; do last="$a"; done\n'
-                    'case "$last" in *.py)\n'
-                    '  if grep -q HANG "$last" && [ -e %s ]; then sleep %s; fi\n'
-                    '  if grep -q LIE "$last"; then for a; do [ "$prev" = -o ] && '
-                    'echo garbage > "$a"; prev="$a"; done; exit 0; fi\n'
-                    '  if grep -q MEMORY "$last"; then echo "\033[2JMemoryError: memory '
-                    'allocation failed" >&2; exit 1; fi;;\nesac\nexec "%s" "$@"\n'
-                    % (flag, hang, MPY_CROSS))
-        os.chmod(fake, 0o755)
+        write_script(fake, '#!/bin/sh\nfor a; do last="$a"; done\n'
+                     'case "$last" in *.py)\n'
+                     '  if grep -q HANG "$last" && [ -e %s ]; then sleep %s; fi\n'
+                     '  if grep -q LIE "$last"; then for a; do [ "$prev" = -o ] && '
+                     'echo garbage > "$a"; prev="$a"; done; exit 0; fi\n'
+                     '  if grep -q MEMORY "$last"; then echo "\033[2JMemoryError: memory '
+                     'allocation failed" >&2; exit 1; fi;;\nesac\nexec "%s" "$@"\n'
+                     % (flag, hang, MPY_CROSS))
         for name, value in (("COMPILE_TIMEOUT", 1), ("COMPILER_PAUSE", 3)):
             self.addCleanup(setattr, promoter, name, getattr(promoter, name))
             setattr(promoter, name, value)
