@@ -82,7 +82,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__version__ = "1.6.0"
+__version__ = "1.7.0"
 
 log = logging.getLogger("promoter")
 
@@ -171,12 +171,12 @@ def clean_text(text):
 # the device module's files, whose templates say $NAME where a value goes
 # (see device_sources), so the two sides cannot drift.
 
-VERSION_PATH = "/files/version"  # {"version":"..."}; ?wait=N holds until it changes
+VERSION_PATH = "/files/version"  # {"version":"..."}; ?wait=N holds until it changes; a
+# POST is the same request carrying what the board's app printed (OUTPUT_HEADER)
 LIST_PATH = "/files.txt"  # "<version>\n", then a LIST_LINE a file, in walk order
 LIST_LINE = "%s %d %s\n"  # checksum, size, path (the rest of the line)
 FILE_PATH = "/files/"  # + a checksum: the file's bytes
 REPORT_PATH = "/report"  # POST: a board's crash report, text
-OUTPUT_PATH = "/output"  # POST: what a board's app printed since its last post, text
 # + any of the above: the same API, each .py compiled to that .mpy format, by a
 # compiler no newer than the board's MicroPython release, "<N>/<X.Y>" (format
 # only: for the oldest release supported).
@@ -190,8 +190,12 @@ VERSION_HEADER, VERSION_MAX = "X-Device-Version", 40  # the version on the board
 STATE_HEADER, STATE_MAX = "X-Device-State", 80  # running, on trial, crashed, rolled back from X...
 ERROR_HEADER, ERROR_MAX = "X-Device-Error", 200  # why its last update failed
 REPORT_MAX = 4096  # bytes of a crash report
-OUTPUT_MAX = 4096  # bytes of one post of output
-DROPPED_HEADER = "X-Device-Dropped"  # bytes of output the board dropped before this post
+OUTPUT_MAX = 4096  # bytes of output in one request
+# Where a request's output starts in all the app printed since the board
+# started: the server tells what never came (the board's buffer full, a
+# request lost) from the gap.
+OUTPUT_HEADER = "X-Device-Output"
+CONSOLE_MAX = 512  # bytes of output a board keeps until a request carries them
 STATE_DIR = ".promoter"  # a board's own files, in its main folder; never served
 # Those files, by their names in the device module's templates:
 BOARD_FILES = {
@@ -245,6 +249,16 @@ RUN_SLOTS = (
     ("ENDING", "the Unix port's thread asks poll() to end the process"),
     ("RESET", "what restarts the board"),
     ("WDT", "the watchdog run(watchdog=s) armed (machine.WDT), fed by poll() and the follower"),
+    ("CONSOLE", "otapromoter_console, copying the app's output (None: console=False)"),
+)
+
+# otapromoter_console's state, in the same way; its own, so that console=False
+# costs nothing.
+CONSOLE_SLOTS = (
+    ("RUNNER", "the runner's state (RUN_SLOTS)"),
+    ("TEXT", "the output not sent yet (at most CONSOLE_MAX bytes: the latest)"),
+    ("TOTAL", "bytes the app printed since the start: the server finds what is lost"),
+    ("PRINT", "the print() it wraps where the port has no dupterm"),
 )
 
 
@@ -257,7 +271,7 @@ def device_sources():
                   HEADERS_MAX=HEADERS_MAX, ID_HEADER=ID_HEADER, ID_MAX=ID_MAX,
                   VERSION_HEADER=VERSION_HEADER, STATE_HEADER=STATE_HEADER,
                   STATE_MAX=STATE_MAX, ERROR_HEADER=ERROR_HEADER, ERROR_MAX=ERROR_MAX,
-                  REPORT_MAX=REPORT_MAX)
+                  REPORT_MAX=REPORT_MAX, OUTPUT_HEADER=OUTPUT_HEADER, CONSOLE_MAX=CONSOLE_MAX)
     values = {name: repr(value) for name, value in values.items()}
     # Slot names are const(): MicroPython compiles them away (no name, no heap).
     values["RUN_SLOTS"] = (
@@ -265,6 +279,8 @@ def device_sources():
         "    const = int\n" + "".join("_%s = const(%d)  # %s\n" % (name, i, text)
                                      for i, (name, text) in enumerate(RUN_SLOTS))
         + "_SLOTS = const(%d)" % len(RUN_SLOTS))
+    values["CONSOLE_SLOTS"] = "".join("_%s = const(%d)  # %s\n" % (name, i, text) for i, (
+        name, text) in enumerate(CONSOLE_SLOTS)) + "_CSLOTS = const(%d)" % len(CONSOLE_SLOTS)
     return [(name, re.sub(r"\$([A-Z_]+)\b", lambda m: values[m.group(1)], text))
             for name, text in DEVICE_TEMPLATES]
 
@@ -2081,6 +2097,12 @@ def kill_compilers(procs=None):
             pass
 
 
+def device_module_file(relpath):
+    """Whether a served path is one of the device module's files (as the
+    board tells them: otapromoter*, in its main folder)."""
+    return "/" not in relpath and relpath.startswith("otapromoter")
+
+
 def compile_source(data, relpath, mpy_cross=None):
     """(.mpy bytes or None, error) of a .py file's bytes, where error is the
     (line, message) of its syntax error or None: with mpy-cross,
@@ -2109,9 +2131,12 @@ def compile_source(data, relpath, mpy_cross=None):
             source, out = os.path.join(tmp, "source.py"), os.path.join(tmp, "out.mpy")
             with open(source, "wb") as f:
                 f.write(data)
+            # -s: the name its tracebacks show on the board. -O3: the device
+            # module's files without line numbers, which stay in the heap
+            # beside the app (the app's keep theirs, for its tracebacks).
+            options = ["-s", relpath] + (["-O3"] if device_module_file(relpath) else [])
             try:
-                # -s: the name its tracebacks show on the board
-                proc = subprocess.Popen(command + ["-s", relpath, "-o", out, source],
+                proc = subprocess.Popen(command + options + ["-o", out, source],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, start_new_session=True)
             except OSError as e:
@@ -2608,21 +2633,29 @@ class DeviceTable:
         times.append(now)
         return device
 
-    def output(self, device_id, text, dropped=0):
+    def output(self, device_id, text, start, size):
         """Add what a board printed to its console (kept bounded: the last
-        CONSOLE_LINES lines, CONSOLE_BYTES at most); a line cut by the end
-        of a post waits for the rest. Returns the lines completed, in order,
-        or None if that board posted too often lately (or never checked in)."""
+        CONSOLE_LINES lines, CONSOLE_BYTES at most): `text`, `size` bytes
+        from `start` in all its app printed since the board started. A gap
+        since what came last is said where it was lost ("[... N bytes
+        dropped]"); a start before it is a new start of the board. A line cut
+        by the end of a request waits for the rest. Returns the lines
+        completed, in order, or None if that board sent output too often
+        lately (or never checked in): that output is not taken (the next
+        says the gap)."""
         with self._lock:
             device = self._admit(device_id, "_outputs", OUTPUTS_PER_BOARD)
             if device is None:
                 return None
             console = device.setdefault("_console", collections.deque())
             head, partial = [], device.get("_partial", "")
-            if dropped:  # what the board could not keep, said where it was lost
-                head = ([partial] if partial else []) + [
-                    "[\u2026 %s bytes dropped]" % format(dropped, ",")]
-                partial = ""
+            end = device.get("_output_end")
+            if end is not None and start != end:  # a gap, or the board started again
+                head, partial = [partial] if partial else [], ""
+                dropped = start - end if start > end else start
+                if dropped:  # what never came, said where it was lost
+                    head.append("[\u2026 %s bytes dropped]" % format(dropped, ","))
+            device["_output_end"] = start + size
             lines = (partial + text).split("\n")
             partial = lines.pop()
             lines = head + lines
@@ -2630,13 +2663,13 @@ class DeviceTable:
                 lines.append(partial)
                 partial = ""
             device["_partial"] = partial
-            size = device.get("_console_bytes", 0)
+            kept = device.get("_console_bytes", 0)
             for line in lines:
                 console.append(line)
-                size += len(line) + 1
-            while console and (len(console) > CONSOLE_LINES or size > CONSOLE_BYTES):
-                size -= len(console.popleft()) + 1
-            device["_console_bytes"] = size
+                kept += len(line) + 1
+            while console and (len(console) > CONSOLE_LINES or kept > CONSOLE_BYTES):
+                kept -= len(console.popleft()) + 1
+            device["_console_bytes"] = kept
             return lines
 
     def rows(self):
@@ -2756,36 +2789,30 @@ class RequestHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         """POST /report: a board's crash report (a traceback, as text). It
         is kept per board (the last one), shown on the status page and
-        logged as one block, each line prefixed by the board's id.
-        POST /output: what a board's app printed, logged line by line with
-        the board's id (unless --no-board-output) and kept as its console."""
-        if self.path not in (REPORT_PATH, OUTPUT_PATH):
-            return self.not_allowed()
+        logged as one block, each line prefixed by the board's id. A POST of
+        the version is its GET, carrying what the board's app printed (see
+        take_output)."""
+        if self.path != REPORT_PATH:
+            return self.route()
         self.server.track(self.connection, "busy")
-        keep_alive = not self.close_connection  # as the client asked
         self.close_connection = True  # whatever happens to its body
         if not self.authorized():
             return self.unauthorized()
-        what, limit = ("a report", REPORT_MAX) if self.path == REPORT_PATH else (
-            "output", OUTPUT_MAX)
         length = self.headers.get("Content-Length", "")
         if self.headers.get("Transfer-Encoding") or not length.strip().isdigit():
             return self.send_json(HTTPStatus.LENGTH_REQUIRED,
-                                  {"error": "%s needs a Content-Length" % what})
-        if int(length) > limit:
+                                  {"error": "a report needs a Content-Length"})
+        if int(length) > REPORT_MAX:
             return self.send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                  {"error": "%s is at most %d bytes" % (what, limit)})
+                                  {"error": "a report is at most %d bytes" % REPORT_MAX})
         body = self.rfile.read(int(length))
         device_id = clean_header(self.headers.get(ID_HEADER), ID_MAX)
         if len(body) < int(length) or not device_id:
             return self.send_json(HTTPStatus.BAD_REQUEST,
-                                  {"error": "%s is a whole body from a board with an %s"
-                                            % (what, ID_HEADER)})
+                                  {"error": "a report is a whole body from a board with an %s"
+                                            % ID_HEADER})
         self.server.devices.check_in(self.headers, self.client_address[0])
-        text = clean_text(body.decode("utf-8", "replace"))
-        if self.path == OUTPUT_PATH:
-            return self.take_output(device_id, text, keep_alive)
-        text = text.strip("\n")
+        text = clean_text(body.decode("utf-8", "replace")).strip("\n")
         if not self.server.devices.report(device_id, text):
             return self.send_json(HTTPStatus.TOO_MANY_REQUESTS,
                                   {"error": "too many reports; at most %d a minute from a board"
@@ -2796,28 +2823,47 @@ class RequestHandler(BaseHTTPRequestHandler):
                     "\n".join("  %s | %s" % (device_id, line) for line in text.split("\n")))
         self.send_bytes(HTTPStatus.NO_CONTENT, None, None, {})
 
-    def take_output(self, device_id, text, keep_alive):
-        dropped = self.headers.get(DROPPED_HEADER, "0").strip()
-        lines = self.server.devices.output(device_id, text,
-                                           int(dropped) if dropped.isdigit() else 0)
-        if lines is None:
-            return self.send_json(HTTPStatus.TOO_MANY_REQUESTS,
-                                  {"error": "too much output; at most %d posts a minute from "
-                                            "a board" % OUTPUTS_PER_BOARD},
-                                  extra={"Retry-After": "1"})
-        if self.server.log_output:
-            for line in lines:
-                log.info("%s | %s", device_id, line)
-        # The body was read whole: the connection may serve the board's next post.
+    def take_output(self, keep_alive):
+        """(A POST of the version.) Read its body, what the board's app
+        printed (OUTPUT_MAX bytes at most), and add it to the board's
+        console, logging each line with the board's id (unless
+        --no-board-output). Output past the board's rate is dropped (the
+        next says the gap); the request goes on as a GET all the same, as it
+        does without a body; the connection is kept if the client asked.
+        True if it goes on, else answered."""
+        length = self.headers.get("Content-Length", "0")
+        if self.headers.get("Transfer-Encoding") or not length.strip().isdigit():
+            self.send_json(HTTPStatus.LENGTH_REQUIRED, {"error": "output needs a Content-Length"})
+            return False
+        if int(length) > OUTPUT_MAX:
+            self.send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           {"error": "output is at most %d bytes" % OUTPUT_MAX})
+            return False
+        body = self.rfile.read(int(length))
+        device_id = clean_header(self.headers.get(ID_HEADER), ID_MAX)
+        start = self.headers.get(OUTPUT_HEADER, "").strip()
+        if len(body) < int(length) or body and not (device_id and start.isdigit()):
+            self.send_json(HTTPStatus.BAD_REQUEST,
+                           {"error": "output is a whole body from a board with an %s, and an %s "
+                                     "saying where it starts" % (ID_HEADER, OUTPUT_HEADER)})
+            return False
         self.close_connection = not keep_alive
-        self.send_bytes(HTTPStatus.NO_CONTENT, None, None,
-                        {} if keep_alive else {"Connection": "close"})
+        if body:
+            lines = self.server.devices.output(device_id, clean_text(body.decode(
+                "utf-8", "replace")), int(start), len(body))
+            if lines and self.server.log_output:
+                for line in lines:
+                    log.info("%s | %s", device_id, line)
+        return True
 
     def route(self):
         if len(self.path) > MAX_URL:
             return self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long")
         self.server.track(self.connection, "busy")
-        if not self.discard_body():
+        keep_alive = not self.close_connection  # as the client asked
+        if self.command == "POST":
+            self.close_connection = True  # until take_output read its body
+        elif not self.discard_body():
             return
         path, query = self.path, {}
         if "?" in path or "%" in path or "#" in path:  # else it needs no parsing
@@ -2842,6 +2888,8 @@ class RequestHandler(BaseHTTPRequestHandler):
                 return self.send_json(HTTPStatus.SERVICE_UNAVAILABLE,
                                       {"error": "the .mpy view is being built; retry soon"},
                                       extra={"Retry-After": "1"})
+        if self.command == "POST" and (path != VERSION_PATH or not self.take_output(keep_alive)):
+            return None if path == VERSION_PATH else self.not_allowed()
         snapshot = view.snapshot
         if path == "/":
             return self.send_bytes(HTTPStatus.OK, STATUS_PAGE.encode(), "text/html; charset=utf-8",
@@ -3735,7 +3783,7 @@ def _hard_reset():
 
 
 def run(url, app="app", main_dir="/", trial=10, restarts=2, rollback=True, on_update=None,
-        wait=60, watchdog=None, **kw):
+        wait=60, watchdog=None, console=True, **kw):
     """The one line of main.py: run `app` (import it, call its main()) with
     the files the server serves, and follow the server: a thread holds a
     waiting request where _thread exists, else the app calls poll() in its
@@ -3747,8 +3795,9 @@ def run(url, app="app", main_dir="/", trial=10, restarts=2, rollback=True, on_up
     printed and reported to the server. watchdog=SECONDS arms machine.WDT
     (where the port has it) while the app runs, fed by poll() and on boards
     with _thread by the thread: a hang resets the board, and counts as a
-    failed start. Never returns."""
-    args = (url, main_dir, app, trial, restarts, rollback, wait, kw, watchdog)
+    failed start. What the app prints is posted to the server too (not
+    with console=False), a moment later, never waited for. Never returns."""
+    args = (url, main_dir, app, trial, restarts, rollback, wait, kw, watchdog, console)
     reset = on_update or _hard_reset
     # Where a file of this module is gone (the app deleted it), its copy.
     sys.path.append(main_dir.rstrip("/") + "/" + $STATE_DIR + "/" + $MODULE)
@@ -3812,11 +3861,12 @@ def _step():
     if r[_RETRY] and t >= r[_RETRY]:
         return True
     s = r[_SOCK]
-    if s and r[_STALE]:  # sent "on trial", and the trial is over: the server hears it now
+    # Sent "on trial", and the trial is over; or the app printed since it was
+    # sent: the server hears it now (output at most every 0.2 s).
+    if s and r[_STALE] and time.ticks_diff(time.ticks_ms(), r[_SINCE]) > 200:
         s.close()
         s = r[_SOCK] = None
         r[_PAUSE] = 0
-    r[_STALE] = False
     why = None
     try:
         if s is None:  # connect without blocking, and queue the request
@@ -3824,13 +3874,18 @@ def _step():
                 return False
             ai = socket.getaddrinfo(r[_HOST], r[_PORT], 0, socket.SOCK_STREAM)[0]
             s = r[_SOCK] = socket.socket(ai[0], ai[1], ai[2])
-            r[_READ] = s.makefile("rb", 0).readinto  # None while nothing came, on CPython too
+            # None while nothing came. MicroPython's socket has its own; its
+            # makefile() on the Unix port is a second object on the same fd,
+            # which the GC would close later, whatever socket has it then.
+            r[_READ] = getattr(s, "readinto", None) or s.makefile("rb", 0).readinto  # (CPython)
             # The head is read from the run file when needed, not kept beside
             # the app; the board's state goes in its %s.
             with open(r[_DIR] + $RUN) as f:
                 a = json.load(f)[_HEAD]
-            r[_OUT] = (a % r[_BOARD]).encode()
+            # The head's end: the app's output (otapromoter_console), or none.
+            r[_OUT] = (a % r[_BOARD]).encode() + (r[_CONSOLE].take() if r[_CONSOLE] else b"\r\n")
             r[_SINCE] = time.ticks_ms()
+            r[_STALE] = False
             s.setblocking(False)
             s.connect(ai[-1])
         elif r[_OUT]:
@@ -3930,6 +3985,8 @@ def run(args, start):
         # The app is gone: give its heap back for the work (MicroPython's
         # sys.modules holds only modules from files).
         main = None
+        if start and start[_CONSOLE]:  # its output goes with it
+            start[_CONSOLE].stop()
         if hasattr(gc, "mem_free"):
             for name in list(sys.modules):
                 if not name.startswith("otapromoter"):
@@ -4021,7 +4078,8 @@ def start(args, reset, run):
         os.remove(d + $RESTART)
     except OSError:
         pass
-    run += [None] * (_SLOTS - len(run))
+    run = run + [None] * (_SLOTS - len(run))  # a new list of this length, not one with room
+    console = run[_HEAD][:4] == "POST"  # it carries the app's output (run(console=True))
     run[_ARGS] = run[_HEAD] = None  # compared; read when needed
     run[_DIR], run[_RESET], run[_BUF] = d, reset, bytearray(1)
     run[_BACKOFF] = 1
@@ -4036,6 +4094,13 @@ def start(args, reset, run):
         run[_WDT] = otapromoter_try.watchdog(args[8])
         otapromoter_try = None
         del sys.modules["otapromoter_try"]
+    if console and not run[_HOLD]:  # the app's output to the server, from its first line
+        try:
+            import otapromoter_console
+            run[_CONSOLE] = otapromoter_console.start(run)
+            del otapromoter_console.start  # used once: its code goes, not kept beside the app
+        except Exception as e:  # no heap: the app runs without it
+            print("otapromoter: %r" % e)
     return run
 
 '''
@@ -4608,7 +4673,7 @@ def before(ota, args, event, ours=False, died=False):
     # not on trial, or rollback=False). A reset while the app was imported,
     # or during the last work (`died`), is reported: a crash of the firmware
     # leaves no traceback.
-    url, main_dir, app, trial, restarts, rollback, wait, kw, watchdog = args
+    url, main_dir, app, trial, restarts, rollback, wait, kw, watchdog, console = args
     recover(ota.dir, ota._say)  # a rollback cut short
     count = ota.state + $TRIAL
     hold = False
@@ -4681,7 +4746,7 @@ def after(ota, args, updated, hold):
     # server's host and port, the waiting request's head, the board's state,
     # ms before the first request, ms before trying a failed update again
     # (or 0), ms a request may take, print or not.
-    url, main_dir, app, trial, restarts, rollback, wait, kw, watchdog = args
+    url, main_dir, app, trial, restarts, rollback, wait, kw, watchdog, console = args
     if updated and ota.on_trial():
         _write(ota.state + $TRIAL, "1")  # the first start of the version on trial
     failed = ota.state + $FAILED
@@ -4710,9 +4775,12 @@ def after(ota, args, updated, hold):
     ota.board_state = None  # the head says it as %s
     if updated and ota.skipped:  # (the switch made it a message)
         ota.error = ota.error or ota.skipped
-    # The head, with the board's state to fill in (as a % format).
+    # The head, with the board's state to fill in (as a % format), all but
+    # its end: with console, a POST that carries the app's output.
     info[_HEAD] = ota._head("%s?wait=%d" % ($VERSION_PATH, wait), etags).replace(
-        "%", "%%") + $STATE_HEADER ": %s\r\n\r\n"
+        "%", "%%") + $STATE_HEADER ": %s\r\n"
+    if console and ota.device_id:  # (the server keeps output by board)
+        info[_HEAD] = "POST" + info[_HEAD][3:]
     info[_PAUSE], info[_RETRY], info[_DEADLINE] = pause, retry, (wait + ota.timeout) * 1000
     info[_VERBOSE] = ota.verbose
     with open(ota.state + $RUN, "w") as f:
@@ -5433,11 +5501,88 @@ def module(ota):
                    % tried[41:])
 '''
 
+DEVICE_CONSOLE = r'''# otapromoter_console.py: the app's output sent to the server, under run()
+# (console=True): otapromoter_start starts it before the app is imported, and
+# it stays beside the app. What the app
+# prints goes to a buffer of at most $CONSOLE_MAX bytes, the latest; the
+# runner's waiting request carries it (a POST, sent again at most every 0.2 s
+# while the app prints): no request of its own, and nothing waits for the
+# network. The server finds what was lost (the buffer full, a request that
+# failed) from the offset each body starts at. Its state is one list, as the
+# runner's.
+$RUN_SLOTS
+
+$CONSOLE_SLOTS
+
+
+class T(__import__("io").IOBase):  # (io imported here: a name less kept)
+    # The console's copy: what is written to it goes to the buffer.
+    def readinto(self, buf):
+        return None  # no input from the server
+
+    def write(self, buf):
+        c = _c
+        if type(buf) is str:  # CPython's print()
+            buf = buf.encode()
+        b = c[_TEXT]
+        b += buf  # (a view of the firmware's buffer: copied)
+        c[_TOTAL] += len(buf)
+        n = len(b) - $CONSOLE_MAX
+        if n > 0:  # the oldest goes
+            c[_TEXT] = b[n:]
+        c[_RUNNER][_STALE] = True  # for the runner: send it
+        return len(buf)
+
+    def print(self, *a, **k):  # print() where there is no dupterm: the app's, and a copy
+        _c[_PRINT](*a, **k)
+        if k.get("file") is None:
+            k["file"] = self
+            _c[_PRINT](*a, **k)
+
+
+def take():
+    # The waiting request's end: the output not sent yet, and where it starts.
+    b = _c[_TEXT]
+    _c[_TEXT] = bytearray()
+    return ($OUTPUT_HEADER ": %d\r\nContent-Length: %d\r\n\r\n" % (
+        _c[_TOTAL] - len(b), len(b))).encode() + b
+
+
+def start(r):
+    # Copy the console from now on, for the runner `r`: through os.dupterm
+    # where the port has a free slot (all written to the console), else with
+    # print() wrapped. This module, for the runner.
+    _c[_RUNNER] = r
+    try:
+        a = __import__("os").dupterm(T())  # (os imported here, as io)
+        if a is None:
+            return __import__(__name__)
+        __import__("os").dupterm(a)  # the slot was taken (WebREPL): leave it as it was
+    except AttributeError:  # no dupterm: the Unix port, CPython
+        pass
+    _c[_PRINT] = __import__("builtins").print
+    __import__("builtins").print = T().print
+    return __import__(__name__)
+
+
+def stop():
+    # The app is gone: what is printed now is not its output, nor worth heap.
+    if _c[_PRINT]:
+        __import__("builtins").print = _c[_PRINT]
+    else:
+        __import__("os").dupterm(None)
+    __import__("sys").modules.pop(__name__, None)
+
+
+_c = [None, bytearray(), 0, None]  # (in CONSOLE_SLOTS' order)
+'''
+
 DEVICE_TRY = r'''# otapromoter_try.py: trials, each imported for it and dropped after: the test
 # of a new device module (see otapromoter_check), under run() at a start
 # before anything else is loaded, so that the new module has the heap; and
 # the end of the app's trial (confirm()), beside the app. Nothing here
 # imports the rest of the module: the test replaces it in sys.modules.
+import gc
 import os
 import sys
 
@@ -5491,6 +5636,7 @@ def run(main, url, kw):
         except ImportError:
             pass
         for step in names:
+            gc.collect()  # each file in the heap the last one left whole
             __import__(step.rsplit(".", 1)[0])
             for name in list(sys.modules):
                 if name.startswith("otapromoter"):
@@ -5564,7 +5710,8 @@ DEVICE_TEMPLATES = (("otapromoter.py", DEVICE_MAIN),
                     ("otapromoter_fetch.py", DEVICE_FETCH),
                     ("otapromoter_switch.py", DEVICE_SWITCH),
                     ("otapromoter_check.py", DEVICE_CHECK),
-                    ("otapromoter_try.py", DEVICE_TRY))
+                    ("otapromoter_try.py", DEVICE_TRY),
+                    ("otapromoter_console.py", DEVICE_CONSOLE))
 
 
 # --- CLI -------------------------------------------------------------------------
@@ -5782,8 +5929,7 @@ def write_client(args):
         path = os.path.join(folder, source[:-3] + ".mpy" if compiled else source)
         # Compiled, each is named as MicroPython names it when it loads it
         # from the board's current folder (its __file__): one name kept in
-        # the heap, not two; tracebacks give lines of the .py that -o
-        # otapromoter.py writes.
+        # the heap, not two; without line numbers (see compile_source).
         data, error = compile_source(text.encode("utf-8"), os.path.basename(path), mpy_cross) \
             if compiled else (text.encode("utf-8"), None)
         if error:  # a bug of ours, or an mpy-cross that cannot read it
