@@ -3954,6 +3954,21 @@ def main():
 """
 
 
+# An app that prints each turn of its loop, and how long each lap of 20 took.
+LAPPING_APP = """import otapromoter, time
+def main():
+    lap, t = 0, time.ticks_ms()
+    while True:
+        for i in range(20):
+            print("turn", i)
+            otapromoter.poll()
+            time.sleep(0.01)
+        lap += 1
+        print("lap", lap, time.ticks_diff(time.ticks_ms(), t))
+        t = time.ticks_ms()
+"""
+
+
 class BoardConsoleTest(DevLoopCase):
     """What the app prints under run() reaches the PC: in the server's log
     with the board's id and on /status.json, soon after it is printed, in
@@ -3989,17 +4004,50 @@ class BoardConsoleTest(DevLoopCase):
         board.wait_for_line("APP v2")
         wait_until(lambda: "APP v2" in self.console(), message="the new app's line on the PC")
 
-    def test_console_false_posts_nothing(self):
+
+@NEEDS_MICROPYTHON32
+@NEEDS_MPY_CROSS
+class ESP8266BoardConsoleTest(BoardConsoleTest):
+    """The same on the 32-bit MicroPython without _thread: sent by poll();
+    a server that is down costs its loop nothing."""
+
+    interpreter = MICROPYTHON32
+    options = ("-X", "heapsize=28k")
+    compiled = True
+
+    def test_a_server_that_is_down_costs_the_app_nothing(self):
+        # Laps of 20 turns of its loop, each a print, a poll() and 10 ms of
+        # sleep: with the server gone, as long as with it there.
+        write(self.root, "app.py", LAPPING_APP)
+        board = self.start(trial=1)
+        board.wait_for_line_starting("lap 3 ")
+        self.served.close()
+        started = len(board.lines)
+        wait_until(lambda: sum(line.startswith("lap ") for line in board.lines[started:]) >= 6,
+                   message=lambda: "six laps with the server down; output:\n" + board.output())
+        laps = [int(line.split()[2]) for line in board.lines if line.startswith("lap ")]
+        before, after = laps[:3], laps[-4:]
+        self.assertLess(max(after), max(before) + 250, (before, after))
+
+
+@NEEDS_MICROPYTHON
+class MicroPythonBoardConsoleTest(BoardConsoleTest):
+    """The same on the Unix port with _thread: sent by the thread."""
+
+    interpreter = MICROPYTHON
+
+
+class ConsoleChoicesTest(DevLoopCase):
+    """console=False sends nothing. Where the port has os.dupterm (here
+    CPython given one, FAKE_DUPTERM), all the console shows is sent, not
+    only print(); where its slot is taken (WebREPL), print() is wrapped and
+    the slot left as it was."""
+
+    def test_console_false_sends_nothing(self):
         write(self.root, "app.py", PRINTING_APP)
         board = self.start(trial=1, console=False)
-        board.wait_for_line("tick 12")  # tick 3 reaches the PC within 1 s where it is on
-        self.assertEqual(self.console(), [])
-
-
-class DuptermConsoleTest(DevLoopCase):
-    """Where the port has os.dupterm (here CPython given one, FAKE_DUPTERM),
-    all the console shows is sent, not only print(); where its slot is taken
-    (WebREPL), print() is wrapped and the slot left as it was."""
+        board.wait_for_line("tick 6")  # tick 1 reaches the PC within 1 s where it is on
+        self.assertEqual(self.device().get("console"), [])
 
     def test_all_written_to_the_console_is_sent(self):
         write(self.board.dir, "fake_dupterm.py", FAKE_DUPTERM % False)
@@ -4029,16 +4077,6 @@ class DuptermConsoleTest(DevLoopCase):
         board.wait_for_line("slot kept True")
         wait_until(lambda: "slot kept True" in self.device().get("console", []),
                    message=lambda: "the line on the PC (it has %r)" % self.device().get("console"))
-
-
-@NEEDS_MICROPYTHON32
-@NEEDS_MPY_CROSS
-class ESP8266BoardConsoleTest(BoardConsoleTest):
-    """The same on the 32-bit MicroPython without _thread: posted by poll()."""
-
-    interpreter = MICROPYTHON32
-    options = ("-X", "heapsize=28k")
-    compiled = True
 
 
 @NEEDS_MICROPYTHON32
@@ -6401,6 +6439,68 @@ def bench_save_to_app(scratch, build, options, saves):
     return median(took), p95(took)
 
 
+def bench_print_to_pc(scratch, build, options, prints):
+    """Median and p95 s from a print() of the app under run() (the line read
+    from the board's output) to that line in the server's log, the board's
+    output posted by its thread or by poll()."""
+    import types
+    root = os.path.join(scratch, "printroot")
+    write(root, "app.py", "import otapromoter, time\n"
+          "def main():\n"
+          "    n, t = 0, time.ticks_ms()\n"
+          "    while True:\n"
+          "        otapromoter.poll()\n"
+          "        if time.ticks_diff(time.ticks_ms(), t) >= 300:\n"
+          "            n, t = n + 1, time.ticks_ms()\n"
+          "            print('mark', n)\n"
+          "        time.sleep(0.01)\n")
+    logged = {}  # line: when the server logged it
+
+    class Logged(logging.Handler):
+        def emit(self, record):
+            text = record.getMessage()
+            if " | mark " in text:
+                logged.setdefault(text.split(" | ", 1)[1], time.monotonic())
+
+    logger = logging.getLogger("promoter")
+    handler, level = Logged(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    served = Served(root)
+    lib = os.path.join(scratch, "printlib")
+    shutil.rmtree(lib, ignore_errors=True)
+    os.makedirs(lib)
+    if build == sys.executable:
+        run_cli(["client", "-o", os.path.join(lib, "otapromoter.py")])
+    else:
+        compile_device_module(lib)
+    board = types.SimpleNamespace(dir=os.path.join(scratch, "printboard"))
+    shutil.rmtree(board.dir, ignore_errors=True)
+    os.makedirs(board.dir)
+
+    class Cleanups(list):  # what Supervised asks of a test
+        addCleanup = list.append
+
+    cleanups = Cleanups()
+    took = []
+    try:
+        supervised = Supervised(cleanups, board, served.url, build, options, lib, wait=30)
+        last = "mark %d" % (prints + 2)
+        supervised.wait_for_line(last, timeout=60)
+        wait_until(lambda: last in logged, message="the last mark logged")
+        took = [logged[line] - supervised.times[line]
+                for line in ("mark %d" % n for n in range(3, prints + 3))]
+    finally:
+        for cleanup in cleanups:
+            cleanup()
+        served.close()
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        shutil.rmtree(root)
+        shutil.rmtree(board.dir, ignore_errors=True)
+    return median(took), p95(took)
+
+
 def app_module(size):
     """Python source of about `size` bytes: functions as an app has them."""
     parts, i = [], 0
@@ -6620,6 +6720,11 @@ def bench(quick=False):
                 med, top = bench_save_to_app(scratch, build, options, 3 if quick else 10)
                 print("   run() on %s: save -> the new app's first line: median %s, p95 %s "
                       "(goal: under 0.5 s)" % (os.path.basename(build), ms(med), ms(top)))
+                med, top = bench_print_to_pc(scratch, build, options, 10 if quick else 30)
+                print("   run() on %s (%s): print() -> the line in the server's log: median %s, "
+                      "p95 %s (goal: under 0.5 s; a serial console: at once)"
+                      % (os.path.basename(build), "poll()" if build == MICROPYTHON32 else
+                         "its thread", ms(med), ms(top)))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
