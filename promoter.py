@@ -195,6 +195,9 @@ OUTPUT_MAX = 4096  # bytes of output in one request
 # started: the server tells what never came (the board's buffer full, a
 # request lost) from the gap.
 OUTPUT_HEADER = "X-Device-Output"
+# In the server's answers of the version and lists: it takes a board's output
+# (a static host has no such header, and a board sends it none).
+TAKES_OUTPUT_HEADER = "X-Takes-Output"
 CONSOLE_MAX = 512  # bytes of output a board keeps until a request carries them
 STATE_DIR = ".promoter"  # a board's own files, in its main folder; never served
 # Those files, by their names in the device module's templates:
@@ -271,7 +274,8 @@ def device_sources():
                   HEADERS_MAX=HEADERS_MAX, ID_HEADER=ID_HEADER, ID_MAX=ID_MAX,
                   VERSION_HEADER=VERSION_HEADER, STATE_HEADER=STATE_HEADER,
                   STATE_MAX=STATE_MAX, ERROR_HEADER=ERROR_HEADER, ERROR_MAX=ERROR_MAX,
-                  REPORT_MAX=REPORT_MAX, OUTPUT_HEADER=OUTPUT_HEADER, CONSOLE_MAX=CONSOLE_MAX)
+                  REPORT_MAX=REPORT_MAX, OUTPUT_HEADER=OUTPUT_HEADER, CONSOLE_MAX=CONSOLE_MAX,
+                  TAKES_OUTPUT_HEADER=TAKES_OUTPUT_HEADER)
     values = {name: repr(value) for name, value in values.items()}
     # Slot names are const(): MicroPython compiles them away (no name, no heap).
     values["RUN_SLOTS"] = (
@@ -2982,7 +2986,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.send_listing(snapshot, kind, content_type, tags)
 
     def send_listing(self, snapshot, kind, content_type, tags):
-        headers = {"ETag": '"%s"' % snapshot.version, "Cache-Control": "no-cache"}
+        headers = {"ETag": '"%s"' % snapshot.version, "Cache-Control": "no-cache",
+                   TAKES_OUTPUT_HEADER: "1"}
         if snapshot.version in tags or "*" in tags:
             return self.send_bytes(HTTPStatus.NOT_MODIFIED, None, None, headers)
         self.send_bytes(HTTPStatus.OK, snapshot.body(kind), content_type, headers)
@@ -4297,6 +4302,7 @@ class OTAPromoter:
         self.damaged = ()  # promoted files that the last check found damaged
         self.ours = False  # the update changes the device module's files (otapromoter_list)
         self.sock = None  # the request under way (one at a time)
+        self.takes_output = False  # the server said it takes run()'s output (see _open)
         # Where the firmware loads .mpy files, the files come from the view of
         # its format and release (/mpy6/1.19/files.txt): compiled by the server
         # (--mpy) with a compiler no newer than the firmware (newer code can
@@ -4386,6 +4392,8 @@ class OTAPromoter:
                     if not line[15:].strip().isdigit():
                         raise OTAError("bad Content-Length")
                     self.length = int(line[15:])
+                elif line.lower().startswith($TAKES_OUTPUT_HEADER.lower().encode()):
+                    self.takes_output = True
             else:
                 raise OTAError("more than %d header lines" % $HEADERS_MAX)
             if status == 404 and self.view and (path == $LIST_PATH or path.startswith($VERSION_PATH)):
@@ -4779,7 +4787,8 @@ def after(ota, args, updated, hold):
     # its end: with console, a POST that carries the app's output.
     info[_HEAD] = ota._head("%s?wait=%d" % ($VERSION_PATH, wait), etags).replace(
         "%", "%%") + $STATE_HEADER ": %s\r\n"
-    if console and ota.device_id:  # (the server keeps output by board)
+    # (The server keeps output by board; a static host takes none.)
+    if console and ota.device_id and ota.takes_output:
         info[_HEAD] = "POST" + info[_HEAD][3:]
     info[_PAUSE], info[_RETRY], info[_DEADLINE] = pause, retry, (wait + ota.timeout) * 1000
     info[_VERBOSE] = ota.verbose

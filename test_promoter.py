@@ -2805,6 +2805,7 @@ class DeviceUnitTest(PromoterTest):
                 True)
         ota = self.ota(device_id="b1")
         ota.error, ota.wanted = "update failed: out of memory", "f" * 40
+        ota.takes_output = True  # as after an answer of promoter.py (see ConsoleChoicesTest)
         run = trial.after(ota, args, False, False)
         slot = {name: i for i, (name, _) in enumerate(promoter.RUN_SLOTS)}
         with open(os.path.join(self.state, "run")) as f:
@@ -2815,10 +2816,14 @@ class DeviceUnitTest(PromoterTest):
         self.assertIn('"%s"' % ("f" * 40), head)  # the failed version: only a newer one restarts
         self.assertIn("X-Device-Error: update failed: out of memory", head)
         # A POST, whose end (the app's output) the runner adds; a GET where
-        # there is no output to carry (console=False, or no board id).
+        # there is no output to carry (console=False, no board id, or a
+        # server that takes none: a static host).
         self.assertTrue(head.startswith("POST ") and head.endswith("X-Device-State: %s\r\n"), head)
-        for kw, console in (({"device_id": "b1"}, False), ({}, True)):
-            self.assertTrue(trial.after(self.ota(**kw), args[:7] + (kw, None, console), False,
+        for kw, console, takes in (({"device_id": "b1"}, False, True), ({}, True, True),
+                                   ({"device_id": "b1"}, True, False)):
+            other = self.ota(**kw)
+            other.takes_output = takes
+            self.assertTrue(trial.after(other, args[:7] + (kw, None, console), False,
                                         False)[slot["HEAD"]].startswith("GET "))
         self.assertEqual((run[slot["RETRY"]], run[slot["PAUSE"]]), (10000, 0))
         ota.error = None
@@ -5659,6 +5664,26 @@ class ExportTest(PromoterTest):
             return b" 200 " in raw_exchange(port, b"GET /files/version HTTP/1.0\r\n\r\n")
         except OSError:
             return False
+
+    def test_run_follows_an_export_and_sends_it_no_output(self):
+        # A static host takes no output (nginx would answer a POST 405): the
+        # board asks for the version with a GET, and takes each export.
+        port = free_port()
+        write(self.root, "app.py", APP % "v1")
+        self.export(port)
+        log = start_nginx(self, self.out)
+        wait_until(lambda: self.nginx_up(port), timeout=10, message="nginx to serve")
+        board = Board(self, "board")
+        supervised = Supervised(self, board, "http://127.0.0.1:%d" % port, lib=board.lib,
+                                trial=1, wait=5)
+        supervised.wait_for_line("APP v1")
+        write(self.root, "app.py", APP % "v2")
+        self.export(port)
+        supervised.wait_for_line("APP v2")
+        with open(log) as f:
+            requests = f.read()
+        self.assertIn('"GET /files/version?wait=5 ', requests)
+        self.assertNotIn('"POST ', requests)
 
     def test_client_updates_from_nginx_and_watch_does_not_spin(self):
         port = free_port()
