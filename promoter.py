@@ -3912,6 +3912,8 @@ def _step():
                 with open(r[_DIR] + $RUN) as f:
                     if status == 200 and a[n:n + 42] not in json.load(f)[_HEAD]:
                         return True  # a version not in the request's If-None-Match
+                if status == 405 or status == 501:  # a POST, now to a static host: the work asks
+                    return True  # it again (and writes a GET in the run file)
                 if status not in (200, 304, 502, 504):  # 502, 504: a proxy gave up
                     raise OSError(status)
                 r[_PAUSE] = 2000 if status == 200 else 0  # a server that answers at once

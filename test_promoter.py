@@ -3871,7 +3871,8 @@ class DevLoopTest(DevLoopCase):
         board.wait_for_line("APP v4", 2, timeout=30)
         self.assertEqual(self.board_version(), ran)
         wait_until(lambda: "rolled back from %s to %s" % (bad, ran) in
-                   self.device().get("report", ""), message=lambda: "the rollback reported (%r)\n%s" % (self.device().get("report"), board.output()))
+                   self.device().get("report", ""), message=lambda: "the rollback reported "
+                   "(it has %r); output:\n%s" % (self.device().get("report"), board.output()))
         # keep/ holds the files of the version to go back to, not of every save.
         self.assertLessEqual(len(os.listdir(os.path.join(self.board.dir, ".promoter", "keep"))), 1)
 
@@ -5666,24 +5667,29 @@ class ExportTest(PromoterTest):
             return False
 
     def test_run_follows_an_export_and_sends_it_no_output(self):
-        # A static host takes no output (nginx would answer a POST 405): the
-        # board asks for the version with a GET, and takes each export.
+        # The board follows promoter.py, sending it its output (a POST); the
+        # same URL becomes a static export, which takes none (nginx answers a
+        # POST 405): the board asks it with a GET, and takes each export.
         port = free_port()
         write(self.root, "app.py", APP % "v1")
-        self.export(port)
-        log = start_nginx(self, self.out)
-        wait_until(lambda: self.nginx_up(port), timeout=10, message="nginx to serve")
+        served = self.serve(port=port)
         board = Board(self, "board")
-        supervised = Supervised(self, board, "http://127.0.0.1:%d" % port, lib=board.lib,
-                                trial=1, wait=5)
+        supervised = Supervised(self, board, served.url, lib=board.lib, trial=1, wait=5)
         supervised.wait_for_line("APP v1")
+        wait_until(lambda: "APP v1" in served.get_json("/status.json")["devices"][0]["console"],
+                   message="its output on promoter.py")
+        served.close()
         write(self.root, "app.py", APP % "v2")
         self.export(port)
+        log = start_nginx(self, self.out)
         supervised.wait_for_line("APP v2")
-        with open(log) as f:
-            requests = f.read()
-        self.assertIn('"GET /files/version?wait=5 ', requests)
-        self.assertNotIn('"POST ', requests)
+
+        def requests():
+            with open(log) as f:
+                return f.read()
+        wait_until(lambda: '"GET /files/version?wait=5 ' in requests(),
+                   message=lambda: "the waiting request as a GET; nginx's log:\n" + requests())
+        self.assertEqual(requests().count('"POST '), 1)  # the one that found nginx
 
     def test_client_updates_from_nginx_and_watch_does_not_spin(self):
         port = free_port()
