@@ -3951,7 +3951,7 @@ def main():
         i += 1
         if i % 20 == 0:
             print("tick", i // 20)
-        if i == 150:
+        if i == 80:
             t = time.ticks_ms()
             for j in range(500):
                 print("burst %03d " % j + "x" * 90)
