@@ -6429,28 +6429,34 @@ def bench_micropython_heap(scratch, build):
             int(held[-1]) / 1024, smallest)
 
 
-def bench_save_to_app(scratch, build, options, saves):
-    """Median and p95 s from a save to the new app's first line under run(),
-    the board restarted by a supervisor loop as a board resets."""
+def bench_board(scratch, name, build):
+    """(the device module's folder for `build`, a board, the cleanups
+    Supervised asks of a test) for a benchmark under run()."""
     import types
-    root = os.path.join(scratch, "saveroot")
-    write(root, "app.py", APP % "v0")
-    server = start_promoter(root)
-    lib = os.path.join(scratch, "savelib")
+    lib = os.path.join(scratch, name + "lib")
     shutil.rmtree(lib, ignore_errors=True)
     os.makedirs(lib)
     if build == sys.executable:
         run_cli(["client", "-o", os.path.join(lib, "otapromoter.py")])
     else:
         compile_device_module(lib)
-    board = types.SimpleNamespace(dir=os.path.join(scratch, "saveboard"))
+    board = types.SimpleNamespace(dir=os.path.join(scratch, name + "board"))
     shutil.rmtree(board.dir, ignore_errors=True)
     os.makedirs(board.dir)
 
     class Cleanups(list):  # what Supervised asks of a test
         addCleanup = list.append
 
-    cleanups = Cleanups()
+    return lib, board, Cleanups()
+
+
+def bench_save_to_app(scratch, build, options, saves):
+    """Median and p95 s from a save to the new app's first line under run(),
+    the board restarted by a supervisor loop as a board resets."""
+    root = os.path.join(scratch, "saveroot")
+    write(root, "app.py", APP % "v0")
+    server = start_promoter(root)
+    lib, board, cleanups = bench_board(scratch, "save", build)
     took = []
     try:
         supervised = Supervised(cleanups, board, server.url, build, options, lib, wait=30)
@@ -6474,7 +6480,6 @@ def bench_print_to_pc(scratch, build, options, prints):
     """Median and p95 s from a print() of the app under run() (the line read
     from the board's output) to that line in the server's log, the board's
     output posted by its thread or by poll()."""
-    import types
     root = os.path.join(scratch, "printroot")
     write(root, "app.py", "import otapromoter, time\n"
           "def main():\n"
@@ -6498,21 +6503,7 @@ def bench_print_to_pc(scratch, build, options, prints):
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     served = Served(root)
-    lib = os.path.join(scratch, "printlib")
-    shutil.rmtree(lib, ignore_errors=True)
-    os.makedirs(lib)
-    if build == sys.executable:
-        run_cli(["client", "-o", os.path.join(lib, "otapromoter.py")])
-    else:
-        compile_device_module(lib)
-    board = types.SimpleNamespace(dir=os.path.join(scratch, "printboard"))
-    shutil.rmtree(board.dir, ignore_errors=True)
-    os.makedirs(board.dir)
-
-    class Cleanups(list):  # what Supervised asks of a test
-        addCleanup = list.append
-
-    cleanups = Cleanups()
+    lib, board, cleanups = bench_board(scratch, "print", build)
     took = []
     try:
         supervised = Supervised(cleanups, board, served.url, build, options, lib, wait=30)
