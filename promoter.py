@@ -283,8 +283,8 @@ def device_sources():
         "    const = int\n" + "".join("_%s = const(%d)  # %s\n" % (name, i, text)
                                      for i, (name, text) in enumerate(RUN_SLOTS))
         + "_SLOTS = const(%d)" % len(RUN_SLOTS))
-    values["CONSOLE_SLOTS"] = "".join("_%s = const(%d)  # %s\n" % (name, i, text) for i, (
-        name, text) in enumerate(CONSOLE_SLOTS)) + "_CSLOTS = const(%d)" % len(CONSOLE_SLOTS)
+    values["CONSOLE_SLOTS"] = "".join("_%s = const(%d)  # %s\n" % (name, i, text)
+                                      for i, (name, text) in enumerate(CONSOLE_SLOTS))
     return [(name, re.sub(r"\$([A-Z_]+)\b", lambda m: values[m.group(1)], text))
             for name, text in DEVICE_TEMPLATES]
 
@@ -4104,8 +4104,9 @@ def start(args, reset, run):
     if console and not run[_HOLD]:  # the app's output to the server, from its first line
         try:
             import otapromoter_console
-            run[_CONSOLE] = otapromoter_console.start(run)
+            otapromoter_console.start(run)
             del otapromoter_console.start  # used once: its code goes, not kept beside the app
+            run[_CONSOLE] = otapromoter_console
         except Exception as e:  # no heap: the app runs without it
             print("otapromoter: %r" % e)
     return run
@@ -5514,7 +5515,7 @@ def module(ota):
 
 DEVICE_CONSOLE = r'''# otapromoter_console.py: the app's output sent to the server, under run()
 # (console=True): otapromoter_start starts it before the app is imported, and
-# it stays beside the app. What the app
+# it stays beside the app (stop() ends it when the app is gone). What the app
 # prints goes to a buffer of at most $CONSOLE_MAX bytes, the latest; the
 # runner's waiting request carries it (a POST, sent again at most every 0.2 s
 # while the app prints): no request of its own, and nothing waits for the
@@ -5562,18 +5563,17 @@ def take():
 def start(r):
     # Copy the console from now on, for the runner `r`: through os.dupterm
     # where the port has a free slot (all written to the console), else with
-    # print() wrapped. This module, for the runner.
+    # print() wrapped.
     _c[_RUNNER] = r
     try:
         a = __import__("os").dupterm(T())  # (os imported here, as io)
         if a is None:
-            return __import__(__name__)
+            return
         __import__("os").dupterm(a)  # the slot was taken (WebREPL): leave it as it was
     except AttributeError:  # no dupterm: the Unix port, CPython
         pass
     _c[_PRINT] = __import__("builtins").print
     __import__("builtins").print = T().print
-    return __import__(__name__)
 
 
 def stop():
