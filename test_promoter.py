@@ -4047,6 +4047,15 @@ class ESP8266BoardConsoleTest(BoardConsoleTest):
         self.assertLess(max(after), max(before) + 250, (before, after))
 
 
+@NEEDS_MICROPYTHON119
+@NEEDS_MPY_CROSS_MULTI
+class V119BoardConsoleTest(ESP8266BoardConsoleTest):
+    """The same on MicroPython v1.19.1 (32-bit, without _thread), the oldest
+    release supported."""
+
+    interpreter = MICROPYTHON119
+
+
 @NEEDS_MICROPYTHON
 class MicroPythonBoardConsoleTest(BoardConsoleTest):
     """The same on the Unix port with _thread: sent by the thread."""
