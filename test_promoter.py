@@ -2230,25 +2230,43 @@ class BoardTest(PromoterTest):
         operation, until an update runs to its end (giving `new`). After
         each cut, recover() alone must leave exactly `old` or `new`, and the
         next update `new`. Returns how many cuts left each:
-        {"old": n, "new": n}."""
+        {"old": n, "new": n}. Two cuts run at a time (the machine has two
+        cores), each on its own copy."""
+        import concurrent.futures
+        import copy
+
+        def cut(limit):
+            # (the files after the cut and recover(), or None if it was not
+            # cut; the files after the next update; what the run printed)
+            board = copy.copy(self.board)
+            board.dir = os.path.join(self.tmp, "cut-%d" % limit)
+            shutil.copytree(pristine, board.dir, symlinks=True)
+            try:
+                killed = board.python(KILL_AT_STEP, self.served.url, board.dir,
+                                      json.dumps(dict(Board.OPTIONS, **kw)), limit)
+                if killed.returncode != -signal.SIGKILL:
+                    return None, board.files(), killed.stdout + killed.stderr
+                # What the next boot sees after recover() alone: old or new, whole.
+                result = board.python("import sys, otapromoter; otapromoter.recover(sys.argv[1])",
+                                      board.dir)
+                self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+                now = board.files()
+                board.update(self.served.url, expect=(now == old), **kw)
+                return now, board.files(), ""
+            finally:
+                shutil.rmtree(board.dir, ignore_errors=True)
+
         outcomes = {"old": 0, "new": 0}
-        for limit in range(1, 1000):
-            shutil.rmtree(self.board.dir)
-            shutil.copytree(pristine, self.board.dir, symlinks=True)
-            killed = self.board.python(KILL_AT_STEP, self.served.url, self.board.dir,
-                                       json.dumps(dict(Board.OPTIONS, **kw)), limit)
-            if killed.returncode != -signal.SIGKILL:
-                self.assertEqual(self.board.files(), new, killed.stdout + killed.stderr)
-                return outcomes
-            # What the next boot sees after recover() alone: old or new, whole.
-            result = self.board.python("import sys, otapromoter; otapromoter.recover(sys.argv[1])",
-                                       self.board.dir)
-            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-            now = self.board.files()
-            self.assertIn(now, (old, new), "a mix after a power cut at step %d" % limit)
-            outcomes["old" if now == old else "new"] += 1
-            self.board.update(self.served.url, expect=(now == old), **kw)
-            self.assertEqual(self.board.files(), new, "step %d" % limit)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for first in range(1, 1000, 2):
+                limits = (first, first + 1)
+                for limit, (now, after, out) in zip(limits, pool.map(cut, limits)):
+                    if now is None:
+                        self.assertEqual(after, new, out)
+                        return outcomes
+                    self.assertIn(now, (old, new), "a mix after a power cut at step %d" % limit)
+                    outcomes["old" if now == old else "new"] += 1
+                    self.assertEqual(after, new, "step %d" % limit)
         self.fail("the update never ran to its end")
 
     def change_tree(self, change):
