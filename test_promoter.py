@@ -14,6 +14,8 @@ import atexit
 import base64
 import codecs
 import collections
+import concurrent.futures
+import copy
 import hashlib
 import http.client
 import json
@@ -2232,9 +2234,6 @@ class BoardTest(PromoterTest):
         next update `new`. Returns how many cuts left each:
         {"old": n, "new": n}. Two cuts run at a time (the machine has two
         cores), each on its own copy."""
-        import concurrent.futures
-        import copy
-
         def cut(limit):
             # (the files after the cut and recover(), or None if it was not
             # cut; the files after the next update; what the run printed)
@@ -3105,7 +3104,6 @@ class ESP8266HeapTest(BoardTest):
                  (served_many.url, many, "update()", 17),
                  (served_many.url, many, "run()", 21))
         # Two at a time (the machine has two cores), each board in its own folder.
-        import concurrent.futures
         libs = [os.path.join(self.tmp, "heaplib%d" % i) for i in range(len(cases))]
         for lib in libs:
             compile_device_module(lib)
@@ -4481,32 +4479,38 @@ print("RESULT", ota.check_and_update())
         pristine = os.path.join(self.tmp, "pristine")
         shutil.copytree(self.board.dir, pristine, symlinks=True)
 
-        def reset_board():
-            shutil.rmtree(self.board.dir)
-            shutil.copytree(pristine, self.board.dir, symlinks=True)
-
         full = self.board.python(self.ROLL_BACK, self.served.url, self.board.dir, "{}", 10 ** 9)
         self.assertEqual(full.returncode, 0, full.stderr)
         steps = int(full.stdout.split("STEPS")[1])
         self.assertEqual(self.board.files(), good)
         self.assertFalse(os.path.exists(os.path.join(self.board.dir, ".promoter", "good")))
+
+        def cut(limit):  # (the files after the cut and recover(), after the next start)
+            board = copy.copy(self.board)
+            board.dir = os.path.join(self.tmp, "cut-%d" % limit)
+            shutil.copytree(pristine, board.dir, symlinks=True)
+            try:
+                killed = board.python(self.ROLL_BACK, self.served.url, board.dir, "{}", limit)
+                self.assertEqual(killed.returncode, -signal.SIGKILL, (limit, killed.stderr))
+                # What the next boot sees after recover() alone: bad or good, whole.
+                result = board.python("import sys, otapromoter; otapromoter.recover(sys.argv[1])",
+                                      board.dir)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                now = board.files()
+                result = board.python(self.NEXT_START, self.served.url, board.dir)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                return now, board.files()
+            finally:
+                shutil.rmtree(board.dir, ignore_errors=True)
+
         outcomes = {"bad": 0, "good": 0}
-        for limit in range(1, steps + 1):
-            reset_board()
-            killed = self.board.python(self.ROLL_BACK, self.served.url, self.board.dir, "{}",
-                                       limit)
-            self.assertEqual(killed.returncode, -signal.SIGKILL, (limit, killed.stderr))
-            # What the next boot sees after recover() alone: bad or good, whole.
-            result = self.board.python("import sys, otapromoter; otapromoter.recover(sys.argv[1])",
-                                       self.board.dir)
-            self.assertEqual(result.returncode, 0, result.stderr)
-            now = self.board.files()
-            self.assertTrue(now in (bad, good), "a mix after a power cut at step %d: %s"
-                            % (limit, sorted(now)))
-            result = self.board.python(self.NEXT_START, self.served.url, self.board.dir)
-            self.assertEqual(result.returncode, 0, result.stderr)
-            self.assertEqual(self.board.files(), good, "step %d" % limit)
-            outcomes["bad" if now == bad else "good"] += 1
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two at a time, each its copy
+            for limit, (now, after) in zip(range(1, steps + 1),
+                                           pool.map(cut, range(1, steps + 1))):
+                self.assertTrue(now in (bad, good), "a mix after a power cut at step %d: %s"
+                                % (limit, sorted(now)))
+                self.assertEqual(after, good, "step %d" % limit)
+                outcomes["bad" if now == bad else "good"] += 1
         self.assertTrue(outcomes["bad"] and outcomes["good"], outcomes)
 
 
