@@ -1649,17 +1649,24 @@ class PollingWatcher(Watcher):
         if tree is None:
             self.promoter.refresh([])  # notes that the root is gone; publishes nothing
         else:
-            for path in set(tree) | set(self._seen):
-                if tree.get(path) != self._seen.get(path):
-                    self._debounce.add(path, WRITING)
-            self._seen = tree
+            self._compare(tree)
             if self.promoter.root_missing:
                 self._debounce.request_rescan()  # back, maybe exactly as it was
         batch = self._debounce.take()
         if batch:
             self._apply(*batch)
             if IGNORE_FILE in batch[0]:
-                self._seen = self._stat_tree() or {}  # the new rules walk other folders
+                # The new rules walk other folders. What differs from the last
+                # walk is read again: a file saved while the rules were applied
+                # too (taken as seen, it was never published).
+                self._compare(self._stat_tree() or {})
+
+    def _compare(self, tree):
+        """Add what differs between this walk's tree and the last one to the batch."""
+        for path in set(tree) | set(self._seen):
+            if tree.get(path) != self._seen.get(path):
+                self._debounce.add(path, WRITING)
+        self._seen = tree
 
 
 # inotify(7) constants and the event header: int wd; uint32 mask, cookie, len.

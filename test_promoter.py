@@ -1176,7 +1176,8 @@ class ReadErrorTests(WatchHelpers):
         write(self.root, promoter.IGNORE_FILE, "# a full rescan\n")
         wait_until(lambda: "reloaded" in proc.stderr, message="the rules reloaded")
         write(self.root, "marker.txt", "after the rescan\n")
-        wait_until(lambda: "marker.txt" in proc.paths(), message="marker.txt")
+        wait_until(lambda: "marker.txt" in proc.paths(), message=lambda: "marker.txt; the server "
+                   "said:\n" + proc.stderr)
         self.assertEqual(proc.paths(), everything + ["marker.txt"])
         self.assertEqual(proc.stderr.count("main.py: cannot read"), 1)  # said once
         # Given back, with new bytes written meanwhile: both are seen.
