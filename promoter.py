@@ -3745,8 +3745,10 @@ DEVICE_MAIN = r'''# otapromoter.py: the device side of promoter.py, for MicroPyt
 # Each file is imported only while it is needed, because on MicroPython the
 # heap is small and a loaded file's names stay in it until the next reset:
 #   otapromoter_run     the runner beside the app: the waiting request, the
-#                       trial clock, the crash catch; with this file, all that
-#                       stays in memory beside the app under run()
+#                       trial clock, the crash catch; with this file and the
+#                       next, all that stays in memory beside the app under run()
+#   otapromoter_console what the app prints, copied for the waiting request to
+#                       carry to the server (run(console=True))
 #   otapromoter_start   a start: the run file the last work wrote, or the work
 #   otapromoter_client  files, lists, HTTP, OTAPromoter, update()
 #   otapromoter_work    run()'s work, in its order (none of it in update())
