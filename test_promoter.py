@@ -1279,6 +1279,24 @@ class InotifyPublishTest(PublishTests, PromoterTest):
 class PollingPublishTest(PublishTests, PromoterTest):
     POLL = 0.05
 
+    def test_a_file_saved_while_the_rules_reload_is_published(self):
+        # The save lands right after the reload's rescan read the tree, before
+        # the poller walks it again (the moment is the test's; the save is real).
+        served = self.start()
+        refresh, saved = served.watcher._refresh, []
+
+        def refresh_then_save(paths, held):
+            result = refresh(paths, held)
+            if paths is None and not saved:  # the rescan of the reload
+                write(self.root, "saved.py", "X = 1\n")
+                saved.append("saved.py")
+            return result
+
+        served.watcher._refresh = refresh_then_save
+        write(self.root, promoter.IGNORE_FILE, "# new rules\n")
+        wait_until(lambda: saved, message="the reload's rescan")
+        self.wait_content(served, "saved.py", b"X = 1\n")
+
 
 class ServingTest(PromoterTest):
     """What is read to answer a request, with an index that lags behind the
