@@ -2546,6 +2546,12 @@ def http_date():
     return _date[1]
 
 
+def listing_headers(version):
+    """The headers of an answer of the version or a list, answered at once or
+    after a wait."""
+    return {"ETag": '"%s"' % version, "Cache-Control": "no-cache", TAKES_OUTPUT_HEADER: "1"}
+
+
 def http_head(status, content_type, headers, length):
     """The status line and headers of an answer, as bytes."""
     head = ["HTTP/1.1 %d %s\r\nServer: promoter/%s\r\nDate: %s\r\n" % (
@@ -2809,19 +2815,13 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.close_connection = True  # whatever happens to its body
         if not self.authorized():
             return self.unauthorized()
-        length = self.headers.get("Content-Length", "")
-        if self.headers.get("Transfer-Encoding") or not length.strip().isdigit():
-            return self.send_json(HTTPStatus.LENGTH_REQUIRED,
-                                  {"error": "a report needs a Content-Length"})
-        if int(length) > REPORT_MAX:
-            return self.send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                  {"error": "a report is at most %d bytes" % REPORT_MAX})
-        body = self.rfile.read(int(length))
+        body = self.read_body("a report", REPORT_MAX, "")
+        if body is None:
+            return
         device_id = clean_header(self.headers.get(ID_HEADER), ID_MAX)
-        if len(body) < int(length) or not device_id:
+        if not device_id:
             return self.send_json(HTTPStatus.BAD_REQUEST,
-                                  {"error": "a report is a whole body from a board with an %s"
-                                            % ID_HEADER})
+                                  {"error": "a report comes from a board with an %s" % ID_HEADER})
         self.server.devices.check_in(self.headers, self.client_address[0])
         text = clean_text(body.decode("utf-8", "replace")).strip("\n")
         if not self.server.devices.report(device_id, text):
@@ -2842,21 +2842,15 @@ class RequestHandler(BaseHTTPRequestHandler):
         next says the gap); the request goes on as a GET all the same, as it
         does without a body; the connection is kept if the client asked.
         True if it goes on, else answered."""
-        length = self.headers.get("Content-Length", "0")
-        if self.headers.get("Transfer-Encoding") or not length.strip().isdigit():
-            self.send_json(HTTPStatus.LENGTH_REQUIRED, {"error": "output needs a Content-Length"})
+        body = self.read_body("output", OUTPUT_MAX, "0")  # (no length: no body)
+        if body is None:
             return False
-        if int(length) > OUTPUT_MAX:
-            self.send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           {"error": "output is at most %d bytes" % OUTPUT_MAX})
-            return False
-        body = self.rfile.read(int(length))
         device_id = clean_header(self.headers.get(ID_HEADER), ID_MAX)
         start = self.headers.get(OUTPUT_HEADER, "").strip()
-        if len(body) < int(length) or body and not (device_id and start.isdigit()):
+        if body and not (device_id and start.isdigit()):
             self.send_json(HTTPStatus.BAD_REQUEST,
-                           {"error": "output is a whole body from a board with an %s, and an %s "
-                                     "saying where it starts" % (ID_HEADER, OUTPUT_HEADER)})
+                           {"error": "output comes from a board with an %s, and an %s saying "
+                                     "where it starts" % (ID_HEADER, OUTPUT_HEADER)})
             return False
         self.close_connection = not keep_alive
         if body:
@@ -2866,6 +2860,24 @@ class RequestHandler(BaseHTTPRequestHandler):
                 for line in lines:
                     log.info("%s | %s", device_id, line)
         return True
+
+    def read_body(self, what, limit, length=None):
+        """The body of a POST, at most `limit` bytes, with its Content-Length
+        (`length` where it has none), or None once answered: 411 without,
+        413 when longer, 400 when it does not come whole."""
+        length = self.headers.get("Content-Length", length)
+        if self.headers.get("Transfer-Encoding") or not (length or "").strip().isdigit():
+            self.send_json(HTTPStatus.LENGTH_REQUIRED, {"error": "%s needs a Content-Length" % what})
+            return None
+        if int(length) > limit:
+            self.send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           {"error": "%s is at most %d bytes" % (what, limit)})
+            return None
+        body = self.rfile.read(int(length))
+        if len(body) < int(length):
+            self.send_json(HTTPStatus.BAD_REQUEST, {"error": "%s did not come whole" % what})
+            return None
+        return body
 
     def route(self):
         if len(self.path) > MAX_URL:
@@ -2899,8 +2911,11 @@ class RequestHandler(BaseHTTPRequestHandler):
                 return self.send_json(HTTPStatus.SERVICE_UNAVAILABLE,
                                       {"error": "the .mpy view is being built; retry soon"},
                                       extra={"Retry-After": "1"})
-        if self.command == "POST" and (path != VERSION_PATH or not self.take_output(keep_alive)):
-            return None if path == VERSION_PATH else self.not_allowed()
+        if self.command == "POST":  # the version's, carrying output; nothing else takes one
+            if path != VERSION_PATH:
+                return self.not_allowed()
+            if not self.take_output(keep_alive):
+                return
         snapshot = view.snapshot
         if path == "/":
             return self.send_bytes(HTTPStatus.OK, STATUS_PAGE.encode(), "text/html; charset=utf-8",
@@ -2993,8 +3008,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.send_listing(snapshot, kind, content_type, tags)
 
     def send_listing(self, snapshot, kind, content_type, tags):
-        headers = {"ETag": '"%s"' % snapshot.version, "Cache-Control": "no-cache",
-                   TAKES_OUTPUT_HEADER: "1"}
+        headers = listing_headers(snapshot.version)
         if snapshot.version in tags or "*" in tags:
             return self.send_bytes(HTTPStatus.NOT_MODIFIED, None, None, headers)
         self.send_bytes(HTTPStatus.OK, snapshot.body(kind), content_type, headers)
@@ -3259,7 +3273,7 @@ class Parking:
 
     @staticmethod
     def _build_answer(snapshot, changed, keep_alive):
-        headers = {"ETag": '"%s"' % snapshot.version, "Cache-Control": "no-cache"}
+        headers = listing_headers(snapshot.version)
         if not keep_alive:
             headers["Connection"] = "close"
         if not changed:
@@ -3809,8 +3823,9 @@ def run(url, app="app", main_dir="/", trial=10, restarts=2, rollback=True, on_up
     printed and reported to the server. watchdog=SECONDS arms machine.WDT
     (where the port has it) while the app runs, fed by poll() and on boards
     with _thread by the thread: a hang resets the board, and counts as a
-    failed start. What the app prints is posted to the server too (not
-    with console=False), a moment later, never waited for. Never returns."""
+    failed start. What the app prints goes to the server too (not with
+    console=False), carried by the waiting request, never waited for.
+    Never returns."""
     args = (url, main_dir, app, trial, restarts, rollback, wait, kw, watchdog, console)
     reset = on_update or _hard_reset
     # Where a file of this module is gone (the app deleted it), its copy.

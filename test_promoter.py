@@ -4970,6 +4970,7 @@ class BoardOutputTest(PromoterTest):
             "If-None-Match: %s\r\n%s: %d\r\nContent-Length: 8\r\nConnection: close\r\n\r\n"
             "waiting\n" % (tag, promoter.OUTPUT_HEADER, self.printed["board-7"])).encode())
         self.assertTrue(answer.startswith(b"HTTP/1.1 304 "), answer)
+        self.assertIn(b"\r\n%s: 1\r\n" % promoter.TAKES_OUTPUT_HEADER.encode(), answer)  # parked too
         self.assertGreater(time.monotonic() - started, 0.9)
         self.assertEqual(self.console(served)[-1], "waiting")
         # HTTP/1.1 keeps the connection, as for a GET.
