@@ -55,6 +55,7 @@ import ctypes
 import errno
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -2546,10 +2547,57 @@ def http_date():
     return _date[1]
 
 
-def listing_headers(version):
-    """The headers of an answer of the version or a list, answered at once or
-    after a wait."""
-    return {"ETag": '"%s"' % version, "Cache-Control": "no-cache", TAKES_OUTPUT_HEADER: "1"}
+# The API's paths: (the route's name, its methods; HEAD where GET is). A
+# request is answered by the handler's get_<name> or post_<name>; a path
+# under FILE_PATH (or the original client's /file/) by get_file.
+ROUTES = {
+    "/": ("page", ("GET",)),
+    "/status.json": ("status", ("GET",)),
+    "/favicon.ico": ("favicon", ("GET",)),
+    VERSION_PATH: ("version", ("GET", "POST")),  # POST: carrying a board's output
+    "/files": ("files", ("GET",)),
+    "/files/": ("files", ("GET",)),
+    LIST_PATH: ("list", ("GET",)),
+    REPORT_PATH: ("report", ("POST",)),
+}
+LISTING_TYPES = {"version": "application/json", "files": "application/json",
+                 "files.txt": "text/plain; charset=utf-8"}
+# The status page's icon: a board with an arrow down.
+FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+           b'<rect x="1" y="9" width="14" height="6" rx="1" fill="#285"/>'
+           b'<path d="M8 1v6M5 4l3 3 3-3" stroke="#285" stroke-width="2" fill="none"/></svg>')
+
+# A waiting request, handed by its handler to the parking thread: who asked,
+# the view and the version it waits on, its If-None-Match tags, until when,
+# whether its connection may stay open, HTTP/1.0, and a HEAD (no body).
+Waiting = collections.namedtuple(
+    "Waiting", "address view version tags deadline keep_alive http10 head")
+
+
+def listing_answer(snapshot, kind, tags, connection=None, head=False):
+    """(status, bytes) of the answer of the version or a list (`kind`) for
+    a client holding `tags`, answered at once or after a wait: 304 if it
+    holds the version. `connection`: the Connection header, if any; `head`:
+    without the body."""
+    headers = {"ETag": '"%s"' % snapshot.version, "Cache-Control": "no-cache",
+               TAKES_OUTPUT_HEADER: "1"}
+    if connection:
+        headers["Connection"] = connection
+    if snapshot.version in tags or "*" in tags:
+        return HTTPStatus.NOT_MODIFIED, http_head(HTTPStatus.NOT_MODIFIED, None, headers, 0)
+    body = snapshot.body(kind)
+    data = http_head(HTTPStatus.OK, LISTING_TYPES[kind], headers, len(body))
+    return HTTPStatus.OK, data if head else data + body
+
+
+def ip_text(text):
+    """An IP address as text in its usual form (an IPv4 one mapped into
+    IPv6 as IPv4), or None if `text` is not one."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return str(getattr(address, "ipv4_mapped", None) or address)
 
 
 def http_head(status, content_type, headers, length):
@@ -2560,7 +2608,7 @@ def http_head(status, content_type, headers, length):
         head.append("Content-Type: %s\r\n" % content_type)
     for name, value in headers.items():
         head.append("%s: %s\r\n" % (name, value))
-    if status != HTTPStatus.NOT_MODIFIED:
+    if status not in (HTTPStatus.NOT_MODIFIED, HTTPStatus.NO_CONTENT):  # (never have one)
         head.append("Content-Length: %d\r\n" % length)
     head.append("\r\n")
     return "".join(head).encode("latin-1")
@@ -2760,7 +2808,9 @@ class HeadReader:
 
 
 class RequestHandler(BaseHTTPRequestHandler):
-    """Routes GET/HEAD to the API; every error answers {"error": "..."}."""
+    """One connection's requests: each is routed by ROUTES, and answered by
+    answer() (or answer_error(), or a listing answer: listing_answer), which
+    says in the answer whether the connection stays open."""
 
     protocol_version = "HTTP/1.1"
     server_version = "promoter/" + __version__
@@ -2783,174 +2833,139 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.rfile = real
             self.command, self.requestline, self.request_version = "", "", "HTTP/1.1"
             if e.args[0]:
-                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                                "a request head is at most %d bytes" % MAX_HEAD)
+                self.answer_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                  "a request head is at most %d bytes" % MAX_HEAD, close=True)
             else:
-                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long")
+                self.answer_error(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long", close=True)
         finally:
             self.rfile = real
 
-    def do_GET(self):
-        self.route()
-
-    do_HEAD = do_GET  # send_bytes leaves the body out
-
-    def not_allowed(self):
-        # Its body is not read: close, so that it is never parsed as a request.
-        self.send_json(HTTPStatus.METHOD_NOT_ALLOWED,
-                       {"error": "method %s not allowed; use GET or HEAD" % self.command},
-                       extra={"Allow": "GET, HEAD", "Connection": "close"})
-
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = not_allowed
-
-    def do_POST(self):
-        """POST /report: a board's crash report (a traceback, as text). It
-        is kept per board (the last one), shown on the status page and
-        logged as one block, each line prefixed by the board's id. A POST of
-        the version is its GET, carrying what the board's app printed (see
-        take_output)."""
-        if self.path != REPORT_PATH:
-            return self.route()
-        self.server.track(self.connection, "busy")
-        self.close_connection = True  # whatever happens to its body
-        if not self.authorized():
-            return self.unauthorized()
-        body = self.read_body("a report", REPORT_MAX, "")
-        if body is None:
-            return
-        device_id = clean_header(self.headers.get(ID_HEADER), ID_MAX)
-        if not device_id:
-            return self.send_json(HTTPStatus.BAD_REQUEST,
-                                  {"error": "a report comes from a board with an %s" % ID_HEADER})
-        self.server.devices.check_in(self.headers, self.client_address[0])
-        text = clean_text(body.decode("utf-8", "replace")).strip("\n")
-        if not self.server.devices.report(device_id, text):
-            return self.send_json(HTTPStatus.TOO_MANY_REQUESTS,
-                                  {"error": "too many reports; at most %d a minute from a board"
-                                            % REPORTS_PER_BOARD},
-                                  extra={"Retry-After": "%d" % REPORT_WINDOW})
-        log.warning("board %s reports (version %s):\n%s", device_id,
-                    clean_header(self.headers.get(VERSION_HEADER), VERSION_MAX)[:12] or "none",
-                    "\n".join("  %s | %s" % (device_id, line) for line in text.split("\n")))
-        self.send_bytes(HTTPStatus.NO_CONTENT, None, None, {})
-
-    def take_output(self, keep_alive):
-        """(A POST of the version.) Read its body, what the board's app
-        printed (OUTPUT_MAX bytes at most), and add it to the board's
-        console, logging each line with the board's id (unless
-        --no-board-output). Output past the board's rate is dropped (the
-        next says the gap); the request goes on as a GET all the same, as it
-        does without a body; the connection is kept if the client asked.
-        True if it goes on, else answered."""
-        body = self.read_body("output", OUTPUT_MAX, "0")  # (no length: no body)
-        if body is None:
-            return False
-        device_id = clean_header(self.headers.get(ID_HEADER), ID_MAX)
-        start = self.headers.get(OUTPUT_HEADER, "").strip()
-        if body and not (device_id and start.isdigit()):
-            self.send_json(HTTPStatus.BAD_REQUEST,
-                           {"error": "output comes from a board with an %s, and an %s saying "
-                                     "where it starts" % (ID_HEADER, OUTPUT_HEADER)})
-            return False
-        self.close_connection = not keep_alive
-        if body:
-            lines = self.server.devices.output(device_id, clean_text(body.decode(
-                "utf-8", "replace")), int(start), len(body))
-            if lines and self.server.log_output:
-                for line in lines:
-                    log.info("%s | %s", device_id, line)
-        return True
-
-    def read_body(self, what, limit, length=None):
-        """The body of a POST, at most `limit` bytes, with its Content-Length
-        (`length` where it has none), or None once answered: 411 without,
-        413 when longer, 400 when it does not come whole."""
-        length = self.headers.get("Content-Length", length)
-        if self.headers.get("Transfer-Encoding") or not (length or "").strip().isdigit():
-            self.send_json(HTTPStatus.LENGTH_REQUIRED, {"error": "%s needs a Content-Length" % what})
-            return None
-        if int(length) > limit:
-            self.send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           {"error": "%s is at most %d bytes" % (what, limit)})
-            return None
-        body = self.rfile.read(int(length))
-        if len(body) < int(length):
-            self.send_json(HTTPStatus.BAD_REQUEST, {"error": "%s did not come whole" % what})
-            return None
-        return body
+    # --- routing ---
 
     def route(self):
+        """Every method: check the request, then call the route's get_ or
+        post_ method with the path's view (the plain API or an .mpy view),
+        its snapshot and the query."""
         if len(self.path) > MAX_URL:
-            return self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long")
+            return self.answer_error(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long", close=True)
         self.server.track(self.connection, "busy")
-        keep_alive = not self.close_connection  # as the client asked
-        if self.command == "POST":
-            self.close_connection = True  # until take_output read its body
-        elif not self.discard_body():
+        length = self.body_length()
+        if length is None:
             return
         path, query = self.path, {}
+        if path[:1] != "/" and path[:7].lower() in ("http://", "https:/"):
+            # The absolute form (RFC 9112 3.2.2), which a server must take.
+            url = urlsplit(path)
+            path = (url.path or "/") + ("?" + url.query if url.query else "")
         if "?" in path or "%" in path or "#" in path:  # else it needs no parsing
-            url = urlsplit(self.path)
+            url = urlsplit(path)
             if BAD_PERCENT_RE.search(url.path):
-                return self.send_error(HTTPStatus.BAD_REQUEST, "bad percent-encoding in URL")
+                return self.answer_error(HTTPStatus.BAD_REQUEST, "bad percent-encoding in URL",
+                                         close=True)
             try:
                 path = unquote(url.path, errors="strict")
                 query = parse_qs(url.query, errors="strict")
             except (UnicodeDecodeError, ValueError):
-                return self.send_error(HTTPStatus.BAD_REQUEST, "bad percent-encoding in URL")
-        if not self.authorized():
-            return self.unauthorized()
-        self.server.devices.check_in(self.headers, self.client_address[0])
+                return self.answer_error(HTTPStatus.BAD_REQUEST, "bad percent-encoding in URL",
+                                         close=True)
         view = self.server.promoter
         match = MPY_VIEW.fullmatch(path)
         if match:
             mpy, major, minor, path = match.groups()
+        name, methods = ROUTES.get(path) or (
+            ("file", ("GET",)) if path.startswith(FILE_PATH) or path.startswith("/file/")
+            else (None, ("GET",)))
+        if self.command not in methods and not (self.command == "HEAD" and "GET" in methods):
+            # Its body is not read: the connection closes, so that it is never
+            # parsed as a request.
+            allowed = ", ".join(methods + (("HEAD",) if "GET" in methods else ()))
+            return self.answer_error(HTTPStatus.METHOD_NOT_ALLOWED, "method %s not allowed "
+                                     "on %s; use %s" % (self.command, path, allowed),
+                                     close=True, headers={"Allow": allowed})
+        if self.command != "POST" and not self.discard_body(length):
+            return
+        if name == "favicon":  # asked by every browser tab, with no token
+            return self.answer(HTTPStatus.OK, FAVICON, "image/svg+xml",
+                               {"Cache-Control": "public, max-age=86400"})
+        if not self.authorized():
+            # The Basic challenge makes a browser ask for the token (as a
+            # password); a body not read closes the connection.
+            return self.answer_error(HTTPStatus.UNAUTHORIZED, "a valid token is required",
+                                     close=self.command == "POST" and length > 0,
+                                     headers={"WWW-Authenticate":
+                                              'Basic realm="promoter", charset="UTF-8"'})
+        if name is None:
+            return self.answer_error(HTTPStatus.NOT_FOUND, "no such path: %s" % path)
+        self.server.devices.check_in(self.headers, self.client_ip())
+        if match:
             view = self.server.promoter.compiler.view(
                 int(mpy), major and (int(major), int(minor)))
             if view is None:
-                return self.send_json(HTTPStatus.SERVICE_UNAVAILABLE,
-                                      {"error": "the .mpy view is being built; retry soon"},
-                                      extra={"Retry-After": "1"})
-        if self.command == "POST":  # the version's, carrying output; nothing else takes one
-            if path != VERSION_PATH:
-                return self.not_allowed()
-            if not self.take_output(keep_alive):
-                return
-        snapshot = view.snapshot
-        if path == "/":
-            return self.send_bytes(HTTPStatus.OK, STATUS_PAGE.encode(), "text/html; charset=utf-8",
-                                   {"Cache-Control": "no-cache"})
-        if path == "/status.json":  # ?since=VERSION: no file list if that is still the version
-            return self.send_json(HTTPStatus.OK, self.server.status(
-                snapshot, query.get("since", [None])[-1] != snapshot.version),
-                extra={"Cache-Control": "no-cache"})
-        if path == VERSION_PATH:
-            return self.get_version(view, snapshot, query)
-        if path in ("/files", "/files/"):
-            return self.get_listing(snapshot, "files", "application/json")
-        if path == LIST_PATH:
-            return self.get_listing(snapshot, "files.txt", "text/plain; charset=utf-8")
-        for prefix in (FILE_PATH, "/file/"):  # /file/ is what the original client asks
-            if path.startswith(prefix):
-                return self.get_file(snapshot, path[len(prefix):])
-        self.send_json(HTTPStatus.NOT_FOUND, {"error": "no such path: %s" % path})
+                return self.answer_error(HTTPStatus.SERVICE_UNAVAILABLE,
+                                         "the .mpy view is being built; retry soon",
+                                         headers={"Retry-After": "1"})
+        # The request, for the route's method:
+        self.view, self.snapshot, self.target, self.query, self.length = (
+            view, view.snapshot, path, query, length)
+        getattr(self, ("post_" if self.command == "POST" else "get_") + name)()
 
-    def discard_body(self):
-        """Read and drop a GET's body (up to MAX_BODY bytes), so that it is
-        never parsed as the next request; False (answered, connection to
-        close) for a chunked body, a bad length or a longer body."""
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = route
+
+    def body_length(self):
+        """The length of the request's body (0 without one), or None once
+        answered (and to close): a chunked body (501), Content-Length
+        headers that disagree, or one that is not a number (400): the bytes
+        after the head could not be told from the next request."""
         if self.headers.get("Transfer-Encoding"):
-            self.send_error(HTTPStatus.NOT_IMPLEMENTED, "Transfer-Encoding on a request")
+            self.answer_error(HTTPStatus.NOT_IMPLEMENTED, "Transfer-Encoding on a request",
+                              close=True)
+            return None
+        lengths = set(value.strip() for value in self.headers.get_all("Content-Length") or ())
+        if len(lengths) > 1 or lengths and not next(iter(lengths)).isdigit():
+            self.answer_error(HTTPStatus.BAD_REQUEST, "one Content-Length, a number",
+                              close=True)
+            return None
+        return int(lengths.pop()) if lengths else 0
+
+    def discard_body(self, length):
+        """Read and drop a GET's body (up to MAX_BODY bytes), so that it is
+        never parsed as the next request; False (answered, to close) if it
+        is longer."""
+        if length > MAX_BODY:
+            self.answer_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                              "a request body is at most %d bytes" % MAX_BODY, close=True)
             return False
-        length = self.headers.get("Content-Length")
-        if length is None:
-            return True
-        if not length.strip().isdigit() or int(length) > MAX_BODY:
-            self.send_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                            "a request body is at most %d bytes" % MAX_BODY)
-            return False
-        self.rfile.read(int(length))
+        if length:
+            self.rfile.read(length)
         return True
+
+    def read_body(self, what, limit):
+        """The body of a POST, at most `limit` bytes, or None once answered
+        (and to close): 411 without a Content-Length, 413 when longer, 400
+        when it does not come whole."""
+        if "Content-Length" not in self.headers:
+            self.answer_error(HTTPStatus.LENGTH_REQUIRED, "%s needs a Content-Length" % what,
+                              close=True)
+            return None
+        if self.length > limit:
+            self.answer_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                              "%s is at most %d bytes" % (what, limit), close=True)
+            return None
+        body = self.rfile.read(self.length)
+        if len(body) < self.length:
+            self.answer_error(HTTPStatus.BAD_REQUEST, "%s did not come whole" % what, close=True)
+            return None
+        return body
+
+    def pipelined(self):
+        """True if the client sent more after this request."""
+        self.connection.setblocking(False)
+        try:
+            return bool(self.rfile.rfile.peek(1))  # (the buffer, else one read that cannot wait)
+        except OSError:
+            return False
+        finally:
+            self.connection.settimeout(self.socket_timeout)
 
     def authorized(self):
         """True if no token is set, or the request carries it: as a bearer
@@ -2971,58 +2986,120 @@ class RequestHandler(BaseHTTPRequestHandler):
             given = b""
         return hmac.compare_digest(given, token.encode("utf-8"))
 
-    def unauthorized(self):
-        # The Basic challenge makes a browser ask for the token (as a password).
-        self.send_json(HTTPStatus.UNAUTHORIZED, {"error": "a valid token is required"},
-                       extra={"WWW-Authenticate": 'Basic realm="promoter"'})
+    def client_ip(self):
+        """Where the request comes from: the connection's address, or, from
+        a trusted proxy (--trusted-proxy), the address it says: X-Real-IP,
+        else the last hop of X-Forwarded-For (the one that proxy added)."""
+        address = self.client_address[0]
+        if self.server.trusts(address):
+            said = self.headers.get("X-Real-IP") or \
+                (self.headers.get("X-Forwarded-For") or "").rpartition(",")[2]
+            said = ip_text(said.strip())
+            if said:
+                return said
+        return address
 
-    def get_version(self, view, snapshot, query):
-        tags = parse_etags(self.headers.get("If-None-Match"))
-        wait = query.get("wait", [None])[-1]
+    # --- the routes ---
+
+    def get_page(self):
+        self.answer(HTTPStatus.OK, STATUS_PAGE.encode(), "text/html; charset=utf-8",
+                    {"Cache-Control": "no-cache"})
+
+    def get_status(self):
+        # ?since=VERSION: no file list if that is still the version
+        snapshot = self.snapshot
+        self.answer_json(HTTPStatus.OK, self.server.status(
+            snapshot, self.query.get("since", [None])[-1] != snapshot.version),
+            {"Cache-Control": "no-cache"})
+
+    def get_files(self):
+        self.answer_listing("files")
+
+    def get_list(self):
+        self.answer_listing("files.txt")
+
+    def get_version(self):
+        snapshot, tags = self.snapshot, parse_etags(self.headers.get("If-None-Match"))
+        wait = self.query.get("wait", [None])[-1]
         if wait is not None:
             try:
                 wait = min(float(wait), MAX_WAIT)
                 if not wait >= 0:
                     raise ValueError
             except ValueError:
-                return self.send_json(HTTPStatus.BAD_REQUEST,
-                                      {"error": "wait must be a number of seconds"})
-            if snapshot.version in tags and wait > 0:
+                return self.answer_error(HTTPStatus.BAD_REQUEST, "wait must be a number of seconds")
+            # (A client that sent its next request already gets its answer now:
+            # what it sent is in this handler's buffer, which parking drops.)
+            if snapshot.version in tags and wait > 0 and not self.pipelined():
                 if not self.server.parking.reserve(self.server.waiting_limit()):
-                    return self.send_json(HTTPStatus.SERVICE_UNAVAILABLE,
-                                          {"error": "too many waiting requests; retry in %d s"
-                                                    % WAIT_RETRY},
-                                          extra={"Retry-After": "%d" % WAIT_RETRY})
+                    return self.answer_error(HTTPStatus.SERVICE_UNAVAILABLE,
+                                             "too many waiting requests; retry in %d s"
+                                             % WAIT_RETRY, headers={"Retry-After": "%d" % WAIT_RETRY})
                 # Parked once this thread is done with the connection: the
                 # parking thread answers it; this thread and its slot go
                 # back to work.
-                self.server.to_park[self.connection] = (
-                    self.client_address, view, snapshot.version, time.monotonic() + wait,
-                    not self.close_connection)
+                self.server.park_when_done(self.connection, Waiting(
+                    self.client_address, self.view, snapshot.version, frozenset(tags),
+                    time.monotonic() + wait, not self.close_connection,
+                    self.request_version == "HTTP/1.0", self.command == "HEAD"))
                 self.close_connection = True
                 return
-        self.send_listing(snapshot, "version", "application/json", tags)
+        self.answer_listing("version", tags)
 
-    def get_listing(self, snapshot, kind, content_type):
-        tags = parse_etags(self.headers.get("If-None-Match"))
-        self.send_listing(snapshot, kind, content_type, tags)
+    def post_version(self):
+        """The waiting request of a board under run(), carrying what its
+        app printed: the body (OUTPUT_MAX bytes at most) is added to the
+        board's console, each line logged with the board's id (unless
+        --no-board-output); output past the board's rate is dropped (the
+        next says the gap). Then it is answered as the GET, whatever
+        happened to the output."""
+        body = self.read_body("output", OUTPUT_MAX) if self.length else b""
+        if body is None:
+            return
+        device_id = clean_header(self.headers.get(ID_HEADER), ID_MAX)
+        start = self.headers.get(OUTPUT_HEADER, "").strip()
+        if body and not (device_id and start.isdigit()):
+            return self.answer_error(HTTPStatus.BAD_REQUEST, "output comes from a board with an "
+                                     "%s, and an %s saying where it starts"
+                                     % (ID_HEADER, OUTPUT_HEADER))
+        if body:
+            lines = self.server.devices.output(device_id, clean_text(body.decode(
+                "utf-8", "replace")), int(start), len(body))
+            if lines and self.server.log_output:
+                for line in lines:
+                    log.info("%s | %s", device_id, line)
+        self.get_version()
 
-    def send_listing(self, snapshot, kind, content_type, tags):
-        headers = listing_headers(snapshot.version)
-        if snapshot.version in tags or "*" in tags:
-            return self.send_bytes(HTTPStatus.NOT_MODIFIED, None, None, headers)
-        self.send_bytes(HTTPStatus.OK, snapshot.body(kind), content_type, headers)
+    def post_report(self):
+        """A board's crash report (a traceback, as text). It is kept per
+        board (the last one), shown on the status page and logged as one
+        block, each line prefixed by the board's id."""
+        body = self.read_body("a report", REPORT_MAX)
+        if body is None:
+            return
+        device_id = clean_header(self.headers.get(ID_HEADER), ID_MAX)
+        if not device_id:
+            return self.answer_error(HTTPStatus.BAD_REQUEST,
+                                     "a report comes from a board with an %s" % ID_HEADER)
+        text = clean_text(body.decode("utf-8", "replace")).strip("\n")
+        if not self.server.devices.report(device_id, text):
+            return self.answer_error(HTTPStatus.TOO_MANY_REQUESTS, "too many reports; at most %d "
+                                     "a minute from a board" % REPORTS_PER_BOARD,
+                                     headers={"Retry-After": "%d" % REPORT_WINDOW})
+        log.warning("board %s reports (version %s):\n%s", device_id,
+                    clean_header(self.headers.get(VERSION_HEADER), VERSION_MAX)[:12] or "none",
+                    "\n".join("  %s | %s" % (device_id, line) for line in text.split("\n")))
+        self.answer(HTTPStatus.NO_CONTENT)
 
-    def get_file(self, snapshot, checksum):
-        checksum = checksum.lower()
+    def get_file(self):
+        checksum = self.target[self.target.index("/", 1) + 1:].lower()  # /files/ or /file/
         if not CHECKSUM_RE.fullmatch(checksum):
-            return self.send_json(HTTPStatus.BAD_REQUEST,
-                                  {"error": "a checksum is 40 hexadecimal digits"})
-        entry = snapshot.by_checksum.get(checksum)
-        gone = {"error": "checksum %s is not served (the file changed or was removed); "
-                         "re-read /files" % checksum}
+            return self.answer_error(HTTPStatus.BAD_REQUEST, "a checksum is 40 hexadecimal digits")
+        entry = self.snapshot.by_checksum.get(checksum)
+        gone = ("checksum %s is not served (the file changed or was removed); re-read /files"
+                % checksum)
         if entry is None:
-            return self.send_json(HTTPStatus.NOT_FOUND, gone)
+            return self.answer_error(HTTPStatus.NOT_FOUND, gone)
         headers = {
             "ETag": '"%s"' % checksum,
             "Cache-Control": "public, max-age=31536000, immutable",
@@ -3031,24 +3108,24 @@ class RequestHandler(BaseHTTPRequestHandler):
         }
         if checksum in parse_etags(self.headers.get("If-None-Match")):
             # The client holds these very bytes: no need to read them.
-            return self.send_bytes(HTTPStatus.NOT_MODIFIED, None, None, headers)
+            return self.answer(HTTPStatus.NOT_MODIFIED, None, None, headers)
         content_type = mimetypes.guess_type(entry.path)[0] or "application/octet-stream"
         compiler = self.server.promoter.compiler
         built = compiler.built(checksum)
         if built is None:
             built = compiler.good(entry)  # --hold-broken: not on disk any more
         if built is not None:
-            self.send_bytes(HTTPStatus.OK, built, content_type, headers)
+            self.answer(HTTPStatus.OK, built, content_type, headers)
         elif entry.size > CACHE_MAX_FILE:
             if not self.stream_file(entry, content_type, headers):
-                return self.send_json(HTTPStatus.NOT_FOUND, gone)
+                return self.answer_error(HTTPStatus.NOT_FOUND, gone)
         else:
             data = self.server.promoter.read_verified(entry)
             if data is None:
-                return self.send_json(HTTPStatus.NOT_FOUND, gone)
-            self.send_bytes(HTTPStatus.OK, data, content_type, headers)
+                return self.answer_error(HTTPStatus.NOT_FOUND, gone)
+            self.answer(HTTPStatus.OK, data, content_type, headers)
         if self.command == "GET":
-            log.info("%s downloaded %s", self.client_address[0], entry.path)
+            log.info("%s downloaded %s", self.client_ip(), entry.path)
 
     def stream_file(self, entry, content_type, headers):
         """Send a large file in STREAM_CHUNK pieces, in constant memory,
@@ -3063,7 +3140,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         with open(fd, "rb", buffering=0) as f:
             if st.st_size < entry.size:
                 return False
-            self.send_bytes(HTTPStatus.OK, None, content_type, headers, length=entry.size)
+            self.answer(HTTPStatus.OK, None, content_type, headers, length=entry.size)
             if self.command == "HEAD":
                 return True
             self.server.track(self.connection, "sending")
@@ -3081,24 +3158,33 @@ class RequestHandler(BaseHTTPRequestHandler):
             h.update(entry.path.encode("utf-8"))
             if left or h.hexdigest() != entry.checksum:
                 log.warning("%s changed while it was sent to %s; cut short (the board retries)",
-                            entry.path, self.client_address[0])
+                            entry.path, self.client_ip())
                 self.close_connection = True
                 return True
             self.send_body(held)
         return True
 
-    def send_json(self, status, obj, extra=None):
-        body = json.dumps(obj, separators=(",", ":")).encode()
-        self.send_bytes(status, body, "application/json", extra or {})
+    # --- answers ---
 
-    def send_bytes(self, status, body, content_type, headers, length=None):
-        """The whole answer in one write (a small body goes with the head):
-        what send_response, send_header and end_headers would send, with the
-        Date header formatted once a second. `length`: the head alone, of a
-        body the caller sends."""
+    def connection_header(self):
+        """The Connection header the answer needs, or None: "close" when the
+        connection closes after it, "keep-alive" when an HTTP/1.0 client's
+        stays open (1.0 closes by default)."""
+        if self.close_connection:
+            return "close"
+        return "keep-alive" if self.request_version == "HTTP/1.0" else None
+
+    def answer(self, status, body=None, content_type=None, headers=None, length=None, close=False):
+        """The whole answer in one write (a small body goes with the head),
+        saying whether the connection stays open; no body to a HEAD.
+        `length`: the head alone, of a body the caller sends. `close`: the
+        connection closes after it."""
         self.log_request(status)
-        if headers.get("Connection") == "close":
-            self.close_connection = True
+        self.close_connection = self.close_connection or close
+        headers = dict(headers or ())
+        connection = self.connection_header()
+        if connection:
+            headers["Connection"] = connection
         data = http_head(status, content_type, headers,
                          length if length is not None else len(body or b""))
         if body and self.command != "HEAD":
@@ -3106,6 +3192,25 @@ class RequestHandler(BaseHTTPRequestHandler):
                 self.wfile.write(data)
                 return self.send_body(body)
             data += body
+        self.wfile.write(data)
+
+    def answer_json(self, status, obj, headers=None, close=False):
+        self.answer(status, json.dumps(obj, separators=(",", ":")).encode(), "application/json",
+                    headers, close=close)
+
+    def answer_error(self, status, message, close=False, headers=None):
+        """An error, as {"error": message}; `close`: the connection closes
+        after it (its request's bytes could not all be read)."""
+        self.answer_json(status, {"error": message}, headers, close)
+
+    def answer_listing(self, kind, tags=None):
+        """The version or a list, of this request's snapshot (304 if the
+        client has it): built by listing_answer, as a parked answer is."""
+        if tags is None:
+            tags = parse_etags(self.headers.get("If-None-Match"))
+        status, data = listing_answer(self.snapshot, kind, tags, self.connection_header(),
+                                      self.command == "HEAD")
+        self.log_request(status)
         self.wfile.write(data)
 
     def send_body(self, data):
@@ -3119,14 +3224,12 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """Errors found by http.server's parser (bad request line, headers
-        too long...) and by our own checks: JSON, then close the connection."""
+        too long, an unknown method...): answered as ours, and closed."""
         if self.request_version == "HTTP/0.9":
             # A line http.server could not parse: still answer with a status
             # line and headers (HTTP/0.9 would send the body alone).
             self.request_version = "HTTP/1.0"
-        self.close_connection = True
-        self.send_json(code, {"error": message or HTTPStatus(code).phrase},
-                       extra={"Connection": "close"})
+        self.answer_error(code, message or HTTPStatus(code).phrase, close=True)
 
     def log_request(self, code="-", size="-"):
         # int(): Python < 3.11 formats HTTPStatus.OK as "HTTPStatus.OK"
@@ -3150,7 +3253,7 @@ class Parking:
         self.count = 0  # requests parked now
         self.held = 0  # requests parked or on their way (each holds a descriptor)
         self._selector = selectors.DefaultSelector()
-        self._parked = {}  # socket -> (address, view, version, deadline, keep_alive)
+        self._parked = {}  # socket -> its Waiting
         self._incoming = collections.deque()
         self._closing = False
         self._done = False  # the loop has ended: a request parked now is closed
@@ -3176,13 +3279,13 @@ class Parking:
         with self._lock:
             self.held -= count
 
-    def park(self, sock, address, view, version, deadline, keep_alive):
-        """Take over a connection whose request waits for the version of
-        `view` (the Promoter or the .mpy view) to change from `version` (its
+    def park(self, sock, waiting):
+        """Take over a connection whose request waits (a Waiting) for the
+        version of its view (the Promoter or an .mpy view) to change (its
         handler's thread is done with it; reserve() counted it)."""
         with self._lock:
             if not self._done:
-                self._incoming.append((sock, address, view, version, deadline, keep_alive))
+                self._incoming.append((sock, waiting))
                 return self.wake()
         self._release()
         self.server.close_request(sock)  # the server is closing: the board tries again
@@ -3206,12 +3309,12 @@ class Parking:
     def _run(self):
         while True:
             while self._incoming:
-                sock, *rest = self._incoming.popleft()
+                sock, waiting = self._incoming.popleft()
                 sock.setblocking(False)
-                self._parked[sock] = rest
+                self._parked[sock] = waiting
                 self._selector.register(sock, selectors.EVENT_READ)
             self.count = len(self._parked)
-            soonest = min((item[3] for item in self._parked.values()), default=None)
+            soonest = min((w.deadline for w in self._parked.values()), default=None)
             timeout = None if soonest is None else max(0.0, soonest - time.monotonic())
             due = {}  # socket -> the client hung up
             for key, _ in self._selector.select(timeout):
@@ -3223,8 +3326,8 @@ class Parking:
                 else:  # the client spoke or hung up: answer now (or drop it)
                     due[key.fileobj] = self._hung_up(key.fileobj)
             now = time.monotonic()
-            for sock, (_, view, waited, deadline, _) in self._parked.items():
-                if self._closing or waited != view.snapshot.version or now >= deadline:
+            for sock, w in self._parked.items():
+                if self._closing or w.version != w.view.snapshot.version or now >= w.deadline:
                     due.setdefault(sock, False)
             if due:
                 self._answer(due)
@@ -3247,39 +3350,29 @@ class Parking:
     def _answer(self, due):
         """Answer these parked requests: every answer is sent first (built
         once for all), then the keep-alive connections are handed back."""
-        answers = {}  # (snapshot, changed, keep_alive) -> the answer's bytes
+        answers = {}  # (snapshot, tags, Connection, head) -> the answer's bytes
         after = []
         self._release(len(due))
         for sock, hung_up in due.items():
-            address, view, waited, _, keep_alive = self._parked.pop(sock)
+            w = self._parked.pop(sock)
             self._selector.unregister(sock)
-            keep_alive = keep_alive and not self._closing and not hung_up
-            snapshot = view.snapshot
-            key = (snapshot, waited != snapshot.version, keep_alive)
+            keep_alive = w.keep_alive and not self._closing and not hung_up
+            key = (w.view.snapshot, w.tags, ("keep-alive" if w.http10 else None) if keep_alive
+                   else "close", w.head)
             if key not in answers:
-                answers[key] = self._build_answer(*key)
+                answers[key] = listing_answer(key[0], "version", *key[1:])[1]
             try:
                 if not hung_up:  # a few hundred bytes into an empty buffer
                     sock.send(answers[key])
             except OSError:
                 keep_alive = False
-            after.append((sock, address, keep_alive))
+            after.append((sock, w.address, keep_alive))
         for sock, address, keep_alive in after:
             if keep_alive:
                 sock.setblocking(True)
                 self.server.hand_back(sock, address)
             else:
                 self.server.close_request(sock)
-
-    @staticmethod
-    def _build_answer(snapshot, changed, keep_alive):
-        headers = listing_headers(snapshot.version)
-        if not keep_alive:
-            headers["Connection"] = "close"
-        if not changed:
-            return http_head(HTTPStatus.NOT_MODIFIED, None, headers, 0)
-        body = snapshot.body("version")
-        return http_head(HTTPStatus.OK, "application/json", headers, len(body)) + body
 
 
 def fd_limit():
@@ -3337,6 +3430,7 @@ class PromoterServer(ThreadingHTTPServer):
         self.head_timeout = head_timeout
         self.token = token
         self.log_output = True  # the boards' output in the log (--no-board-output: not)
+        self.trusted_proxies = ()  # networks (--trusted-proxy), see trusts()
         self.devices = DeviceTable()
         # Each connection takes a descriptor: the slots leave room for a
         # reserve and as many waiting requests (see waiting_limit).
@@ -3350,7 +3444,7 @@ class PromoterServer(ThreadingHTTPServer):
         # body (since: its last piece taken by the client)
         self._connections = {}
         self._connections_lock = threading.Lock()
-        self.to_park = {}  # socket -> (address, view, version, deadline, keep-alive) of a waiting request
+        self._to_park = {}  # socket -> the Waiting its handler hands to the parking thread
         # A fleet connecting at once must not overflow the listen queue (5 by default).
         self.request_queue_size = min(LISTEN_BACKLOG, somaxconn())
         self.parking = Parking(self)  # before binding: a failed bind closes it
@@ -3410,12 +3504,28 @@ class PromoterServer(ThreadingHTTPServer):
             self._slots.release()
             self.close_request(request)
 
+    def park_when_done(self, request, waiting):
+        """Hand a waiting request's connection to the parking thread once
+        its handler's thread is done with it (see shutdown_request)."""
+        self._to_park[request] = waiting
+
     def shutdown_request(self, request):
-        parked = self.to_park.pop(request, None)
-        if parked is None:
+        # What socketserver calls when a handler's thread is done with a
+        # connection: it is closed, unless it is handed to the parking thread.
+        waiting = self._to_park.pop(request, None)
+        if waiting is None:
             super().shutdown_request(request)
-        else:  # its handler's thread is done with it: it lives on in the parking thread
-            self.parking.park(request, *parked)
+        else:
+            self.parking.park(request, waiting)
+
+    def trusts(self, address):
+        """True if `address` is a proxy whose word on a client's address is
+        believed (--trusted-proxy)."""
+        if not self.trusted_proxies:
+            return False
+        address = ip_text(address)
+        return address is not None and any(
+            ipaddress.ip_address(address) in network for network in self.trusted_proxies)
 
     def server_close(self):
         self.parking.close()

@@ -5070,13 +5070,178 @@ class RequestBodyTest(PromoterTest):
                 (b"GET /files HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                  b"5\r\nhello\r\n0\r\n\r\n", b"501"),
                 (b"GET /files HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n", b"413"),
-                (b"GET /files HTTP/1.1\r\nHost: x\r\nContent-Length: -3\r\n\r\n", b"413")):
+                (b"GET /files HTTP/1.1\r\nHost: x\r\nContent-Length: -3\r\n\r\n", b"400")):
             with self.subTest(request=request[:40]):
                 answer = raw_exchange(self.served.port, request + b"GET /files/version HTTP/1.1\r\n"
                                                                   b"Host: x\r\n\r\n")
                 self.assertTrue(answer.startswith(b"HTTP/1.1 " + status), answer[:80])
                 self.assertEqual(answer.count(b"HTTP/1.1 "), 1, answer)  # then closed
                 self.assertNotIn(b"Unsupported method", answer)
+
+
+def split_answers(data, heads=0):
+    """The HTTP answers in `data` as [(status, {lower-case name: value}, body)]:
+    each body by its Content-Length (none for 204 and 304, nor for the
+    first `heads` answers: those of HEAD requests); bytes that do not parse
+    as an answer are one more entry (None, {}, the bytes)."""
+    answers = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if not sep or not head.startswith(b"HTTP/1."):
+            answers.append((None, {}, data))
+            break
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers.setdefault(name.strip().lower(), value.strip())
+        status = int(lines[0].split()[1])
+        length = 0 if status in (204, 304) or len(answers) < heads else \
+            int(headers.get("content-length", 0))
+        answers.append((status, headers, rest[:length]))
+        data = rest[length:]
+    return answers
+
+
+class ConnectionRulesTest(PromoterTest):
+    """Each answer says whether its connection stays open (HTTP/1.1 and 1.0
+    clients, proxies with keep-alive upstreams), and does as it says."""
+
+    def setUp(self):
+        super().setUp()
+        write(self.root, "main.py", "print(1)\n")
+        self.served = self.serve(token="s3cret")
+        self.auth = b"Authorization: Bearer s3cret\r\n"
+
+    def test_an_answer_closes_its_connection_exactly_when_it_says_so(self):
+        auth = self.auth
+        version = self.served.request("/files/version", headers={
+            "Authorization": "Bearer s3cret"})[2]
+        requests = [  # (request, its status), every route and every error path
+            (b"GET /files/version HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", 200),
+            (b"GET /files HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", 200),
+            (b"GET / HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", 200),
+            (b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+            (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", 404),
+            (b"GET /files/zz HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", 400),
+            (b"GET /files/" + b"0" * 40 + b" HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", 404),
+            (b"GET /files/version?wait=x HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", 400),
+            (b"GET /files HTTP/1.1\r\nHost: x\r\n\r\n", 401),
+            (b"GET /files HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", 401),
+            (b"POST /report HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", 401),
+            (b"POST /report HTTP/1.1\r\nHost: x\r\n" + auth + b"X-Device-Id: b\r\n"
+             b"Content-Length: 5\r\n\r\ncrash", 204),
+            (b"POST /report HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 5\r\n\r\ncrash",
+             400),
+            (b"POST /report HTTP/1.1\r\nHost: x\r\n" + auth + b"X-Device-Id: b\r\n\r\n", 411),
+            (b"POST /report HTTP/1.1\r\nHost: x\r\n" + auth + b"X-Device-Id: b\r\n"
+             b"Content-Length: 99999\r\n\r\n", 413),
+            (b"POST /files/version HTTP/1.1\r\nHost: x\r\n" + auth + b"X-Device-Id: b\r\n"
+             b"X-Device-Output: 0\r\nContent-Length: 3\r\n\r\nhi\n", 200),
+            (b"POST /files HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 3\r\n\r\nabc", 405),
+            (b"DELETE /files HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", 405),
+            (b"BREW /files HTTP/1.1\r\nHost: x\r\n\r\n", 501),
+            (b"GET /files HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
+            (b"GET /files HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 9\r\n\r\nab",
+             400),
+            (b"GET /%zz HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", 400),
+            (b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+            (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
+            (b"GET / HTTP/7.1\r\nHost: x\r\n\r\n", 505),
+            (b"nonsense\r\n\r\n", 400),
+            (b"GET /files/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + auth + b"\r\n",
+             200),
+            (b"GET /files/version HTTP/1.0\r\n" + auth + b"\r\n", 200),
+            (b"GET /files/version HTTP/1.0\r\nConnection: keep-alive\r\n" + auth + b"\r\n", 200),
+            (b"GET /files/version?wait=0.2 HTTP/1.1\r\nHost: x\r\n" + auth +
+             b'If-None-Match: "%s"\r\n\r\n' % json.loads(version)["version"].encode(), 304),
+        ]
+        follow = b"GET /files.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + auth + b"\r\n"
+        kept = closed = 0
+        for request, status in requests:
+            with self.subTest(request=request[:60]):
+                answers = split_answers(raw_exchange(self.served.port, request + follow))
+                self.assertEqual(answers[0][0], status, answers)
+                said = answers[0][1].get("connection", "").lower()
+                if said == "close":
+                    closed += 1
+                    self.assertEqual(len(answers), 1, answers)  # closed, as it said
+                else:
+                    kept += 1
+                    self.assertEqual([a[0] for a in answers], [status, 200], answers)
+                    self.assertEqual(said, "keep-alive" if b"HTTP/1.0" in request[:40] else "",
+                                     answers[0][1])
+                if status in (204, 304):
+                    self.assertNotIn("content-length", answers[0][1])
+        self.assertGreater(kept, 10)
+        self.assertGreater(closed, 10)
+
+    def test_a_report_keeps_the_connection_for_http_client_and_identical_lengths_are_one(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.served.port, timeout=10)
+        self.addCleanup(conn.close)
+        for _ in range(3):  # http.client failed the request after each report
+            conn.request("POST", "/report", body=b"Traceback: boom",
+                         headers={"Authorization": "Bearer s3cret", "X-Device-Id": "b1"})
+            answer = conn.getresponse()
+            self.assertEqual((answer.status, answer.read()), (204, b""))
+            conn.request("GET", "/files/version", headers={"Authorization": "Bearer s3cret"})
+            self.assertEqual(conn.getresponse().read()[:12], b'{"version":"')
+        answers = split_answers(raw_exchange(self.served.port, (
+            b"GET /files/version HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Content-Length: 2\r\nConnection: close\r\n" + self.auth + b"\r\nab")))
+        self.assertEqual([a[0] for a in answers], [200])
+
+    def test_a_head_never_gets_a_body_waiting_or_not_and_absolute_urls_are_ours(self):
+        version = json.loads(self.served.request(
+            "/files/version", headers={"Authorization": "Bearer s3cret"})[2])["version"]
+        conn = socket.create_connection(("127.0.0.1", self.served.port), timeout=10)
+        self.addCleanup(conn.close)
+        conn.sendall(b"HEAD /files/version?wait=20 HTTP/1.1\r\nHost: x\r\n" + self.auth +
+                     b'If-None-Match: "%s"\r\n\r\n' % version.encode())
+        wait_until(lambda: self.served.server.parking.count == 1, message="the HEAD parked")
+        write(self.root, "main.py", "print(2)\n")  # a new version ends its wait
+        data = b""
+        while b"\r\n\r\n" not in data:  # its head; a body would come with it or next
+            data += conn.recv(65536)
+        conn.sendall(b"GET http://127.0.0.1:%d/files/version HTTP/1.1\r\nHost: x\r\n"
+                     b"Connection: close\r\n" % self.served.port + self.auth + b"\r\n")
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        answers = split_answers(data, heads=1)
+        self.assertEqual([a[0] for a in answers], [200, 200], answers)
+        self.assertEqual(answers[0][2], b"")
+        self.assertGreater(int(answers[0][1]["content-length"]), 50)  # the GET's length
+        self.assertNotEqual(json.loads(answers[1][2])["version"], version)
+
+    def test_http_1_0_keep_alive_is_said_direct_and_parked(self):
+        version = json.loads(self.served.request(
+            "/files/version", headers={"Authorization": "Bearer s3cret"})[2])["version"]
+        conn = socket.create_connection(("127.0.0.1", self.served.port), timeout=10)
+        self.addCleanup(conn.close)
+        conn.sendall(b"GET /files/version?wait=0.3 HTTP/1.0\r\nConnection: keep-alive\r\n" +
+                     self.auth + b'If-None-Match: "%s"\r\n\r\n' % version.encode())
+        data = conn.recv(65536)  # the parked answer, after 0.3 s
+        self.assertIn(b"\r\nConnection: keep-alive\r\n", data)
+        conn.sendall(b"GET /files HTTP/1.0\r\nConnection: keep-alive\r\n" + self.auth + b"\r\n"
+                     b"GET /files.txt HTTP/1.0\r\n" + self.auth + b"\r\n")
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        answers = split_answers(data)
+        self.assertEqual([(a[0], a[1].get("connection")) for a in answers],
+                         [(304, "keep-alive"), (200, "keep-alive"), (200, "close")])
+        # A waiting request followed at once by another is answered at once.
+        answers = split_answers(raw_exchange(self.served.port, (
+            b"GET /files/version?wait=20 HTTP/1.1\r\nHost: x\r\n" + self.auth +
+            b'If-None-Match: "%s"\r\n\r\n' % version.encode() +
+            b"GET /files.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + self.auth +
+            b"\r\n")))
+        self.assertEqual([a[0] for a in answers], [304, 200])
 
 
 class SlowClientTest(PromoterTest):
