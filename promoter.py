@@ -200,6 +200,11 @@ OUTPUT_HEADER = "X-Device-Output"
 # (a static host has no such header, and a board sends it none).
 TAKES_OUTPUT_HEADER = "X-Takes-Output"
 CONSOLE_MAX = 512  # bytes of output a board keeps until a request carries them
+# s a board's waiting request asks to be held by default: well under the 60 s
+# after which common proxies give up on an answer (nginx's proxy_read_timeout).
+# A 502 or 504 that ends a waiting request after PROXY_GAVE_UP ms is such a
+# proxy's, not an error: the board asks again at once.
+WAIT, PROXY_GAVE_UP = 25, 1000
 STATE_DIR = ".promoter"  # a board's own files, in its main folder; never served
 # Those files, by their names in the device module's templates:
 BOARD_FILES = {
@@ -276,7 +281,8 @@ def device_sources():
                   VERSION_HEADER=VERSION_HEADER, STATE_HEADER=STATE_HEADER,
                   STATE_MAX=STATE_MAX, ERROR_HEADER=ERROR_HEADER, ERROR_MAX=ERROR_MAX,
                   REPORT_MAX=REPORT_MAX, OUTPUT_HEADER=OUTPUT_HEADER, CONSOLE_MAX=CONSOLE_MAX,
-                  TAKES_OUTPUT_HEADER=TAKES_OUTPUT_HEADER)
+                  TAKES_OUTPUT_HEADER=TAKES_OUTPUT_HEADER, WAIT=WAIT,
+                  PROXY_GAVE_UP=PROXY_GAVE_UP)
     values = {name: repr(value) for name, value in values.items()}
     # Slot names are const(): MicroPython compiles them away (no name, no heap).
     values["RUN_SLOTS"] = (
@@ -1529,6 +1535,7 @@ class Watcher:
         self._debounce = debounce
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._reload = False  # asked by reload_rules(), done by the thread
 
     def start(self):
         self._thread.start()
@@ -1542,6 +1549,15 @@ class Watcher:
 
     def _wake(self):
         """Interrupt the thread's wait (the event itself wakes the poller)."""
+
+    def reload_rules(self):
+        """Read the ignore file again and apply it, as when it is saved (on
+        SIGHUP, from the main thread: the watcher's thread does it)."""
+        replacement = getattr(self, "replacement", None)
+        if replacement:
+            return replacement.reload_rules()
+        self._reload = True
+        self._wake()
 
     def scan(self):
         """Index the whole tree (the first time, or after the watch broke),
@@ -1580,6 +1596,9 @@ class Watcher:
         backoff = 0.1
         while not self._stopped.is_set():
             try:
+                if self._reload:
+                    self._reload = False
+                    self._debounce.add(IGNORE_FILE)
                 self._step()
                 backoff = 0.1
             except WatchUnavailable as e:
@@ -2524,7 +2543,9 @@ class Compiler:
 def content_disposition(name):
     if re.fullmatch(r"[A-Za-z0-9._+-]+", name):
         return "attachment; filename=%s" % name  # the seed's form
-    ascii_name = name.encode("ascii", "replace").decode().replace("\\", "_").replace('"', "_")
+    # The plain filename, for clients without filename* (curl -OJ): ASCII,
+    # no quote or backslash, each other character "_".
+    ascii_name = "".join(c if " " <= c < "\x7f" and c not in '"\\' else "_" for c in name)
     quoted = "".join(c if re.fullmatch(r"[A-Za-z0-9._-]", c) else
                      "".join("%%%02X" % b for b in c.encode("utf-8")) for c in name)
     return "attachment; filename=\"%s\"; filename*=UTF-8''%s" % (ascii_name, quoted)
@@ -2984,7 +3005,12 @@ class RequestHandler(BaseHTTPRequestHandler):
                 given = b""
         elif scheme.lower() != "bearer":
             given = b""
-        return hmac.compare_digest(given, token.encode("utf-8"))
+        # A browser sends the token's UTF-8 bytes (the challenge asks it to);
+        # some libraries (requests, aiohttp) send Basic credentials as Latin-1.
+        forms = [token.encode("utf-8")]
+        if "\x80" <= max(token) < "\u0100":  # (all Latin-1, not all ASCII)
+            forms.append(token.encode("latin-1"))
+        return any([hmac.compare_digest(given, form) for form in forms])
 
     def client_ip(self):
         """Where the request comes from: the connection's address, or, from
@@ -3448,7 +3474,34 @@ class PromoterServer(ThreadingHTTPServer):
         # A fleet connecting at once must not overflow the listen queue (5 by default).
         self.request_queue_size = min(LISTEN_BACKLOG, somaxconn())
         self.parking = Parking(self)  # before binding: a failed bind closes it
+        self.server_address_chosen = address[1] != 0
         super().__init__(address, RequestHandler)
+
+    def server_bind(self):
+        """Bind; and, on a port chosen (not 0), fail as if taken when a server
+        of the other family (IPv4, IPv6) listens on it: the same URL could
+        reach either."""
+        super().server_bind()
+        if not self.server_address_chosen:
+            return
+        other = socket.AF_INET if self.address_family == socket.AF_INET6 else socket.AF_INET6
+        try:
+            probe = socket.socket(other, socket.SOCK_STREAM)
+        except OSError:
+            return  # no such family here
+        with probe:
+            # SO_REUSEADDR: connections of an old server in TIME_WAIT do not
+            # count, a listening socket does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if other == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(("::" if other == socket.AF_INET6 else "0.0.0.0",
+                            self.server_address[1]))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:  # (the constructor closes what is open)
+                    raise OSError(errno.EADDRINUSE, "IPv6" if other == socket.AF_INET6
+                                  else "IPv4")
 
     def waiting_limit(self):
         """How many waiting requests may be parked: each holds a descriptor,
@@ -3608,6 +3661,7 @@ class PromoterServer(ThreadingHTTPServer):
 STATUS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>promoter</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="/favicon.ico" type="image/svg+xml">
 <style>
 body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.5em}
@@ -3709,7 +3763,10 @@ function show(s) {
   }
 }
 function refresh() {
-  fetch("status.json?since=" + shown, {cache: "no-store"})
+  // From the origin: a relative URL keeps credentials the page was opened
+  // with (http://user:token@host/), and fetch() refuses such a URL.
+  fetch(location.origin + location.pathname.replace(/[^/]*$/, "") + "status.json?since=" +
+        shown, {cache: "no-store", credentials: "same-origin"})
     .then(function (r) { return r.json(); })
     .then(function (s) { show(s); text("state", ""); },
           function () { text("state", "server unreachable; retrying"); })
@@ -3726,55 +3783,87 @@ NGINX_UNSAFE = re.compile(r'["\\$;{}\s]')
 
 
 def write_atomic(path, data):
+    """Write a file whole or not at all: its temporary copy is removed if
+    the write fails (a full disk)."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+ETAG_MARK = ".etag-"  # + the version: an export's nginx.conf is current (see nginx_conf)
+
+
+def nginx_text(value, dollar):
+    """`value` as the inside of a double-quoted nginx string: `\\` and `"`
+    escaped, and `$`, which nginx cannot escape, as the variable `dollar`."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "${%s}" % dollar)
 
 
 def nginx_conf(views, out, port):
     """An nginx snippet (for the http {} block) serving an export at the
-    API's URLs; `views`: [(URL prefix, Snapshot)], "" the plain API."""
-    targets, names = {}, {}
+    API's URLs, with the server's headers; `views`: [(URL prefix,
+    Snapshot)], "" the plain API. Its names are the export's own (several
+    can be included in one http {} block). The version and lists answer
+    `If-None-Match: "<version>"` with 304 and say that ETag, but only while
+    the export's mark of that version (ETAG_MARK) is there: after a new
+    export, before nginx reloads this file, they answer 200 (never a 304
+    for a version gone)."""
+    name = "promoter_" + hashlib.sha1(out.encode("utf-8")).hexdigest()[:8]
+    dollar, seen = name + "_dollar", set()
+    target, disposition = ["map $%s_checksum $%s_target {" % (name, name), '    default "";'], \
+        ["map $%s_checksum $%s_disposition {" % (name, name), '    default "";']
     for _, snapshot in views:
         for e in snapshot.entries:
-            if not NGINX_UNSAFE.search(e.path):  # such paths just get no X-Target-Path
-                targets[e.checksum] = '    %s "%s";' % (e.checksum, e.path)
-                names[e.checksum] = '    %s "%s";' % (e.checksum, e.path.rsplit("/", 1)[-1])
+            if e.checksum not in seen:
+                seen.add(e.checksum)
+                target.append('    %s "%s";' % (e.checksum, nginx_text(e.path, dollar)))
+                disposition.append('    %s "%s";' % (e.checksum, nginx_text(
+                    content_disposition(e.path.rsplit("/", 1)[-1]), dollar)))
     lines = [
         "# promoter.py export, version %s" % views[0][1].version,
         "# Include it in nginx's http {} block:  include \"%s\";" % os.path.join(out, "nginx.conf"),
-        "map $promoter_checksum $promoter_target {",
-        '    default "";'] + list(targets.values()) + [
-        "}",
-        "map $promoter_checksum $promoter_filename {",
-        '    default "";'] + list(names.values()) + [
-        "}",
+        "geo $%s {" % dollar, '    default "$";', "}"] + target + ["}"] + disposition + ["}",
         "server {",
         "    listen %d;" % port,
         '    root "%s";' % out]
-    for prefix, _ in views:
+    for prefix, snapshot in views:
+        version = snapshot.version
+        for path, kind in (("files/version", "version"), ("files", "files"),
+                           ("files.txt", "files.txt")):
+            lines += [
+                "    location = %s/%s {" % (prefix, path),
+                '        default_type "%s";' % LISTING_TYPES[kind]]
+            if kind == "files":
+                lines.append('        alias "%s%s/files.json";' % (out, prefix))
+            lines += [
+                "        etag off;",
+                "        add_header Cache-Control no-cache;",
+                "        add_header ETag $%s_etag;" % name,
+                '        set $%s_etag "";' % name,
+                '        if (-f "%s%s/files/%s%s") {' % (out, prefix, ETAG_MARK, version),
+                """            set $%s_etag '"%s"';""" % (name, version),
+                "        }",
+                '        set $%s_check "$%s_etag $http_if_none_match";' % (name, name),
+                """        if ($%s_check ~ '^"%s" .*"%s"') {""" % (name, version, version),
+                "            return 304;",
+                "        }",
+                "    }"]
         lines += [
-            "    location = %s/files {" % prefix,
-            "        default_type application/json;",
-            "        add_header Cache-Control no-cache;",
-            "        try_files %s/files.json =404;" % prefix,
-            "    }",
-            "    location = %s/files/version {" % prefix,
-            "        default_type application/json;",
-            "        add_header Cache-Control no-cache;",
-            "    }",
-            "    location = %s/files.txt {" % prefix,
-            '        default_type "text/plain; charset=utf-8";',
-            "        add_header Cache-Control no-cache;",
-            "    }",
-            '    location ~ "^%s/files?/(?<promoter_checksum>[0-9a-f]{40})$" {'
-            % prefix.replace(".", "\\."),
+            '    location ~ "^%s/files?/(?<%s_checksum>[0-9a-f]{40})$" {'
+            % (prefix.replace(".", "\\."), name),
             "        default_type application/octet-stream;",
             '        add_header Cache-Control "public, max-age=31536000, immutable";',
-            "        add_header X-Target-Path $promoter_target;",
-            '        add_header Content-Disposition "attachment; filename=$promoter_filename";',
-            "        try_files %s/files/$promoter_checksum =404;" % prefix,
+            "        add_header X-Target-Path $%s_target;" % name,
+            "        add_header Content-Disposition $%s_disposition;" % name,
+            "        try_files %s/files/$%s_checksum =404;" % (prefix, name),
             "    }"]
     return "\n".join(lines + ["}", ""])
 
@@ -3831,6 +3920,9 @@ def export_static(root, out, port=DEFAULT_PORT, default_ignores=True, compilers=
         for prefix, view in views:
             folder = os.path.join(out, prefix.lstrip("/"))
             os.makedirs(os.path.join(folder, "files"), exist_ok=True)
+            for name in os.listdir(os.path.join(folder, "files")):  # first: see nginx_conf
+                if name.startswith(ETAG_MARK):
+                    os.remove(os.path.join(folder, "files", name))
             for entry in view.entries:
                 target = os.path.join(folder, "files", entry.checksum)
                 if os.path.exists(target):
@@ -3846,6 +3938,9 @@ def export_static(root, out, port=DEFAULT_PORT, default_ignores=True, compilers=
         for prefix, view in views:
             write_atomic(os.path.join(out, prefix.lstrip("/"), "files", "version"),
                          view.body("version"))
+        for prefix, view in views:
+            write_atomic(os.path.join(out, prefix.lstrip("/"), "files", ETAG_MARK + view.version),
+                         b"")
     except OSError as e:
         raise PromoterError("export to %s: %s" % (out, e.strerror or e))
     return snapshot
@@ -3921,7 +4016,7 @@ def _hard_reset():
 
 
 def run(url, app="app", main_dir="/", trial=10, restarts=2, rollback=True, on_update=None,
-        wait=60, watchdog=None, console=True, **kw):
+        wait=$WAIT, watchdog=None, console=True, **kw):
     """The one line of main.py: run `app` (import it, call its main()) with
     the files the server serves, and follow the server: a thread holds a
     waiting request where _thread exists, else the app calls poll() in its
@@ -4039,7 +4134,6 @@ def _step():
                     a += n
                 s.close()
                 r[_SOCK] = None
-                r[_SINCE] = time.ticks_ms()
                 a = a.decode()
                 status = int(a[9:12])
                 n = a.rfind("version") + 9  # the body's, at the end
@@ -4048,8 +4142,11 @@ def _step():
                         return True  # a version not in the request's If-None-Match
                 if status == 405 or status == 501:  # a POST, now to a static host: the work asks
                     return True  # it again (and writes a GET in the run file)
-                if status not in (200, 304, 502, 504):  # 502, 504: a proxy gave up
+                # 502, 504 after a while: a proxy gave up waiting (at once: it failed)
+                if status not in (200, 304) and (status not in (502, 504) or time.ticks_diff(
+                        time.ticks_ms(), r[_SINCE]) < $PROXY_GAVE_UP):
                     raise OSError(status)
+                r[_SINCE] = time.ticks_ms()
                 r[_PAUSE] = 2000 if status == 200 else 0  # a server that answers at once
                 r[_BACKOFF] = 1
                 return False
@@ -4633,7 +4730,7 @@ class OTAPromoter:
             self.error = str(e)
         raise OTAError(self.error)  # kept, to be sent with the next request
 
-    def wait_for_change(self, wait=60):
+    def wait_for_change(self, wait=$WAIT):
         """Hold a request until the server's version differs from the
         board's (or `wait` seconds pass); True if it differs."""
         return _call("otapromoter_trial", "wait_for_change", self, wait)
@@ -4954,9 +5051,12 @@ def _exchange(ota, path, etags=(), timeout=None, data=None):
 
 def wait_for_change(ota, wait):
     # See OTAPromoter.wait_for_change.
+    t0 = time.ticks_ms()
     status, body = _exchange(ota, "%s?wait=%d" % ($VERSION_PATH, wait), ota.etags(),
                              wait + ota.timeout)
-    if status == 304:
+    # 502, 504 after a while: a proxy gave up waiting (at once: it failed)
+    if status == 304 or status in (502, 504) and time.ticks_diff(
+            time.ticks_ms(), t0) >= $PROXY_GAVE_UP:
         return False
     if status != 200:
         raise OTAError("GET %s: HTTP %d" % ($VERSION_PATH, status))
@@ -4969,16 +5069,20 @@ def wait_for_change(ota, wait):
 def watch(url, main_dir, kw):
     # See otapromoter.watch: whatever the server or the network does is
     # reported, backed off from and retried. A server that answers at once
-    # is asked no more often than every `interval` seconds.
+    # is asked no more often than every `interval` seconds. The list is
+    # fetched only when the version changed: a static host without the
+    # server's ETags would send it whole each time.
     from otapromoter import _hard_reset
     on_update = kw.pop("on_update", None) or _hard_reset
-    wait, interval = kw.pop("wait", 60), kw.pop("interval", 2)
+    wait, interval = kw.pop("wait", $WAIT), kw.pop("interval", 2)
     ota = OTAPromoter(url, main_dir, **kw)
     backoff = 1
+    changed = True
     while True:
         try:
-            if ota.check_and_update():
+            if changed and ota.check_and_update():
                 on_update()
+            changed = False
             t0 = time.ticks_ms()
             changed = wait_for_change(ota, wait)
             backoff = 1
@@ -5906,6 +6010,13 @@ def port_number(text):
 port_number.__name__ = "port"  # argparse says "invalid port value: '70000'"
 
 
+def ip_network(text):
+    return ipaddress.ip_network(text.strip(), strict=False)
+
+
+ip_network.__name__ = "address"
+
+
 def positive_int(text):
     number = int(text)
     if number < 1:
@@ -5954,6 +6065,9 @@ def build_parser():
     parser.add_argument("--no-board-output", action="store_true",
                         help="do not log what the boards' apps print (the status page still "
                              "shows it)")
+    parser.add_argument("--trusted-proxy", type=ip_network, action="append", metavar="ADDRESS",
+                        help="a reverse proxy (an address or a network; again for more) whose "
+                             "X-Real-IP or X-Forwarded-For says the board's address")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     commands = parser.add_subparsers(dest="command", metavar="[command]")
@@ -6007,6 +6121,14 @@ def serve(args):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)  # stop as cleanly as on Ctrl-C
+    watcher = None
+
+    def reload_rules(signum, frame):  # SIGHUP: as when the ignore file is saved
+        if watcher:
+            log.info("SIGHUP: reading %s again", IGNORE_FILE)
+            watcher.reload_rules()
+
+    signal.signal(signal.SIGHUP, reload_rules)
     # Ctrl-C (SIGINT) stops it even where it was started ignoring SIGINT, as
     # a job a script started in the background is.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -6017,13 +6139,15 @@ def serve(args):
         server = PromoterServer((args.host, args.port), promoter, args.max_connections,
                                 token=args.token)
         server.log_output = not args.no_board_output
+        server.trusted_proxies = tuple(args.trusted_proxy or ())
     except PermissionError:
         raise PromoterError("port %d: permission denied (ports below 1024 need root; "
                             "use --port 9090)" % args.port)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
-            raise PromoterError("port %d: already in use (stop the other server or use "
-                                "--port)" % args.port)
+            raise PromoterError("port %d: already in use%s (stop the other server or use "
+                                "--port)" % (args.port, " on " + e.strerror
+                                             if e.strerror in ("IPv4", "IPv6") else ""))
         raise PromoterError("cannot listen on %s:%d: %s" % (args.host or "*", args.port, e.strerror))
     watcher = start_watcher(promoter, args.poll)
     port = server.server_address[1]
@@ -6039,6 +6163,9 @@ def serve(args):
                   "%d.%d+" % c.release for c in reversed(compilers)))
     print("a token is required on every request" if args.token else
           "no token: anyone on the network can read these files (see --token)")
+    if server.trusted_proxies:
+        print("boards' addresses as said by the proxies at %s" % ", ".join(
+            str(network) for network in server.trusted_proxies))
     for url in lan_urls(args.host, port):
         print("boards use: %s" % url)
     sys.stdout.flush()

@@ -18,6 +18,7 @@ import concurrent.futures
 import copy
 import hashlib
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -279,6 +280,14 @@ class PromoterTest(unittest.TestCase):
         served = Served(self.root, **kw)
         self.addCleanup(served.close)
         return served
+
+    def mount_tmpfs(self, path, size):
+        os.makedirs(path, exist_ok=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%d" % size, "tmpfs", path],
+                                capture_output=True)
+        if result.returncode:
+            self.skipTest("cannot mount a small tmpfs here (needs root)")
+        self.addCleanup(subprocess.run, ["umount", "-l", path])
 
     def assert_usage_error(self, result, text):
         """A CLI run that failed with exit code 2 and one clear line."""
@@ -2071,13 +2080,13 @@ class Board:
     WATCH = ("import sys, otapromoter\n"
              "def updated():\n"
              "    print('UPDATED')\n"
-             "otapromoter.watch(sys.argv[1], sys.argv[2], on_update=updated, wait=5,"
+             "otapromoter.watch(sys.argv[1], sys.argv[2], on_update=updated, wait=%d,"
              " interval=0.2, boot_files=True)\n")
 
-    def watch(self, url, python=sys.executable):
+    def watch(self, url, python=sys.executable, wait=5):
         """Start `watch` in its own process; return the list its output
         lines are appended to (it is killed at the end of the test)."""
-        proc = subprocess.Popen(python_command(python) + ["-c", self.WATCH, url, self.dir],
+        proc = subprocess.Popen(python_command(python) + ["-c", self.WATCH % wait, url, self.dir],
                                 cwd=self.lib,
                                 stdout=subprocess.PIPE, text=True,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -2395,14 +2404,6 @@ class DeviceTest(BoardTest):
             self.assertEqual(self.board.files(), before)
         self.board.update(self.served.url)  # and it recovers once the server answers
         self.assertEqual(self.board.files(), self.expected())
-
-    def mount_tmpfs(self, path, size):
-        os.makedirs(path, exist_ok=True)
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%d" % size, "tmpfs", path],
-                                capture_output=True)
-        if result.returncode:
-            self.skipTest("cannot mount a small tmpfs here (needs root)")
-        self.addCleanup(subprocess.run, ["umount", "-l", path])
 
     def test_flash_too_small_is_refused_before_writing(self):
         flash = os.path.join(self.tmp, "flash")
@@ -4098,6 +4099,100 @@ class MicroPythonBoardConsoleTest(BoardConsoleTest):
     interpreter = MICROPYTHON
 
 
+def readme_nginx_example(upstream_port, port, read_timeout):
+    """The README's nginx configuration for a reverse proxy, for these
+    ports and proxy_read_timeout (so the example is the one tested)."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    start = text.index("    upstream promoter {\n")
+    block = text[start:text.index("\n\n", start)]
+    conf = textwrap.dedent(block)
+    for old, new in (("server 127.0.0.1:9090;", "server 127.0.0.1:%d;" % upstream_port),
+                     ("listen 80;", "listen 127.0.0.1:%d;" % port),
+                     ("proxy_read_timeout 75s;", "proxy_read_timeout %s;" % read_timeout)):
+        assert old in conf, old
+        conf = conf.replace(old, new)
+    return conf
+
+
+class GatewayTest(DevLoopCase):
+    """Boards behind nginx as a reverse proxy: the README's configuration,
+    with a proxy_read_timeout shorter than the boards' wait."""
+
+    def proxy(self, read_timeout="1500ms"):
+        port = free_port()
+        log = start_nginx(self, server=readme_nginx_example(self.served.port, port,
+                                                            read_timeout))
+        wait_until(lambda: ExportTest.nginx_up(self, port), timeout=10, message="nginx to proxy")
+        return "http://127.0.0.1:%d" % port, log
+
+    def test_boards_follow_saves_at_once_when_the_proxy_gives_up_their_waits(self):
+        url, log = self.proxy()
+        runner = Supervised(self, self.board, url, self.interpreter, self.options,
+                            self.module_lib(), wait=promoter.WAIT)
+        runner.wait_for_line("APP v1")
+        watcher = Board(self, "watcher")
+        watched = watcher.watch(url, wait=promoter.WAIT)
+        wait_until(lambda: watched.count("UPDATED\n") == 1, message="watch() to install")
+        # watch()'s waiting request is a GET (run()'s carries output: a POST).
+        timeouts = lambda: open(log).read().count('GET /files/version?wait=%d HTTP/1.1" 504'
+                                                  % promoter.WAIT)
+        wait_until(lambda: timeouts() >= 3, timeout=20,
+                   message="nginx to give up the boards' waits a few times")
+        saved = time.monotonic()
+        write(self.root, "app.py", APP % "v2")
+        runner.wait_for_line("APP v2", timeout=10)
+        wait_until(lambda: watched.count("UPDATED\n") == 2, timeout=10, message="watch() to update")
+        took = (runner.times["APP v2"] - saved, time.monotonic() - saved)
+        print("\n    save -> app behind nginx: %.3f s, watch(): %.3f s" % took, end=" ... ",
+              file=sys.stderr)
+        self.assertLess(max(took), 1.5)  # was up to 8 s: each 504 counted as an error
+        with open(os.path.join(watcher.dir, "app.py")) as f:
+            self.assertEqual(f.read(), APP % "v2")
+        # promoter.py stops: nginx answers 502 at once, and the board backs
+        # off instead of asking again at once.
+        self.served.close()
+        closed = open(log).read().count("\n")
+        time.sleep(2)  # the quantity measured: requests in 2 s
+        asked = open(log).read().count("\n") - closed
+        self.assertGreater(asked, 0)
+        self.assertLessEqual(asked, 4)  # again in 1 s, 2 s (and the watch board's)
+
+    def test_reports_keep_alive_through_the_proxy_and_trusted_proxies_say_the_address(self):
+        url, _ = self.proxy()
+        port = int(url.rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
+                                          source_address=("127.0.0.2", 0))
+        self.addCleanup(conn.close)
+        for i in range(150):  # nginx answered 502 to some when reports closed unsaid
+            conn.request("POST", "/report", body="crash %d" % i, headers={"X-Device-Id": "b-%d"
+                                                                          % (i % 10)})
+            answer = conn.getresponse()
+            self.assertEqual((answer.status, answer.read()), (204, b""), i)
+        address = lambda board: next(d["address"] for d in self.served.get_json(
+            "/status.json")["devices"] if d["id"] == board)
+        self.assertEqual(address("b-0"), "127.0.0.1")  # the proxy's: not trusted
+        self.served.server.trusted_proxies = (ipaddress.ip_network("127.0.0.1"),)
+        conn.request("GET", "/files/version", headers={"X-Device-Id": "b-0"})
+        conn.getresponse().read()
+        self.assertEqual(address("b-0"), "127.0.0.2")  # the board's own, said by nginx
+        # From an address not trusted, the headers are ignored.
+        direct = http.client.HTTPConnection("127.0.0.1", self.served.port, timeout=10,
+                                            source_address=("127.0.0.3", 0))
+        self.addCleanup(direct.close)
+        direct.request("GET", "/files/version", headers={
+            "X-Device-Id": "b-1", "X-Real-IP": "10.9.9.9", "X-Forwarded-For": "10.8.8.8"})
+        direct.getresponse().read()
+        self.assertEqual(address("b-1"), "127.0.0.3")
+        self.served.server.trusted_proxies = (ipaddress.ip_network("127.0.0.0/24"),)
+        for headers, said in (({"X-Forwarded-For": "10.7.7.7, 10.8.8.8"}, "10.8.8.8"),
+                              ({"X-Real-IP": "::ffff:10.6.6.6"}, "10.6.6.6"),
+                              ({"X-Real-IP": "<script>"}, "127.0.0.3")):
+            direct.request("GET", "/files/version", headers=dict(headers, **{"X-Device-Id": "b-1"}))
+            direct.getresponse().read()
+            self.assertEqual(address("b-1"), said, headers)
+
+
 class ConsoleChoicesTest(DevLoopCase):
     """console=False sends nothing. Where the port has os.dupterm (here
     CPython given one, FAKE_DUPTERM), all the console shows is sent, not
@@ -5776,24 +5871,43 @@ class StatusPageTest(PromoterTest):
             browser.screenshot(os.environ["PROMOTER_SCREENSHOT"])
 
 
-def start_nginx(test, out):
-    """A real nginx (master_process off) serving an export; its port."""
+def start_nginx(test, *outs, server=None):
+    """A real nginx (master_process off) serving exports (their nginx.conf
+    included in its http {} block), or the `server` configuration given;
+    the path of its access log. Stopped at the test's end, or by
+    stop_nginx(test, log) (to start it again with what changed)."""
     if not shutil.which("nginx"):
         test.skipTest("nginx is not installed (Debian: nginx-light; .ci/run installs it)")
     prefix = tempfile.mkdtemp(dir=test.tmp)
     conf = os.path.join(prefix, "nginx.conf")
     temp = os.path.join(prefix, "temp")
+    if server is not None:
+        outs = (prefix,)
+        with open(os.path.join(prefix, "server.conf"), "w") as f:
+            f.write(server)
     with open(conf, "w") as f:
         f.write("daemon off;\nmaster_process off;\nerror_log %s/error.log;\npid %s/nginx.pid;\n"
                 "events {}\nhttp {\n    access_log %s/access.log;\n" % (prefix, prefix, prefix)
                 + "".join("    %s_temp_path %s;\n" % (kind, temp) for kind in
                           ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-                + "    include %s/nginx.conf;\n}\n" % out)
+                + "".join("    include %s/%s;\n" % (out, "server.conf" if server is not None
+                                                     else "nginx.conf") for out in outs) + "}\n")
     proc = subprocess.Popen(["nginx", "-p", prefix, "-c", conf], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     test.addCleanup(proc.wait)
     test.addCleanup(proc.terminate)
-    return os.path.join(prefix, "access.log")
+    log = os.path.join(prefix, "access.log")
+    NGINX[log] = proc
+    return log
+
+
+NGINX = {}  # access log -> its nginx process
+
+
+def stop_nginx(log):
+    proc = NGINX.pop(log)
+    proc.terminate()
+    proc.wait()
 
 
 class ExportTest(PromoterTest):
@@ -5822,7 +5936,9 @@ class ExportTest(PromoterTest):
         for entry in served.files().values():
             with open(os.path.join(self.out, "files", entry["checksum"]), "rb") as f:
                 self.assertEqual(f.read(), served.request("/files/" + entry["checksum"])[2])
-        self.assertEqual(len(os.listdir(os.path.join(self.out, "files"))), 4)  # 3 + version
+        self.assertEqual(len(os.listdir(os.path.join(self.out, "files"))), 5)  # 3, version, mark
+        self.assertTrue(os.path.exists(os.path.join(
+            self.out, "files", promoter.ETAG_MARK + served.version())))
         self.assert_usage_error(run_cli(["export", "--root", os.path.join(self.tmp, "no"), self.out]),
                                 "not a folder")
 
@@ -5918,17 +6034,83 @@ class ExportTest(PromoterTest):
                    message=lambda: "the waiting request as a GET; nginx's log:\n" + requests())
         self.assertEqual(requests().count('"POST '), 1)  # the one that found nginx
 
+    def test_nginx_answers_the_exports_versions_with_304_and_never_a_stale_one(self):
+        port = free_port()
+        self.export(port)
+        log = start_nginx(self, self.out)
+        wait_until(lambda: self.nginx_up(port), timeout=10, message="nginx to serve")
+        served = self.serve()
+        first = served.version()
+        paths = ("/files/version", "/files", "/files.txt")
+
+        def answers(tag):
+            return [http_request(port, path, headers={"If-None-Match": '"%s"' % tag})
+                    for path in paths]
+
+        for status, headers, body in answers(first):
+            self.assertEqual((status, headers.get("etag")), (304, '"%s"' % first))
+        for path, (status, headers, body) in zip(paths, answers("f" * 40)):
+            self.assertEqual((status, headers.get("etag")), (200, '"%s"' % first))
+            self.assertEqual(body, served.request(path)[2])  # as the server answers
+        # A new export, not yet read by nginx (no reload): its nginx.conf names
+        # a version gone, so no 304 and no ETag; the new files, whole.
+        write(self.root, "main.py", "print('exported again')\n")
+        wait_until(lambda: served.version() != first, message="the new version")
+        self.export(port)
+        for path, (status, headers, body) in zip(paths, answers(first)):
+            self.assertEqual((status, headers.get("etag")), (200, None), path)
+            self.assertEqual(body, served.request(path)[2])
+        stop_nginx(log)  # nginx started again reads the new nginx.conf
+        start_nginx(self, self.out)
+        wait_until(lambda: self.nginx_up(port), timeout=10, message="nginx to serve again")
+        for status, headers, body in answers(served.version()):
+            self.assertEqual((status, headers.get("etag")), (304, '"%s"' % served.version()))
+
+    def test_every_name_gets_the_servers_headers_and_two_exports_share_an_http_block(self):
+        names = ["a b.py", 'q"uote.py', "semi;colon.py", "back\\slash.py", "dol$lar.py",
+                 "it's.py", "é ü.py", "brace{}.py", "#hash.py"]
+        for name in names:
+            write(self.root, "n/" + name, name + "\n")
+        port, other_port = free_port(), free_port()
+        self.export(port)
+        other_root, other_out = os.path.join(self.tmp, "other"), os.path.join(self.tmp, "o2")
+        write(other_root, "x.py", "other\n")
+        result = run_cli(["export", "--root", other_root, "--port", str(other_port), other_out])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        start_nginx(self, self.out, other_out)
+        wait_until(lambda: self.nginx_up(port) and self.nginx_up(other_port), timeout=10,
+                   message="nginx to serve both")
+        served = self.serve()
+        for path, entry in served.files().items():
+            with self.subTest(path=path):
+                ours = served.request("/files/" + entry["checksum"])[1]
+                status, theirs, body = http_request(port, "/files/" + entry["checksum"])
+                self.assertEqual(status, 200)
+                for header in ("x-target-path", "content-disposition"):
+                    self.assertEqual(theirs.get(header), ours[header], header)
+                if path.startswith("n/"):
+                    self.assertIn("filename*=UTF-8''", theirs["content-disposition"])
+        x = checksum(b"other\n", "x.py")
+        self.assertEqual(http_request(other_port, "/files/" + x)[1]["x-target-path"], "x.py")
+        self.assertEqual(http_request(port, "/files/" + x)[0], 404)
+
+    def test_an_export_to_a_full_disk_fails_clearly_and_leaves_no_temporary_files(self):
+        write(self.root, "big.bin", os.urandom(200 * 1024))
+        self.mount_tmpfs(self.out, 64 * 1024)
+        result = run_cli(["export", "--root", self.root, self.out])
+        self.assertEqual(result.returncode, 2, result)
+        self.assertIn("No space left on device", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        left = [os.path.join(folder, name) for folder, _, names in os.walk(self.out)
+                for name in names if name.endswith(".tmp")]
+        self.assertEqual(left, [])
+
     def test_client_updates_from_nginx_and_watch_does_not_spin(self):
         port = free_port()
         self.export(port)
         access_log = start_nginx(self, self.out)
         url = "http://127.0.0.1:%d" % port
-        def up():
-            try:
-                return b" 200 " in raw_exchange(port, b"GET /files/version HTTP/1.0\r\n\r\n")
-            except OSError:
-                return False
-        wait_until(up, timeout=10, message="nginx to serve")
+        wait_until(lambda: self.nginx_up(port), timeout=10, message="nginx to serve")
         status, headers, body = http_request(port, "/file/" + checksum(BINARY, "assets/logo.bin"))
         self.assertEqual((status, body), (200, BINARY))
         self.assertEqual(headers["x-target-path"], "assets/logo.bin")
@@ -5942,20 +6124,45 @@ class ExportTest(PromoterTest):
         self.export(port)
         board.update(url)
         self.assertEqual(board.files(), tree_files(self.root))
-        # nginx ignores ?wait and answers at once: watch must pace itself.
+        self.assert_watch_paces_itself(url, board, access_log)
+
+    def test_watch_on_python_http_server_asks_for_the_list_only_when_the_version_changed(self):
+        port = free_port()
+        self.export(port)
+        access_log = os.path.join(self.tmp, "http.server.log")
+        with open(access_log, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
+                                     "127.0.0.1", "--directory", self.out],
+                                    stdout=subprocess.DEVNULL, stderr=log)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.terminate)
+        wait_until(lambda: self.nginx_up(port), timeout=10, message="http.server to serve")
+        board = Board(self)
+        url = "http://127.0.0.1:%d" % port
+        board.update(url)
+        self.assertEqual(board.files(), tree_files(self.root))
+        self.assert_watch_paces_itself(url, board, access_log)
+
+    def assert_watch_paces_itself(self, url, board, access_log):
+        """A static host ignores ?wait and our ETags: watch() asks for the
+        version no more often than every `interval`, and for the list only
+        when the version changed (once here: at its start)."""
         with open(access_log) as f:
             before = len(f.readlines())
         code = ("import sys, otapromoter\n"
-                "otapromoter.watch(sys.argv[1], sys.argv[2], interval=0.5, verbose=False)\n")
+                "otapromoter.watch(sys.argv[1], sys.argv[2], interval=0.25, verbose=False)\n")
         proc = subprocess.Popen([sys.executable, "-c", code, url, board.dir], cwd=board.lib)
         self.addCleanup(proc.wait)
         self.addCleanup(proc.kill)
-        time.sleep(3)  # the quantity measured: requests made in 3 s
+        time.sleep(2)  # the quantity measured: requests made in 2 s
         proc.kill()
         with open(access_log) as f:
-            requests = len(f.readlines()) - before
-        self.assertGreater(requests, 2)
-        self.assertLessEqual(requests, 2 * (3 / 0.5) + 2)  # two requests a round at most
+            requests = f.readlines()[before:]
+        versions = [line for line in requests if "/files/version" in line]
+        lists = [line for line in requests if "/files.txt" in line]
+        self.assertGreater(len(versions), 2)
+        self.assertLessEqual(len(versions), 2 / 0.25 + 1)
+        self.assertEqual(len(lists), 1, requests)  # not one a round
 
 
 # --- runner ----------------------------------------------------------------------------
@@ -5970,8 +6177,11 @@ def main(argv):
         loader.testNamePatterns = patterns
     suite = loader.loadTestsFromModule(sys.modules[__name__])
     result = unittest.TextTestRunner(verbosity=2).run(suite)
-    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
-    skipped = len(result.skipped)
+    # By test: a test whose subtests failed counts once.
+    test_id = lambda test: getattr(test, "test_case", test).id()
+    failed = len({test_id(test) for test, _ in result.failures + result.errors}
+                 | {test_id(test) for test in result.unexpectedSuccesses})
+    skipped = len({test_id(test) for test, _ in result.skipped})
     passed = result.testsRun - failed - skipped
     sys.stderr.flush()
     print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
