@@ -1628,6 +1628,7 @@ class PollingWatcher(Watcher):
         self._seen = {}
         self._failed = set()  # paths the last walk could not stat or list
         self._next_walk = 0.0
+        self._woken = threading.Event()  # the wait before the next walk is cut short
 
     def scan(self):
         self._seen = self._stat_tree() or {}
@@ -1662,7 +1663,9 @@ class PollingWatcher(Watcher):
     def _step(self):
         due = self._debounce.due_time()
         wake = self._next_walk if due is None else min(self._next_walk, due)
-        if self._stopped.wait(max(0.0, wake - time.monotonic())):
+        self._woken.wait(max(0.0, wake - time.monotonic()))
+        self._woken.clear()
+        if self._stopped.is_set() or self._reload:
             return
         tree = self._stat_tree()
         self._next_walk = time.monotonic() + self.interval
@@ -1680,6 +1683,9 @@ class PollingWatcher(Watcher):
                 # walk is read again: a file saved while the rules were applied
                 # too (taken as seen, it was never published).
                 self._compare(self._stat_tree() or {})
+
+    def _wake(self):
+        self._woken.set()
 
     def _compare(self, tree):
         """Add what differs between this walk's tree and the last one to the batch."""

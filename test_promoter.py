@@ -1548,6 +1548,19 @@ class CliTest(PromoterTest):
             self.assertEqual(proc.stop(sig), 0)
             self.assertNotIn("Traceback", proc.stderr)
 
+    def test_sighup_reads_the_ignore_file_again(self):
+        write(self.root, "main.py", "print(1)")
+        write(self.root, "notes.txt", "x")
+        # Polling every minute: the new ignore file is read on SIGHUP only.
+        proc = CliProcess(self, ["--root", self.root, "--port", "0", "--poll", "60"])
+        self.assertEqual(proc.paths(), ["main.py", "notes.txt"])
+        write(self.root, ".promoterignore", r".*\.txt" + "\n")
+        proc.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: proc.paths() == ["main.py"], message="the rule applied")
+        self.assertIn("SIGHUP: reading .promoterignore again", proc.stderr)
+        self.assertIn(".promoterignore reloaded (", proc.stderr)
+        self.assertEqual(proc.stop(), 0)
+
     def test_root_missing_or_not_a_folder(self):
         self.assert_usage_error(run_cli(["--root", os.path.join(self.tmp, "nope")]),
                                 "promoter: root %s: not a folder" % os.path.join(self.tmp, "nope"))
@@ -1563,6 +1576,20 @@ class CliTest(PromoterTest):
         port = busy.getsockname()[1]
         self.assert_usage_error(run_cli(["--root", self.root, "--port", str(port)]),
                                 "promoter: port %d: already in use" % port)
+        # Held on the other family: a client of localhost could reach either.
+        try:
+            busy6 = socket.socket(socket.AF_INET6)
+            busy6.bind(("::1", 0))
+        except OSError:
+            self.skipTest("no IPv6 here")
+        busy6.listen()
+        self.addCleanup(busy6.close)
+        port6 = busy6.getsockname()[1]
+        self.assert_usage_error(run_cli(["--root", self.root, "--port", str(port6)]),
+                                "promoter: port %d: already in use on IPv6" % port6)
+        self.assert_usage_error(run_cli(["--root", self.root, "--host", "::1",
+                                         "--port", str(port)]),
+                                "promoter: port %d: already in use on IPv4" % port)
 
     def test_permission_denied_on_bind(self):
         os.chmod(self.tmp, 0o755)
@@ -5575,6 +5602,29 @@ class UnicodeTokenTest(PromoterTest):
         board.update(served.url, token=self.TOKEN)
         self.assertEqual(board.files(), {"main.py": b"print('private')\n"})
 
+    def test_the_challenge_asks_for_utf_8_and_latin_1_credentials_are_taken_too(self):
+        write(self.root, "main.py", "print('private')\n")
+        served = self.serve(token="pässwörd")  # Latin-1 can say it
+        status, headers, _ = served.request("/files/version")
+        self.assertEqual((status, headers["www-authenticate"]),
+                         (401, 'Basic realm="promoter", charset="UTF-8"'))
+        for password in ("pässwörd".encode("utf-8"), "pässwörd".encode("latin-1")):
+            basic = b"Basic " + base64.b64encode(b"me:" + password)
+            self.assertEqual(served.request("/files/version", headers={
+                "Authorization": basic.decode()})[0], 200, password)
+        try:
+            import requests  # encodes Basic credentials as Latin-1
+        except ImportError:
+            return
+        self.assertEqual(requests.get(served.url + "/files/version",
+                                      auth=("me", "pässwörd")).status_code, 200)
+        # A token Latin-1 cannot say has one form: "?" for its letters is no match.
+        other = self.serve(token="пароль")
+        for password in ("пароль".encode("utf-8"), b"??????", "пароль".encode("latin-1", "replace")):
+            basic = b"Basic " + base64.b64encode(b"me:" + password)
+            self.assertEqual(other.request("/files/version", headers={
+                "Authorization": basic.decode()})[0], 200 if password[0] > 127 else 401)
+
 
 def listen_overflows():
     """The kernel's count of connections dropped from full listen queues."""
@@ -5869,6 +5919,27 @@ class StatusPageTest(PromoterTest):
         wait_until(lambda: "root folder is missing" not in body(), message="the root back")
         if os.environ.get("PROMOTER_SCREENSHOT"):
             browser.screenshot(os.environ["PROMOTER_SCREENSHOT"])
+
+
+class StatusPageLoginTest(PromoterTest):
+    def test_the_page_opened_with_the_token_in_its_url_fills_itself(self):
+        if not (shutil.which("chromium") and shutil.which("chromedriver")):
+            self.skipTest("chromium and chromedriver are not installed (Debian: chromium "
+                          "chromium-driver; .ci/run installs them)")
+        write(self.root, "lib/util.py", "X = 1\n")
+        served = self.serve(token="s3cret")
+        browser = WebDriver(self)
+        # The page's own requests cannot carry these credentials (fetch()
+        # refuses a URL with them): the browser's login for the origin does.
+        browser.open("http://me:s3cret@127.0.0.1:%d/" % served.port)
+        body = lambda: browser.script("return document.body.innerText")
+        wait_until(lambda: "lib/util.py" in body(), message=lambda: "the file list: " + body())
+        self.assertNotIn("unreachable", body())
+        self.assertEqual(browser.script("return document.querySelector('link[rel=icon]')"
+                                        ".getAttribute('href')"), "/favicon.ico")
+        status, headers, icon = served.request("/favicon.ico")  # no token needed
+        self.assertEqual((status, headers["content-type"]), (200, "image/svg+xml"))
+        self.assertTrue(icon.startswith(b"<svg"))
 
 
 def start_nginx(test, *outs, server=None):
