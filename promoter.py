@@ -83,7 +83,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__version__ = "1.7.0"
+__version__ = "1.8.0"
 
 log = logging.getLogger("promoter")
 

@@ -6746,6 +6746,23 @@ def bench_request_path(scratch, seconds):
         shutil.rmtree(root)
 
 
+def ab(port, path, seconds):
+    """(requests/s, failed) of ab -k (HTTP/1.0 keep-alive) at 32 connections,
+    or None without ab."""
+    if not shutil.which("ab"):
+        return None
+    out = subprocess.run(["ab", "-k", "-q", "-c", "32", "-t", str(max(1, int(seconds))),
+                          "-n", "1000000", "http://127.0.0.1:%d%s" % (port, path)],
+                         capture_output=True, text=True).stdout
+    rate = failed = None
+    for line in out.split("\n"):
+        if line.startswith("Requests per second:"):
+            rate = float(line.split()[3])
+        elif line.startswith("Failed requests:"):
+            failed = int(line.split()[2])
+    return rate, failed
+
+
 def bench_requests(scratch, seconds):
     root = os.path.join(scratch, "rps")
     write(root, "main.py", "print('hello')\n")
@@ -6767,7 +6784,8 @@ def bench_requests(scratch, seconds):
             a, a_err = load(ours.port, path, seconds)
             b, b_err = load(theirs.port, path, seconds)
             rows.append((label, a, b, a_err + b_err, wrk(ours.port, path, seconds),
-                         wrk(theirs.port, path, seconds)))
+                         wrk(theirs.port, path, seconds), ab(ours.port, path, seconds),
+                         ab(theirs.port, path, seconds)))
     finally:
         ours.close()
         theirs.close()
@@ -7173,11 +7191,15 @@ def bench(quick=False):
 
         seconds = 2 if quick else 5
         print("4. requests per second, 32 keep-alive clients (%ds each)" % seconds)
-        for label, ours, theirs, errors, wrk_ours, wrk_theirs in bench_requests(scratch, seconds):
+        for label, ours, theirs, errors, wrk_ours, wrk_theirs, ab_ours, ab_theirs in \
+                bench_requests(scratch, seconds):
             line = "   %-15s promoter %7.0f/s   python3 -m http.server %7.0f/s   ratio %.1fx" % (
                 label, ours, theirs, ours / theirs)
             if wrk_ours:
                 line += "   (wrk: %.0f/s vs %.0f/s)" % (wrk_ours, wrk_theirs or 0)
+            if ab_ours:  # HTTP/1.0 keep-alive
+                line += "   (ab -k: %.0f/s vs %.0f/s%s)" % (
+                    ab_ours[0], ab_theirs[0], ", %d failed" % ab_ours[1] if ab_ours[1] else "")
             print(line + ("   errors %d" % errors if errors else ""))
         path = bench_request_path(scratch, seconds)
         if path:
