@@ -3388,7 +3388,10 @@ class Parking:
         for sock, hung_up in due.items():
             w = self._parked.pop(sock)
             self._selector.unregister(sock)
-            keep_alive = w.keep_alive and not self._closing and not hung_up
+            # Kept only with a handler's slot for its next request, taken now:
+            # the answer says whether the connection stays open.
+            keep_alive = w.keep_alive and not self._closing and not hung_up and \
+                self.server.take_slot()
             key = (w.view.snapshot, w.tags, ("keep-alive" if w.http10 else None) if keep_alive
                    else "close", w.head)
             if key not in answers:
@@ -3397,6 +3400,8 @@ class Parking:
                 if not hung_up:  # a few hundred bytes into an empty buffer
                     sock.send(answers[key])
             except OSError:
+                if keep_alive:
+                    self.server.give_slot_back()
                 keep_alive = False
             after.append((sock, w.address, keep_alive))
         for sock, address, keep_alive in after:
@@ -3550,11 +3555,17 @@ class PromoterServer(ThreadingHTTPServer):
             self._slots.release()
             raise
 
+    def take_slot(self):
+        """A handler's slot for a parked connection's next request, if one
+        is free (see hand_back)."""
+        return self._slots.acquire(blocking=False)
+
+    def give_slot_back(self):
+        self._slots.release()
+
     def hand_back(self, request, client_address):
         """A parked keep-alive connection's next request, on a handler thread
-        (closed if no slot is free: the board connects again)."""
-        if not self._slots.acquire(blocking=False):
-            return self.close_request(request)
+        whose slot take_slot() took."""
         self.track(request, "idle")
         try:
             ThreadingHTTPServer.process_request(self, request, client_address)

@@ -5338,6 +5338,28 @@ class ConnectionRulesTest(PromoterTest):
         self.assertGreater(int(answers[0][1]["content-length"]), 50)  # the GET's length
         self.assertNotEqual(json.loads(answers[1][2])["version"], version)
 
+    def test_a_parked_answer_says_close_when_no_slot_is_left_for_the_next_request(self):
+        served = self.serve(max_connections=1)
+        version = served.promoter.snapshot.version  # (a request would hold the one slot a while)
+        parked = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        self.addCleanup(parked.close)
+        parked.sendall(b"GET /files/version?wait=20 HTTP/1.1\r\nHost: x\r\n"
+                       b'If-None-Match: "%s"\r\n\r\n' % version.encode())
+        wait_until(lambda: served.server.parking.count == 1, message="the request parked")
+        busy = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        self.addCleanup(busy.close)  # the one slot: a kept connection, idle
+        busy.sendall(b"GET /files/version HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b" 200 ", busy.recv(65536))
+        write(self.root, "main.py", "print(3)\n")
+        data = b""
+        while True:
+            chunk = parked.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        answers = split_answers(data)
+        self.assertEqual([(a[0], a[1].get("connection")) for a in answers], [(200, "close")])
+
     def test_http_1_0_keep_alive_is_said_direct_and_parked(self):
         version = json.loads(self.served.request(
             "/files/version", headers={"Authorization": "Bearer s3cret"})[2])["version"]
