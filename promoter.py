@@ -38,13 +38,14 @@ hashing, Snapshot, Promoter); watchers (Debouncer, the polling and inotify
 watchers); compile (Compiler: each saved .py compiled off the publish path,
 for its syntax errors and the .mpy view); HTTP (the request handler, the
 parking of waiting requests, the server); status page; static export;
-device module (eleven files, each imported only when needed: DEVICE_MAIN,
+device module (thirteen files, each imported only when needed: DEVICE_MAIN,
 the API; DEVICE_RUN, the runner beside the app; DEVICE_START, a start;
 DEVICE_CLIENT, files, lists, HTTP, OTAPromoter; DEVICE_WORK, the order of
-run()'s work; DEVICE_TRIAL, crash reports, the trial, the run file, watch;
-DEVICE_LIST, DEVICE_FETCH, DEVICE_SWITCH, an update's three steps;
-DEVICE_CHECK, the board's files and a new module checked; DEVICE_TRY, the
-test of a new module, the end of a trial, the watchdog); CLI.
+run()'s work; DEVICE_TRIAL, crash reports, the trial, the run file;
+DEVICE_WATCH, watch(); DEVICE_LIST, DEVICE_FETCH, DEVICE_SWITCH, an
+update's three steps; DEVICE_CHECK, the board's files and a new module
+checked; DEVICE_TRY, the test of a new module, the end of a trial, the
+watchdog; DEVICE_CONSOLE, what the app prints); CLI.
 """
 
 import argparse
@@ -2587,6 +2588,7 @@ ROUTES = {
     LIST_PATH: ("list", ("GET",)),
     REPORT_PATH: ("report", ("POST",)),
 }
+OPEN_ROUTES = {"favicon"}  # no token needed (every browser tab asks for it)
 LISTING_TYPES = {"version": "application/json", "files": "application/json",
                  "files.txt": "text/plain; charset=utf-8"}
 # The status page's icon: a board with an arrow down.
@@ -2871,8 +2873,8 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def route(self):
         """Every method: check the request, then call the route's get_ or
-        post_ method with the path's view (the plain API or an .mpy view),
-        its snapshot and the query."""
+        post_ method, the request's view (the plain API or an .mpy view),
+        its snapshot, path, query and body length set on the handler."""
         if len(self.path) > MAX_URL:
             return self.answer_error(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long", close=True)
         self.server.track(self.connection, "busy")
@@ -2880,7 +2882,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         if length is None:
             return
         path, query = self.path, {}
-        if path[:1] != "/" and path[:7].lower() in ("http://", "https:/"):
+        if path.lower().startswith(("http://", "https://")):
             # The absolute form (RFC 9112 3.2.2), which a server must take.
             url = urlsplit(path)
             path = (url.path or "/") + ("?" + url.query if url.query else "")
@@ -2911,10 +2913,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                                      close=True, headers={"Allow": allowed})
         if self.command != "POST" and not self.discard_body(length):
             return
-        if name == "favicon":  # asked by every browser tab, with no token
-            return self.answer(HTTPStatus.OK, FAVICON, "image/svg+xml",
-                               {"Cache-Control": "public, max-age=86400"})
-        if not self.authorized():
+        if name not in OPEN_ROUTES and not self.authorized():
             # The Basic challenge makes a browser ask for the token (as a
             # password); a body not read closes the connection.
             return self.answer_error(HTTPStatus.UNAUTHORIZED, "a valid token is required",
@@ -3032,6 +3031,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         return address
 
     # --- the routes ---
+
+    def get_favicon(self):
+        self.answer(HTTPStatus.OK, FAVICON, "image/svg+xml",
+                    {"Cache-Control": "public, max-age=86400"})
 
     def get_page(self):
         self.answer(HTTPStatus.OK, STATUS_PAGE.encode(), "text/html; charset=utf-8",
@@ -3989,7 +3992,8 @@ DEVICE_MAIN = r'''# otapromoter.py: the device side of promoter.py, for MicroPyt
 #   otapromoter_client  files, lists, HTTP, OTAPromoter, update()
 #   otapromoter_work    run()'s work, in its order (none of it in update())
 #   otapromoter_trial   the work before and after its update: crash reports,
-#                       the trial, the run file; also watch()
+#                       the trial, the run file
+#   otapromoter_watch   watch() and OTAPromoter.wait_for_change()
 #   otapromoter_list, otapromoter_fetch, otapromoter_switch
 #                       the three steps of an update: the list and the plan,
 #                       the downloads, the journal of the switch
@@ -4750,7 +4754,7 @@ class OTAPromoter:
     def wait_for_change(self, wait=$WAIT):
         """Hold a request until the server's version differs from the
         board's (or `wait` seconds pass); True if it differs."""
-        return _call("otapromoter_trial", "wait_for_change", self, wait)
+        return _call("otapromoter_watch", "wait_for_change", self, wait)
 
 
 # --- entry points (see otapromoter) ---
@@ -4772,7 +4776,7 @@ def recover(main_dir="/", say=None):
 
 
 def watch(url, main_dir="/", **kw):
-    return _call("otapromoter_trial", "watch", url, main_dir, kw)
+    return _call("otapromoter_watch", "watch", url, main_dir, kw)
 '''
 
 DEVICE_WORK = r'''# otapromoter_work.py: the part of otapromoter (see there) that orders
@@ -4845,7 +4849,7 @@ DEVICE_TRIAL = r'''# otapromoter_trial.py: the part of otapromoter (see there) t
 # (otapromoter_work) imports before its update and again after it, dropped
 # each time: it acts on how the last run ended (a crash, restarts during a
 # trial), sends the crash report, and writes the run file that the next
-# starts run the app by. Also watch(), and OTAPromoter.wait_for_change().
+# starts run the app by.
 import json
 import os
 import sys
@@ -5064,6 +5068,16 @@ def _exchange(ota, path, etags=(), timeout=None, data=None):
         raise OTAError("%s: %s" % (path, repr(e)))
     finally:
         ota._close()
+'''
+
+DEVICE_WATCH = r'''# otapromoter_watch.py: the part of otapromoter (see there) that follows a
+# server with no app: watch(), and OTAPromoter.wait_for_change(); imported
+# for them (run()'s work after a crash has none of it in its heap).
+import json
+import time
+
+from otapromoter_client import OTAPromoter, OTAError
+from otapromoter_trial import _exchange
 
 
 def wait_for_change(ota, wait):
@@ -5972,6 +5986,7 @@ DEVICE_TEMPLATES = (("otapromoter.py", DEVICE_MAIN),
                     ("otapromoter_client.py", DEVICE_CLIENT),
                     ("otapromoter_work.py", DEVICE_WORK),
                     ("otapromoter_trial.py", DEVICE_TRIAL),
+                    ("otapromoter_watch.py", DEVICE_WATCH),
                     ("otapromoter_list.py", DEVICE_LIST),
                     ("otapromoter_fetch.py", DEVICE_FETCH),
                     ("otapromoter_switch.py", DEVICE_SWITCH),
