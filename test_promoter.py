@@ -6261,24 +6261,151 @@ class ExportTest(PromoterTest):
 # --- runner ----------------------------------------------------------------------------
 
 
+# The whole suite runs its tests in WORKERS processes, each taking the next
+# test as it is free (the machine has 2 cores, and most tests wait: on
+# boards, servers, timeouts); the tests of SERIAL_CLASSES run after the
+# others, alone, as they read counters the whole machine shares.
+WORKERS = 2
+SERIAL_CLASSES = {"ConnectBurstTest"}  # the kernel's listen-queue overflow count
+RESULT_MARK = "\x00RESULT "
+
+
+class Outcome:
+    """Counts tests (a test whose subtests failed counts once) by outcome."""
+
+    def __init__(self):
+        self.run, self.failed, self.skipped = 0, [], []
+
+    def add(self, result):
+        test_id = lambda test: getattr(test, "test_case", test).id()
+        failed = sorted({test_id(t) for t, _ in result.failures + result.errors}
+                        | {test_id(t) for t in result.unexpectedSuccesses})
+        skipped = sorted({test_id(t) for t, _ in result.skipped} - set(failed))
+        return self.merge(result.testsRun, failed, skipped)
+
+    def merge(self, run, failed, skipped):
+        self.run += run
+        self.failed += failed
+        self.skipped += skipped
+        return {"run": run, "failed": failed, "skipped": skipped}
+
+    def summary(self):
+        """The last line of a run; the exit code."""
+        print("%d passed, %d failed, %d skipped" % (
+            self.run - len(self.failed) - len(self.skipped), len(self.failed),
+            len(self.skipped)))
+        return 1 if self.failed or not self.run else 0
+
+
+class Lines:
+    """A stream with the writeln() that unittest's results write with."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def writeln(self, text=""):
+        self.stream.write(text + "\n")
+
+
+def worker():
+    """--worker: run each test named on stdin (one a line), its output and
+    then RESULT_MARK and its counts (JSON) on stderr."""
+    loader = unittest.TestLoader()
+    stream = Lines(sys.stderr)
+    for line in sys.stdin:
+        result = unittest.TextTestResult(stream, True, 2)
+        loader.loadTestsFromName(line.strip(), sys.modules[__name__]).run(result)
+        result.printErrors()
+        stream.write(RESULT_MARK + json.dumps(Outcome().add(result)) + "\n")
+        stream.flush()
+    return 0
+
+
+def run_parallel():
+    """The whole suite in WORKERS worker processes; each test's output is
+    printed whole, as it ends."""
+    names = []
+    pending = [unittest.TestLoader().loadTestsFromModule(sys.modules[__name__])]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, unittest.TestSuite):
+            pending.extend(reversed(list(item)))
+        else:
+            names.append(item.id().split(".", 1)[1])  # Class.test, in the module
+    serial = [n for n in names if n.split(".")[0] in SERIAL_CLASSES]
+    queue = collections.deque(n for n in names if n not in serial)
+    outcome, lock = Outcome(), threading.Lock()
+    workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+               for _ in range(WORKERS)]
+
+    def feed(proc, queue):
+        while True:
+            with lock:
+                if not queue:
+                    return True
+                name = queue.popleft()
+            proc.stdin.write(name + "\n")
+            proc.stdin.flush()
+            output = []
+            for line in proc.stdout:
+                if line.startswith(RESULT_MARK):
+                    with lock:
+                        sys.stderr.write("".join(output))
+                        outcome.merge(**json.loads(line[len(RESULT_MARK):]))
+                    break
+                output.append(line)
+            else:  # the worker died: this test fails, the others go on without it
+                with lock:
+                    sys.stderr.write("".join(output) + "%s ... the worker process died\n" % name)
+                    outcome.merge(1, [name], [])
+                return False
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=feed, args=(proc, queue), daemon=True)
+               for proc in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    alive = [proc for proc in workers if proc.poll() is None]
+    if alive:
+        feed(alive[0], collections.deque(serial))
+    else:
+        outcome.merge(len(serial), serial, [])
+    for proc in workers:
+        proc.stdin.close()
+        proc.wait()
+    sys.stderr.write("\nRan %d tests in %.1fs (%d processes)\n" % (
+        outcome.run, time.monotonic() - start, WORKERS))
+    for name in outcome.failed:
+        sys.stderr.write("FAILED: %s\n" % name)
+    sys.stderr.flush()
+    return outcome.summary()
+
+
 def main(argv):
+    """The whole suite in worker processes (see run_parallel); with -k
+    PATTERN (again for more) or --serial, in this process."""
     if "--bench" in argv:
         return bench(quick="--quick" in argv)
+    if "--worker" in argv:
+        return worker()
     loader = unittest.TestLoader()
     patterns = ["*%s*" % argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "-k"]
-    if patterns:
-        loader.testNamePatterns = patterns
-    suite = loader.loadTestsFromModule(sys.modules[__name__])
-    result = unittest.TextTestRunner(verbosity=2).run(suite)
-    # By test: a test whose subtests failed counts once.
-    test_id = lambda test: getattr(test, "test_case", test).id()
-    failed = len({test_id(test) for test, _ in result.failures + result.errors}
-                 | {test_id(test) for test in result.unexpectedSuccesses})
-    skipped = len({test_id(test) for test, _ in result.skipped})
-    passed = result.testsRun - failed - skipped
+    if not patterns and "--serial" not in argv:
+        return run_parallel()
+    loader.testNamePatterns = patterns or None
+    result = unittest.TextTestRunner(verbosity=2).run(
+        loader.loadTestsFromModule(sys.modules[__name__]))
     sys.stderr.flush()
-    print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
-    return 1 if failed or not result.testsRun else 0
+    outcome = Outcome()
+    outcome.add(result)
+    return outcome.summary()
 
 
 # --- benchmarks (measure and print; they assert nothing about time) ---------------
