@@ -144,6 +144,7 @@ CACHE_BYTES = 16 << 20  # verified file bodies kept in memory (LRU)
 CACHE_MAX_FILE = 4 << 20  # larger files are streamed, not cached
 STREAM_CHUNK = 64 << 10
 SEND_STALL = 1.0  # s a download may take no bytes before its slot can go to another client
+SLOT_GRACE = 0.05  # s a new connection waits for a slot when no connection can be evicted
 MAX_DEVICES = 1000  # boards remembered for the status page
 REPORTS_PER_BOARD = 60  # crash reports taken from one board per REPORT_WINDOW (a
 # developer saving a crashing app every second never meets it); more get 429
@@ -2858,6 +2859,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.server.track(self.connection, "idle")
         try:
             super().handle_one_request()
+            if not self.close_connection:  # answered, and kept: it may be evicted
+                self.server.track(self.connection, "idle")
         except HeadTooLarge as e:
             self.rfile = real
             self.command, self.requestline, self.request_version = "", "", "HTTP/1.1"
@@ -3542,8 +3545,12 @@ class PromoterServer(ThreadingHTTPServer):
         return request
 
     def process_request(self, request, client_address):
+        # No slot: the least progressing connection is closed for this one;
+        # if none can be (all are being answered), one may be just done (its
+        # client closed it and came back before its thread saw the close).
         if not self._slots.acquire(blocking=False) and not (
-                self._evict() and self._slots.acquire(timeout=0.5)):
+                self._evict() and self._slots.acquire(timeout=0.5) or
+                self._slots.acquire(timeout=SLOT_GRACE)):
             try:
                 request.sendall(self.BUSY)
             except OSError:

@@ -1327,6 +1327,14 @@ class ServingTest(PromoterTest):
             self.assertEqual(status, 404, body)
         self.assertEqual(self.served.request("/files/version")[0], 200)
 
+    def test_clients_connecting_one_after_another_are_never_refused(self):
+        # Each closes its connection once answered and opens the next at once,
+        # before the server's thread may have seen the close: its slot must
+        # not make the next one a 503 (2 slots here).
+        statuses = collections.Counter(
+            self.served.request("/files/version")[0] for _ in range(300))
+        self.assertEqual(statuses, {200: 300})
+
     def test_a_folder_swapped_for_a_symlink_is_not_served_through_it(self):
         outside = os.path.join(self.tmp, "outside")
         write(outside, "util.py", "X = 1\n")  # the same bytes: the checksum would match
