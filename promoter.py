@@ -207,6 +207,14 @@ CONSOLE_MAX = 512  # bytes of output a board keeps until a request carries them
 # A 502 or 504 that ends a waiting request after PROXY_GAVE_UP ms is such a
 # proxy's, not an error: the board asks again at once.
 WAIT, PROXY_GAVE_UP = 25, 1000
+# Signed updates: a board holding a key (KEY_FILE in its main folder, never
+# served) applies a list only with a valid signature, HMAC-SHA256 of the
+# list's bytes followed by its publication counter in decimal, sent as
+# "<counter> <hex digest>" in SIGNATURE_HEADER or, from a static host, in
+# the list's path + SIGNATURE_SUFFIX; and only if the counter is not below
+# the one of what it runs (equal: the same version).
+KEY_FILE = "promoter.key"
+SIGNATURE_HEADER, SIGNATURE_SUFFIX = "X-Signature", ".sig"
 STATE_DIR = ".promoter"  # a board's own files, in its main folder; never served
 # Those files, by their names in the device module's templates:
 BOARD_FILES = {
@@ -230,6 +238,7 @@ BOARD_FILES = {
     "TRY": "try",  # a new device module put together, to be tested (its own main folder)
     "TRIED": "tried",  # how the test went: "<version> ok", or "<version> <why>"
     "IMPORT": "import",  # the app is being imported: a start that finds it, a crash there
+    "SIGNED": "signed",  # with a key: the counter and version of the last signed list taken
 }
 # The run file (a JSON list) and, after it, the runner's own state beside the
 # app (one list: on MicroPython every name of a module costs heap):
@@ -284,7 +293,10 @@ def device_sources():
                   STATE_MAX=STATE_MAX, ERROR_HEADER=ERROR_HEADER, ERROR_MAX=ERROR_MAX,
                   REPORT_MAX=REPORT_MAX, OUTPUT_HEADER=OUTPUT_HEADER, CONSOLE_MAX=CONSOLE_MAX,
                   TAKES_OUTPUT_HEADER=TAKES_OUTPUT_HEADER, WAIT=WAIT,
-                  PROXY_GAVE_UP=PROXY_GAVE_UP)
+                  PROXY_GAVE_UP=PROXY_GAVE_UP, KEY_FILE=KEY_FILE,
+                  SIGNATURE_SUFFIX=SIGNATURE_SUFFIX,
+                  SIGNATURE_NAME=SIGNATURE_HEADER.lower().encode() + b":",
+                  SIGNATURE_LENGTH=len(SIGNATURE_HEADER) + 1)
     values = {name: repr(value) for name, value in values.items()}
     # Slot names are const(): MicroPython compiles them away (no name, no heap).
     values["RUN_SLOTS"] = (
@@ -367,11 +379,14 @@ class Rules:
                 patterns.append(line)
         return cls(patterns)
 
+    keys = frozenset()  # the --key file's path in the served folder, if it is there
+
     def matches(self, relpath, is_dir=False):
         """True if a rule matches this very path (its parents are not checked).
-        The ignore file and boards' own folders (a board may run in the
-        served folder) are never served, whatever the rules."""
-        if relpath == IGNORE_FILE or is_dir and relpath.rpartition("/")[2] == STATE_DIR:
+        The ignore file, boards' own folders (a board may run in the served
+        folder) and keys are never served, whatever the rules."""
+        if relpath == IGNORE_FILE or relpath in Rules.keys or is_dir and \
+                relpath.rpartition("/")[2] == STATE_DIR or relpath.rpartition("/")[2] == KEY_FILE:
             return True
         for pattern in self._matchers:
             if pattern.fullmatch(relpath) or (is_dir and pattern.fullmatch(relpath + "/")):
@@ -2576,6 +2591,95 @@ def http_date():
     return _date[1]
 
 
+class Signer:
+    """Signs the lists published (--key FILE): HMAC-SHA256 of a list's bytes
+    followed by its publication counter (see KEY_FILE). The counter grows
+    with each version signed, and is kept in FILE.counter: a restart, or a
+    clock set back, never signs with a counter used before (it is at least
+    the time in seconds, and more than the last one kept)."""
+
+    def __init__(self, path):
+        self.key = read_key(path)
+        self.counter_path = path + ".counter"
+        self._counters = collections.OrderedDict()  # version -> its counter (the latest few)
+        self._signatures = {}  # (version, kind) -> signature, of the latest versions
+        self._lock = threading.Lock()
+        self._last = self._stored()
+        self._write(self._last)  # fails now, not at the first request
+
+    def _stored(self):
+        try:
+            with open(self.counter_path) as f:
+                return int(f.read().strip() or 0)
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as e:
+            raise PromoterError("%s: %s; remove it to start counting from the time"
+                                % (self.counter_path, getattr(e, "strerror", None) or e))
+
+    def _write(self, counter):
+        try:
+            write_atomic(self.counter_path, b"%d\n" % counter)
+        except OSError as e:
+            raise PromoterError("%s: %s" % (self.counter_path, e.strerror))
+
+    def counter(self, version):
+        """The publication counter of `version` (a new one the first time)."""
+        with self._lock:
+            if version not in self._counters:
+                self._last = max(self._last + 1, int(time.time()))
+                self._write(self._last)
+                self._counters[version] = self._last
+                while len(self._counters) > 16:
+                    old, _ = self._counters.popitem(last=False)
+                    for kind in ("files", "files.txt"):
+                        self._signatures.pop((old, kind), None)
+            return self._counters[version]
+
+    def signature(self, snapshot, kind):
+        """"<counter> <hex HMAC>" of a list of `snapshot` ("files" or "files.txt")."""
+        key = (snapshot.version, kind)
+        signature = self._signatures.get(key)
+        if signature is None:
+            counter = self.counter(snapshot.version)
+            signature = self._signatures[key] = "%d %s" % (
+                counter, sign(self.key, snapshot.body(kind), counter))
+        return signature
+
+
+def sign(key, body, counter):
+    """The hex HMAC-SHA256 of a list's bytes and its counter (see KEY_FILE)."""
+    return hmac.new(key, body + b"%d" % counter, hashlib.sha256).hexdigest()
+
+
+def read_key(path):
+    """The key in a key file (hex, as keygen writes it)."""
+    try:
+        with open(path) as f:
+            key = bytes.fromhex(f.read().strip())
+    except OSError as e:
+        raise PromoterError("key %s: %s" % (path, e.strerror))
+    except ValueError:
+        key = b""
+    if len(key) < 32:
+        raise PromoterError("key %s: not a key (64 or more hexadecimal digits, as "
+                            "'promoter.py keygen FILE' writes)" % path)
+    return key
+
+
+def keygen(path):
+    """Write a new random 256-bit key to `path` (owner-only), never over a file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise PromoterError("%s exists: a key is never overwritten (boards hold it); choose "
+                            "another name, or remove it first" % path)
+    except OSError as e:
+        raise PromoterError("%s: %s" % (path, e.strerror))
+    with os.fdopen(fd, "w") as f:
+        f.write(os.urandom(32).hex() + "\n")
+
+
 # The API's paths: (the route's name, its methods; HEAD where GET is). A
 # request is answered by the handler's get_<name> or post_<name>; a path
 # under FILE_PATH (or the original client's /file/) by get_file.
@@ -2604,17 +2708,19 @@ Waiting = collections.namedtuple(
     "Waiting", "address view version tags deadline keep_alive http10 head")
 
 
-def listing_answer(snapshot, kind, tags, connection=None, head=False):
+def listing_answer(snapshot, kind, tags, connection=None, head=False, signer=None):
     """(status, bytes) of the answer of the version or a list (`kind`) for
     a client holding `tags`, answered at once or after a wait: 304 if it
     holds the version. `connection`: the Connection header, if any; `head`:
-    without the body."""
+    without the body; `signer`: a list's signature in SIGNATURE_HEADER."""
     headers = {"ETag": '"%s"' % snapshot.version, "Cache-Control": "no-cache",
                TAKES_OUTPUT_HEADER: "1"}
     if connection:
         headers["Connection"] = connection
     if snapshot.version in tags or "*" in tags:
         return HTTPStatus.NOT_MODIFIED, http_head(HTTPStatus.NOT_MODIFIED, None, headers, 0)
+    if signer and kind != "version":
+        headers[SIGNATURE_HEADER] = signer.signature(snapshot, kind)
     body = snapshot.body(kind)
     data = http_head(HTTPStatus.OK, LISTING_TYPES[kind], headers, len(body))
     return HTTPStatus.OK, data if head else data + body
@@ -3247,7 +3353,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         if tags is None:
             tags = parse_etags(self.headers.get("If-None-Match"))
         status, data = listing_answer(self.snapshot, kind, tags, self.connection_header(),
-                                      self.command == "HEAD")
+                                      self.command == "HEAD", self.server.signer)
         self.log_request(status)
         self.wfile.write(data)
 
@@ -3474,6 +3580,7 @@ class PromoterServer(ThreadingHTTPServer):
         self.token = token
         self.log_output = True  # the boards' output in the log (--no-board-output: not)
         self.trusted_proxies = ()  # networks (--trusted-proxy), see trusts()
+        self.signer = None  # signs the lists (--key)
         self.devices = DeviceTable()
         # Each connection takes a descriptor: the slots leave room for a
         # reserve and as many waiting requests (see waiting_limit).
@@ -3896,11 +4003,12 @@ def nginx_conf(views, out, port):
 
 
 def export_static(root, out, port=DEFAULT_PORT, default_ignores=True, compilers=None,
-                  releases=(OLDEST_MICROPYTHON,)):
+                  releases=(OLDEST_MICROPYTHON,), signer=None):
     """Write the API under `out` as static files (files/version, files.json,
     files.txt, files/<checksum>), with `compilers` (see mpy_compilers) an
-    .mpy view the same way for each of `releases`, and an nginx.conf;
-    return the Snapshot. The view for the oldest release supported is
+    .mpy view the same way for each of `releases`, and an nginx.conf,
+    with `signer` each list's signature beside it (files.txt.sig); return
+    the Snapshot. The view for the oldest release supported is
     mpy<format>/, which a board whose release has no view of its own
     (mpy<format>/<X.Y>/) falls back to. The version files are written
     last, so a copy made in file order is never newer in its version than
@@ -3959,8 +4067,11 @@ def export_static(root, out, port=DEFAULT_PORT, default_ignores=True, compilers=
                 if data is None:
                     raise PromoterError("%s changed during the export; run it again" % entry.path)
                 write_atomic(target, data)
-            write_atomic(os.path.join(folder, "files.json"), view.body("files"))
-            write_atomic(os.path.join(folder, "files.txt"), view.body("files.txt"))
+            for name, kind in (("files.json", "files"), ("files.txt", "files.txt")):
+                write_atomic(os.path.join(folder, name), view.body(kind))
+                if signer:  # (a static host sends no header of ours: a file beside)
+                    write_atomic(os.path.join(folder, name + SIGNATURE_SUFFIX),
+                                 signer.signature(view, kind).encode() + b"\n")
         write_atomic(os.path.join(out, "nginx.conf"), nginx_conf(views, out, port).encode())
         for prefix, view in views:
             write_atomic(os.path.join(out, prefix.lstrip("/"), "files", "version"),
@@ -4526,7 +4637,7 @@ class OTAPromoter:
     check_and_update(), wait_for_change(), version()."""
 
     def __init__(self, url, main_dir="/", token=None, device_id=None, verbose=True,
-                 timeout=_TIMEOUT, mpy=True, boot_files=False):
+                 timeout=_TIMEOUT, mpy=True, boot_files=False, key=None):
         if "://" in url and not url.startswith("http://"):
             raise OTAError("only http:// servers are supported: " + url)
         host = url.split("://")[-1].split("/", 1)[0]
@@ -4565,6 +4676,7 @@ class OTAPromoter:
         self.ours = False  # the update changes the device module's files (otapromoter_list)
         self.sock = None  # the request under way (one at a time)
         self.takes_output = False  # the server said it takes run()'s output (see _open)
+        self.key = key  # signed updates: see otapromoter_list
         # Where the firmware loads .mpy files, the files come from the view of
         # its format and release (/mpy6/1.19/files.txt): compiled by the server
         # (--mpy) with a compiler no newer than the firmware (newer code can
@@ -4628,7 +4740,7 @@ class OTAPromoter:
             sock.settimeout(self.timeout)
             sock.connect(ai[-1])
             self.t0, self.budget = time.ticks_ms(), int((timeout or self.timeout) * 1000)
-            self.pending, self.length = b"", -1
+            self.pending, self.length, self.signature = b"", -1, None
             h += "\r\n"
             if hasattr(sock, "recv_into"):  # CPython
                 send = sock.sendall
@@ -4656,6 +4768,8 @@ class OTAPromoter:
                     self.length = int(line[15:])
                 elif line.lower().startswith($TAKES_OUTPUT_HEADER.lower().encode()):
                     self.takes_output = True
+                elif line[:$SIGNATURE_LENGTH].lower() == $SIGNATURE_NAME:
+                    self.signature = line[$SIGNATURE_LENGTH:].strip()
             else:
                 raise OTAError("more than %d header lines" % $HEADERS_MAX)
             if status == 404 and self.view and (path == $LIST_PATH or path.startswith($VERSION_PATH)):
@@ -5145,7 +5259,7 @@ DEVICE_LIST = r'''# otapromoter_list.py: the first step of an update (see otapro
 import errno
 import os
 
-from otapromoter_client import OTAError, _kind, _remove, _rename, _entries, _merge
+from otapromoter_client import OTAError, _kind, _remove, _rename, _entries, _merge, _call
 
 
 def check_line(line, before):
@@ -5192,6 +5306,9 @@ def run(ota):
     # remove in it (deepest first); None if the board has that version, whole.
     new, tmp = ota.state + $NEW, ota.state + $NEW + ".tmp"
     damaged = ota.damaged
+    # A board holding a key (OTAPromoter's key, else the key file in its
+    # main folder) takes a list only with its signature (otapromoter_sign).
+    mac = (ota.key or _kind(ota.dir + $KEY_FILE)) and _call("otapromoter_sign", "run", ota)
     status = ota._open($LIST_PATH, ota.etags()[1:] if damaged else ota.etags())
     try:
         if status == 304:
@@ -5216,10 +5333,14 @@ def run(ota):
         skip = 0  # 1: it skipped boot.py, 2: main.py
         with open(tmp, "wb") as f:
             f.write(first)
+            if mac:
+                mac.update(first)
             while True:
                 line = ota._line()
                 if not line:
                     break
+                if mac:
+                    mac.update(line)
                 total += len(line)
                 if room is not None and total > room // 2:
                     raise OTAError("%s: larger than half the free flash" % $LIST_PATH)
@@ -5247,6 +5368,9 @@ def run(ota):
         raise
     finally:
         ota._close()
+    if mac:  # fed all that came: checked now
+        _call("otapromoter_sign", "run", ota, mac)
+        mac = None
     try:
         return _plan(ota, new, ota.state + $STATE)
     except (OSError, OTAError) as e:
@@ -5311,6 +5435,59 @@ def _plan(ota, new, old):
             (blocks * 4096 + 8192) // 1024, free // 1024))
     ota._say("%d files to download (%d bytes)" % (count, need))
     return folders
+'''
+
+DEVICE_SIGN = r'''# otapromoter_sign.py: the part of otapromoter (see there) that checks a
+# list's signature, on a board holding a key (see OTAPromoter's key),
+# imported before the list's step and after it, and dropped each time: a
+# board without a key loads none of it. Its names are few and most of them
+# the other files' too: each new one stays in the heap (MicroPython's
+# names are never freed).
+import binascii
+from hashlib import sha256
+
+from otapromoter_client import OTAError, _read, _write, _remove
+
+
+def run(ota, mac=None):
+    # Before the list is read: the inner hash of HMAC-SHA256 (MicroPython
+    # has no hmac module), fed the key's inner pad; the list's step feeds it
+    # the list. After: the list (ota.wanted) is taken only if the key signed
+    # it and its counter is not below the one of the last list taken (equal:
+    # the same version), else OTAError, and the new list is removed: the
+    # board is unchanged. The signature comes in the list answer's header,
+    # or from a static host in a file beside the list.
+    key = ota.key or _read(ota.dir + $KEY_FILE)
+    if not isinstance(key, bytes):
+        key = binascii.unhexlify(key)
+    if len(key) > 64:
+        key = sha256(key).digest()
+    key += bytes(64 - len(key))
+    if not mac:
+        return sha256(bytes(b ^ 0x36 for b in key))
+    try:
+        sig, ota.signature = ota.signature, None
+        if sig is None:
+            ota._close()
+            sig = ota._line().strip() if ota._open($LIST_PATH + $SIGNATURE_SUFFIX) == 200 else b""
+            ota._close()
+        sig = sig.split()
+        if len(sig) != 2 or not sig[0].isdigit():
+            raise OTAError("unsigned")
+        mac.update(sig[0])
+        mac = sha256(bytes(b ^ 0x5c for b in key) + mac.digest()).digest()
+        if binascii.hexlify(mac) != sig[1].lower():
+            raise OTAError("bad signature")
+        # The last list taken: its counter and version, recorded before its
+        # switch, so that no power cut leaves an older one.
+        own = _read(ota.state + $SIGNED).split()
+        sig = int(sig[0])
+        if own and (sig < int(own[0]) or sig == int(own[0]) and ota.wanted != own[1]):
+            raise OTAError("older than the board's (%d < %s)" % (sig, own[0]))
+        _write(ota.state + $SIGNED, "%d %s" % (sig, ota.wanted))
+    except OTAError as e:
+        _remove(ota.state + $NEW)
+        raise OTAError("%s: %s" % ($LIST_PATH, e))
 '''
 
 DEVICE_FETCH = r'''# otapromoter_fetch.py: the second step of an update (see otapromoter_client),
@@ -5995,6 +6172,7 @@ DEVICE_TEMPLATES = (("otapromoter.py", DEVICE_MAIN),
                     ("otapromoter_trial.py", DEVICE_TRIAL),
                     ("otapromoter_watch.py", DEVICE_WATCH),
                     ("otapromoter_list.py", DEVICE_LIST),
+                    ("otapromoter_sign.py", DEVICE_SIGN),
                     ("otapromoter_fetch.py", DEVICE_FETCH),
                     ("otapromoter_switch.py", DEVICE_SWITCH),
                     ("otapromoter_check.py", DEVICE_CHECK),
@@ -6104,6 +6282,9 @@ def build_parser():
     parser.add_argument("--no-board-output", action="store_true",
                         help="do not log what the boards' apps print (the status page still "
                              "shows it)")
+    parser.add_argument("--key", metavar="FILE",
+                        help="sign every list with this key (see keygen): boards holding it "
+                             "apply only what it signed")
     parser.add_argument("--trusted-proxy", type=ip_network, action="append", metavar="ADDRESS",
                         help="a reverse proxy (an address or a network; again for more) whose "
                              "X-Real-IP or X-Forwarded-For says the board's address")
@@ -6116,6 +6297,9 @@ def build_parser():
     client.add_argument("--micropython", type=micropython_release, default=OLDEST_MICROPYTHON,
                         metavar="X.Y", help="compile for boards of this MicroPython release and "
                         "newer (default %d.%d, the oldest supported)" % OLDEST_MICROPYTHON)
+    keygen_command = commands.add_parser(
+        "keygen", help="write a new key for signed updates (never over a file)")
+    keygen_command.add_argument("file", help="the key file to write (readable by you only)")
     export = commands.add_parser(
         "export", help="write the API as static files for nginx, object storage or a CDN")
     export.add_argument("out", help="folder to write")
@@ -6127,6 +6311,8 @@ def build_parser():
                         default=argparse.SUPPRESS)
     export.add_argument("--mpy", nargs="?", const="", metavar="MPY_CROSS",
                         default=argparse.SUPPRESS, help="export .mpy views too")
+    export.add_argument("--key", metavar="FILE", default=argparse.SUPPRESS,
+                        help="sign the lists with this key (files.txt.sig beside each list)")
     export.add_argument("--micropython", type=micropython_release, action="append",
                         metavar="X.Y", help="with --mpy: a view compiled for boards of this "
                         "MicroPython release (again for more; default %d.%d, the oldest "
@@ -6152,6 +6338,18 @@ def mpy_option(args):
     return args.mpy or mpy_cross, compilers
 
 
+def key_option(args):
+    """The Signer of --key FILE, or None; the file is never served from the
+    served folder."""
+    if not getattr(args, "key", None):
+        return None
+    signer = Signer(args.key)
+    root, path = os.path.realpath(args.root), os.path.realpath(args.key)
+    if os.path.commonpath([root, path]) == root:
+        Rules.keys = frozenset([os.path.relpath(path, root).replace(os.sep, "/")])
+    return signer
+
+
 def serve(args):
     if args.poll is not None and not args.poll > 0:
         raise PromoterError("--poll: must be a positive number of seconds")
@@ -6172,6 +6370,7 @@ def serve(args):
     # a job a script started in the background is.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     raise_fd_limit()
+    signer = key_option(args)
     mpy_cross, compilers = mpy_option(args)
     promoter = Promoter(args.root, args.default_ignores, mpy_cross, compilers, args.hold_broken)
     try:
@@ -6179,6 +6378,7 @@ def serve(args):
                                 token=args.token)
         server.log_output = not args.no_board_output
         server.trusted_proxies = tuple(args.trusted_proxy or ())
+        server.signer = signer
     except PermissionError:
         raise PromoterError("port %d: permission denied (ports below 1024 need root; "
                             "use --port 9090)" % args.port)
@@ -6200,6 +6400,8 @@ def serve(args):
         print(".py files compiled for each board's MicroPython release, by the newest "
               "compiler no newer than it: %s" % ", ".join(
                   "%d.%d+" % c.release for c in reversed(compilers)))
+    if signer:
+        print("lists signed with the key in %s (counter in %s)" % (args.key, signer.counter_path))
     print("a token is required on every request" if args.token else
           "no token: anyone on the network can read these files (see --token)")
     if server.trusted_proxies:
@@ -6261,8 +6463,9 @@ def export(args):
     compilers = mpy_option(args)[1] if args.mpy is not None else None
     if args.mpy is not None and not compilers:
         raise PromoterError("export --mpy: no mpy-cross found (pip install mpy-cross-multi)")
+    signer = key_option(args)
     snapshot = export_static(args.root, args.out, args.port, args.default_ignores, compilers,
-                             args.micropython or (OLDEST_MICROPYTHON,))
+                             args.micropython or (OLDEST_MICROPYTHON,), signer)
     print("exported %d files, version %s, to %s" % (len(snapshot.entries), snapshot.version,
                                                     os.path.realpath(args.out)))
     print("serve it with nginx: include \"%s\" inside http {}" % os.path.join(
@@ -6280,6 +6483,12 @@ def main(argv=None):
             return write_client(args)
         if args.command == "export":
             return export(args)
+        if args.command == "keygen":
+            keygen(args.file)
+            print("wrote a new key to %s; copy it to each board as %s in its main folder "
+                  "(mpremote cp %s :%s), and serve with --key %s" % (
+                      args.file, KEY_FILE, args.file, KEY_FILE, args.file))
+            return 0
         return serve(args)
     except PromoterError as e:
         print("promoter: %s" % e, file=sys.stderr)

@@ -207,13 +207,14 @@ class Served:
 
     def __init__(self, root, poll=None, max_connections=64, idle_timeout=2.0, token=None, port=0,
                  head_timeout=promoter.HEAD_TIMEOUT, mpy_cross=MPY_CROSS, mpy=False,
-                 hold_broken=False, default_ignores=True):
+                 hold_broken=False, default_ignores=True, key=None):
         # mpy: build .mpy views, with mpy_cross alone (as --mpy=MPY_CROSS)
         self.promoter = promoter.Promoter(
             root, default_ignores, mpy_cross=mpy_cross, hold_broken=hold_broken,
             compilers=promoter.mpy_compilers(mpy_cross) if mpy else None)
         self.server = promoter.PromoterServer(("127.0.0.1", port), self.promoter,
                                               max_connections, idle_timeout, token, head_timeout)
+        self.server.signer = promoter.Signer(key) if key else None  # (--key)
         self.port = self.server.server_address[1]
         self.url = "http://127.0.0.1:%d" % self.port
         self.watcher = promoter.start_watcher(self.promoter, poll)
@@ -3096,16 +3097,19 @@ def heap_held(build, lib, url=None, heap="32k", console=True):
     raise AssertionError("the app did not run: " + out.stdout + out.stderr)
 
 
-def first_install(build, lib, url, heap_kb, via):
+def first_install(build, lib, url, heap_kb, via, key=None):
     """A first install into lib/board (through update() or run(), which
-    restarts when done) in a heap of heap_kb KB: the process's exit code,
-    its output, and the board's files."""
+    restarts when done) in a heap of heap_kb KB, the board holding `key`
+    (a key file) if given: the process's exit code, its output, and the
+    board's files."""
     code = "import sys\nimport otapromoter\n" + {
         "update()": "otapromoter.update(sys.argv[1], sys.argv[2], verbose=False)\n",
         "run()": "otapromoter.run(sys.argv[1], main_dir=sys.argv[2], verbose=False)\n"}[via]
     board = os.path.join(lib, HEAP_BOARD)
     shutil.rmtree(board, ignore_errors=True)
     os.makedirs(board)
+    if key:
+        shutil.copy(key, os.path.join(board, promoter.KEY_FILE))
     out = subprocess.run([build, "-X", "heapsize=%dk" % heap_kb, "-c", code, url, HEAP_BOARD],
                          cwd=lib, capture_output=True, text=True, timeout=120,
                          stdin=subprocess.DEVNULL)
