@@ -294,7 +294,9 @@ def device_sources():
                   REPORT_MAX=REPORT_MAX, OUTPUT_HEADER=OUTPUT_HEADER, CONSOLE_MAX=CONSOLE_MAX,
                   TAKES_OUTPUT_HEADER=TAKES_OUTPUT_HEADER, WAIT=WAIT,
                   PROXY_GAVE_UP=PROXY_GAVE_UP, KEY_FILE=KEY_FILE,
-                  SIGNATURE_SUFFIX=SIGNATURE_SUFFIX,
+                  SIGNATURE_SUFFIX=SIGNATURE_SUFFIX, LIST_PATH_BYTES=LIST_PATH.encode(),
+                  SIGNATURE_SUFFIX_BYTES=SIGNATURE_SUFFIX.encode(),
+                  SIGNED_BYTES=BOARD_FILES["SIGNED"].encode(),
                   SIGNATURE_NAME=SIGNATURE_HEADER.lower().encode() + b":",
                   SIGNATURE_LENGTH=len(SIGNATURE_HEADER) + 1)
     values = {name: repr(value) for name, value in values.items()}
@@ -379,7 +381,7 @@ class Rules:
                 patterns.append(line)
         return cls(patterns)
 
-    keys = frozenset()  # the --key file's path in the served folder, if it is there
+    keys = frozenset()  # the --key file's paths (and its counter's) in the served folder
 
     def matches(self, relpath, is_dir=False):
         """True if a rule matches this very path (its parents are not checked).
@@ -5438,56 +5440,66 @@ def _plan(ota, new, old):
 '''
 
 DEVICE_SIGN = r'''# otapromoter_sign.py: the part of otapromoter (see there) that checks a
-# list's signature, on a board holding a key (see OTAPromoter's key),
-# imported before the list's step and after it, and dropped each time: a
-# board without a key loads none of it. Its names are few and most of them
-# the other files' too: each new one stays in the heap (MicroPython's
-# names are never freed).
+# list's signature, on a board holding a key (see otapromoter_list),
+# imported before the list is read and after, and dropped each time: a board
+# without a key loads none of it. MicroPython never frees a name (a str
+# constant, an argument's name), and one more can make the next file's
+# names take a new pool, twice the last one's size: so its names are the
+# other files' (`data`, `ota`), and its texts bytes, decoded when needed.
 import binascii
-from hashlib import sha256
 
-from otapromoter_client import OTAError, _read, _write, _remove
+from otapromoter_client import OTAError, _read, _write, _remove, _rename
+try:
+    from hashlib import sha256
+except ImportError:  # a firmware without hashlib: nothing it is sent can be checked
+    sha256 = None
 
 
-def run(ota, mac=None):
-    # Before the list is read: the inner hash of HMAC-SHA256 (MicroPython
-    # has no hmac module), fed the key's inner pad; the list's step feeds it
-    # the list. After: the list (ota.wanted) is taken only if the key signed
-    # it and its counter is not below the one of the last list taken (equal:
-    # the same version), else OTAError, and the new list is removed: the
-    # board is unchanged. The signature comes in the list answer's header,
-    # or from a static host in a file beside the list.
+def run(ota, data=None):
+    # Before the list is read (no `data`): the inner hash of HMAC-SHA256
+    # (MicroPython has no hmac module), fed the key's inner pad; the list's
+    # step feeds it the list, and gives it back as `data`. Then the list
+    # (ota.wanted) is taken only if the key signed it and its counter is not
+    # below the one of the last list taken (equal: the same version), else
+    # OTAError, and the new list is removed: the board is unchanged. The
+    # signature comes in the list answer's header, or from a static host in
+    # a file beside the list.
+    if not sha256:
+        raise OTAError(b"no hashlib.sha256 here to check a signature".decode())
     key = ota.key or _read(ota.dir + $KEY_FILE)
     if not isinstance(key, bytes):
         key = binascii.unhexlify(key)
     if len(key) > 64:
         key = sha256(key).digest()
     key += bytes(64 - len(key))
-    if not mac:
+    if not data:
         return sha256(bytes(b ^ 0x36 for b in key))
     try:
         sig, ota.signature = ota.signature, None
         if sig is None:
             ota._close()
-            sig = ota._line().strip() if ota._open($LIST_PATH + $SIGNATURE_SUFFIX) == 200 else b""
+            sig = ota._line().strip() if ota._open(
+                ($LIST_PATH_BYTES + $SIGNATURE_SUFFIX_BYTES).decode()) == 200 else b""
             ota._close()
         sig = sig.split()
         if len(sig) != 2 or not sig[0].isdigit():
-            raise OTAError("unsigned")
-        mac.update(sig[0])
-        mac = sha256(bytes(b ^ 0x5c for b in key) + mac.digest()).digest()
-        if binascii.hexlify(mac) != sig[1].lower():
-            raise OTAError("bad signature")
-        # The last list taken: its counter and version, recorded before its
-        # switch, so that no power cut leaves an older one.
-        own = _read(ota.state + $SIGNED).split()
-        sig = int(sig[0])
-        if own and (sig < int(own[0]) or sig == int(own[0]) and ota.wanted != own[1]):
-            raise OTAError("older than the board's (%d < %s)" % (sig, own[0]))
-        _write(ota.state + $SIGNED, "%d %s" % (sig, ota.wanted))
+            raise OTAError(b"unsigned".decode())
+        data.update(sig[0])
+        data = sha256(bytes(b ^ 0x5c for b in key) + data.digest()).digest()
+        if binascii.hexlify(data) != sig[1].lower():
+            raise OTAError(b"bad signature".decode())
+        # The last list taken: its counter and version, recorded (whole, by a
+        # rename) before its switch, so that no power cut leaves an older one.
+        key = ota.state + $SIGNED_BYTES.decode()
+        data = _read(key).split()
+        if len(data) == 2 and (int(sig[0]) < int(data[0]) or int(sig[0]) == int(data[0])
+                               and ota.wanted != data[1]):
+            raise OTAError((b"older than the board's: " + sig[0] + b" < ").decode() + data[0])
+        _write(key + ".tmp", (sig[0] + b" ").decode() + ota.wanted)
+        _rename(key + ".tmp", key)
     except OTAError as e:
         _remove(ota.state + $NEW)
-        raise OTAError("%s: %s" % ($LIST_PATH, e))
+        raise OTAError($LIST_PATH + ": " + str(e))
 '''
 
 DEVICE_FETCH = r'''# otapromoter_fetch.py: the second step of an update (see otapromoter_client),
@@ -6345,8 +6357,9 @@ def key_option(args):
         return None
     signer = Signer(args.key)
     root, path = os.path.realpath(args.root), os.path.realpath(args.key)
-    if os.path.commonpath([root, path]) == root:
-        Rules.keys = frozenset([os.path.relpath(path, root).replace(os.sep, "/")])
+    if os.path.commonpath([root, path]) == root:  # (with its counter: it changes each version)
+        relpath = os.path.relpath(path, root).replace(os.sep, "/")
+        Rules.keys = frozenset([relpath, relpath + ".counter", relpath + ".counter.tmp"])
     return signer
 
 
