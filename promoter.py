@@ -5370,9 +5370,10 @@ def run(ota):
         raise
     finally:
         ota._close()
-    if mac:  # fed all that came: checked now
-        _call("otapromoter_sign", "run", ota, mac)
-        mac = None
+    # With a key: the list's signature, and the hash fed all that came,
+    # checked once this file is dropped, before anything is downloaded
+    # (otapromoter_fetch calls otapromoter_sign).
+    ota.signature = mac and (ota.signature, mac)
     try:
         return _plan(ota, new, ota.state + $STATE)
     except (OSError, OTAError) as e:
@@ -5458,7 +5459,8 @@ except ImportError:  # a firmware without hashlib: nothing it is sent can be che
 def run(ota, data=None):
     # Before the list is read (no `data`): the inner hash of HMAC-SHA256
     # (MicroPython has no hmac module), fed the key's inner pad; the list's
-    # step feeds it the list, and gives it back as `data`. Then the list
+    # step feeds it the list, and gives it back with the list's signature
+    # header (or None) as `data`. Then the list
     # (ota.wanted) is taken only if the key signed it and its counter is not
     # below the one of the last list taken (equal: the same version), else
     # OTAError, and the new list is removed: the board is unchanged. The
@@ -5475,7 +5477,8 @@ def run(ota, data=None):
     if not data:
         return sha256(bytes(b ^ 0x36 for b in key))
     try:
-        sig, ota.signature = ota.signature, None
+        sig, data = data
+        ota.signature = None
         if sig is None:
             ota._close()
             sig = ota._line().strip() if ota._open(
@@ -5509,7 +5512,7 @@ DEVICE_FETCH = r'''# otapromoter_fetch.py: the second step of an update (see ota
 import binascii
 import errno
 
-from otapromoter_client import OTAError, _kind, _remove, _rename, _merge
+from otapromoter_client import OTAError, _kind, _remove, _rename, _merge, _call
 try:
     from hashlib import sha1
 except ImportError:  # firmware built without TLS can lack it
@@ -5529,7 +5532,10 @@ _warned = []
 
 def run(ota):
     # Stage every file the board lacks; False if one is no longer served
-    # (the files changed on the server: the update starts over).
+    # (the files changed on the server: the update starts over). A signed
+    # list is checked first (see otapromoter_list).
+    if ota.signature:
+        _call("otapromoter_sign", "run", ota, ota.signature)
     buf = bytearray(_BUF_SIZE)
     try:
         for was, now in _merge(ota.state + $STATE, ota.state + $NEW):
