@@ -26,6 +26,7 @@ import re
 import resource
 import shutil
 import signal
+import stat
 import socket
 import subprocess
 import sys
@@ -2552,6 +2553,44 @@ class DeviceTest(BoardTest):
         self.assertEqual(self.board.files()["main.py"], b"print('while away')\n")
 
 
+class KeyTest(PromoterTest):
+    def test_keygen_writes_a_new_private_key_and_never_over_a_file(self):
+        path = os.path.join(self.tmp, "fleet.key")
+        result = run_cli(["keygen", path])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("copy it to each board as promoter.key", result.stdout)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path) as f:
+            key = f.read()
+        self.assertRegex(key, r"^[0-9a-f]{64}\n$")
+        self.assert_usage_error(run_cli(["keygen", path]), "exists: a key is never overwritten")
+        with open(path) as f:
+            self.assertEqual(f.read(), key)
+        run_cli(["keygen", path + "2"])
+        with open(path + "2") as f:
+            self.assertNotEqual(f.read(), key)
+        write(self.tmp, "bad.key", "not a key\n")
+        write(self.root, "main.py", "x\n")
+        self.assert_usage_error(run_cli(["--root", self.root, "--port", "0", "--key",
+                                         os.path.join(self.tmp, "bad.key")]), "not a key")
+
+    def test_the_counter_only_grows_across_restarts_and_a_clock_set_back(self):
+        path = os.path.join(self.tmp, "fleet.key")
+        promoter.keygen(path)
+        signer = promoter.Signer(path)
+        first = signer.counter("a" * 40)
+        self.assertGreaterEqual(first, int(time.time()) - 1)
+        self.assertEqual(signer.counter("a" * 40), first)  # the same version: the same counter
+        second = signer.counter("b" * 40)
+        self.assertGreater(second, first)
+        # The clock set back by a day (the counter kept is ahead of it): it grows still.
+        ahead = int(time.time()) + 86400
+        write(self.tmp, "fleet.key.counter", "%d\n" % ahead)
+        again = promoter.Signer(path)  # a restart
+        self.assertEqual(again.counter("b" * 40), ahead + 1)
+        self.assertEqual(again.counter("c" * 40), ahead + 2)
+
+
 class SignedDeviceTest(DeviceTest):
     """The same with signed updates: the server signs with a key the board
     holds (its promoter.key), so every update, cut or not, checks a
@@ -2650,6 +2689,20 @@ class SignedUpdateTest(BoardTest):
         self.board.update(static(new))
         self.assertEqual(self.board.files(), self.expected())
         self.refused(static(old), "/files.txt: older than the board's")
+        # nginx, with the export's own nginx.conf, serves the signatures too.
+        if shutil.which("nginx"):
+            port = free_port()
+            os.chmod(self.tmp, 0o755)  # nginx workers may run as another user
+            result = run_cli(["export", "--key", self.key, "--port", str(port), "--root",
+                              self.root, new])
+            self.assertEqual(result.returncode, 0, result.stderr)
+            start_nginx(self, new)
+            wait_until(lambda: ExportTest.nginx_up(self, port), timeout=10, message="nginx")
+            other = Board(self, "other")
+            other.interpreter, other.lib = self.board.interpreter, self.board.lib
+            shutil.copy(self.key, os.path.join(other.dir, promoter.KEY_FILE))
+            other.update("http://127.0.0.1:%d" % port)
+            self.assertEqual(other.files()["main.py"], b"print('newer')\n")
         # A static host without the signatures is an impostor too.
         os.remove(os.path.join(new, "files.txt.sig"))
         self.save("main.py", "print('newest')\n")
