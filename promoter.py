@@ -36,16 +36,17 @@ module); ignore rules (Rules, and the probe that rejects rules that
 backtrack without end); index (safe opening beneath the root, the walk,
 hashing, Snapshot, Promoter); watchers (Debouncer, the polling and inotify
 watchers); compile (Compiler: each saved .py compiled off the publish path,
-for its syntax errors and the .mpy view); HTTP (the request handler, the
-parking of waiting requests, the server); status page; static export;
-device module (thirteen files, each imported only when needed: DEVICE_MAIN,
-the API; DEVICE_RUN, the runner beside the app; DEVICE_START, a start;
-DEVICE_CLIENT, files, lists, HTTP, OTAPromoter; DEVICE_WORK, the order of
-run()'s work; DEVICE_TRIAL, crash reports, the trial, the run file;
-DEVICE_WATCH, watch(); DEVICE_LIST, DEVICE_FETCH, DEVICE_SWITCH, an
-update's three steps; DEVICE_CHECK, the board's files and a new module
-checked; DEVICE_TRY, the test of a new module, the end of a trial, the
-watchdog; DEVICE_CONSOLE, what the app prints); CLI.
+for its syntax errors and the .mpy view); HTTP (signing the lists, the
+request handler, the parking of waiting requests, the server); status page;
+static export; device module (fourteen files, each imported only when
+needed: DEVICE_MAIN, the API; DEVICE_RUN, the runner beside the app;
+DEVICE_START, a start; DEVICE_CLIENT, files, lists, HTTP, OTAPromoter;
+DEVICE_WORK, the order of run()'s work; DEVICE_TRIAL, crash reports, the
+trial, the run file; DEVICE_WATCH, watch(); DEVICE_LIST, DEVICE_FETCH,
+DEVICE_SWITCH, an update's three steps; DEVICE_SIGN, a signed list checked;
+DEVICE_CHECK, the board's files and a new module checked; DEVICE_TRY, the
+test of a new module, the end of a trial, the watchdog; DEVICE_CONSOLE,
+what the app prints); CLI.
 """
 
 import argparse
@@ -4117,6 +4118,7 @@ DEVICE_MAIN = r'''# otapromoter.py: the device side of promoter.py, for MicroPyt
 #   otapromoter_list, otapromoter_fetch, otapromoter_switch
 #                       the three steps of an update: the list and the plan,
 #                       the downloads, the journal of the switch
+#   otapromoter_sign    a signed list checked (a board holding a key)
 #   otapromoter_check   what the app changed of the promoted files, and
 #                       whether a new device module is to be tested
 #   otapromoter_try     trials: of a new device module (at a start, before
