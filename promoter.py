@@ -4680,7 +4680,7 @@ class OTAPromoter:
         self.ours = False  # the update changes the device module's files (otapromoter_list)
         self.sock = None  # the request under way (one at a time)
         self.takes_output = False  # the server said it takes run()'s output (see _open)
-        self.key = key  # signed updates: see otapromoter_list
+        self.key, self.signature = key, None  # signed updates: see otapromoter_list
         # Where the firmware loads .mpy files, the files come from the view of
         # its format and release (/mpy6/1.19/files.txt): compiled by the server
         # (--mpy) with a compiler no newer than the firmware (newer code can
@@ -4744,7 +4744,7 @@ class OTAPromoter:
             sock.settimeout(self.timeout)
             sock.connect(ai[-1])
             self.t0, self.budget = time.ticks_ms(), int((timeout or self.timeout) * 1000)
-            self.pending, self.length, self.signature = b"", -1, None
+            self.pending, self.length = b"", -1
             h += "\r\n"
             if hasattr(sock, "recv_into"):  # CPython
                 send = sock.sendall
@@ -4772,8 +4772,8 @@ class OTAPromoter:
                     self.length = int(line[15:])
                 elif line.lower().startswith($TAKES_OUTPUT_HEADER.lower().encode()):
                     self.takes_output = True
-                elif line[:$SIGNATURE_LENGTH].lower() == $SIGNATURE_NAME:
-                    self.signature = line[$SIGNATURE_LENGTH:].strip()
+                elif self.signature == b"" and line[:$SIGNATURE_LENGTH].lower() == $SIGNATURE_NAME:
+                    self.signature = line[$SIGNATURE_LENGTH:].strip()  # (asked: see otapromoter_list)
             else:
                 raise OTAError("more than %d header lines" % $HEADERS_MAX)
             if status == 404 and self.view and (path == $LIST_PATH or path.startswith($VERSION_PATH)):
@@ -5313,6 +5313,7 @@ def run(ota):
     # A board holding a key (OTAPromoter's key, else the key file in its
     # main folder) takes a list only with its signature (otapromoter_sign).
     mac = (ota.key or _kind(ota.dir + $KEY_FILE)) and _call("otapromoter_sign", "run", ota)
+    ota.signature = mac and b""  # the list answer's signature header, if any, goes here
     status = ota._open($LIST_PATH, ota.etags()[1:] if damaged else ota.etags())
     try:
         if status == 304:
@@ -5375,7 +5376,7 @@ def run(ota):
     # With a key: the list's signature, and the hash fed all that came,
     # checked once this file is dropped, before anything is downloaded
     # (otapromoter_fetch calls otapromoter_sign).
-    ota.signature = mac and (ota.signature, mac)
+    ota.signature = mac and (ota.signature or None, mac)
     try:
         return _plan(ota, new, ota.state + $STATE)
     except (OSError, OTAError) as e:

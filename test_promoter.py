@@ -7313,7 +7313,7 @@ def bench_micropython_heap(scratch, build):
         if os.path.exists(key):
             os.remove(key)
         promoter.keygen(key)
-        server = start_promoter(root, ["--key", key])  # (a board without the key: as unsigned)
+        server, signing = start_promoter(root), start_promoter(root, ["--key", key])
         try:
             for via in ("update()", "run()", "signed"):
                 # Downward from a heap that works, to the first that does not
@@ -7321,13 +7321,14 @@ def bench_micropython_heap(scratch, build):
                 for heap in range(40, 8, -1):
                     # run() that fails restarts the board too: the files tell.
                     code, out, files = first_install(
-                        build, lib, server.url, heap, "update()" if via == "signed" else via,
-                        key if via == "signed" else None)
+                        build, lib, (signing if via == "signed" else server).url, heap,
+                        "update()" if via == "signed" else via, key if via == "signed" else None)
                     if code != 0 or out.strip() or files != tree_files(root):
                         break  # (quiet: whatever it printed is a failure, of the start too)
                     smallest[count, via] = heap
         finally:
             server.close()
+            signing.close()
             shutil.rmtree(root)
     return (os.path.basename(build), losses[0][0], (min(l[0] for l in losses[1:]),
                                                     max(l[0] for l in losses[1:])),
