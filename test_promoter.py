@@ -16,12 +16,14 @@ import codecs
 import collections
 import concurrent.futures
 import copy
+import errno
 import hashlib
 import http.client
 import ipaddress
 import json
 import logging
 import os
+import random
 import re
 import resource
 import shutil
@@ -1587,14 +1589,22 @@ class CliTest(PromoterTest):
         self.assert_usage_error(run_cli(["--root", self.root, "--port", str(port)]),
                                 "promoter: port %d: already in use" % port)
         # Held on the other family: a client of localhost could reach either.
-        try:
-            busy6 = socket.socket(socket.AF_INET6)
-            busy6.bind(("::1", 0))
-        except OSError:
-            self.skipTest("no IPv6 here")
-        busy6.listen()
+        # (A port below the kernel's range for outgoing connections, whose
+        # IPv4 side nothing else can take meanwhile.)
+        busy6 = socket.socket(socket.AF_INET6)
         self.addCleanup(busy6.close)
-        port6 = busy6.getsockname()[1]
+        for port6 in random.Random().sample(range(20000, 30000), 100):
+            try:
+                with socket.socket() as probe:
+                    probe.bind(("0.0.0.0", port6))
+                busy6.bind(("::1", port6))
+                break
+            except OSError as e:
+                if e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                    self.skipTest("no IPv6 here")
+        else:
+            self.fail("no port free on both IPv4 and IPv6 in 20000-30000")
+        busy6.listen()
         self.assert_usage_error(run_cli(["--root", self.root, "--port", str(port6)]),
                                 "promoter: port %d: already in use on IPv6" % port6)
         self.assert_usage_error(run_cli(["--root", self.root, "--host", "::1",
@@ -6651,7 +6661,6 @@ def make_tree(root, count, sizes=(1024, 1024), seed=1):
     """`count` files in folders of 100, sizes from low to high, most of them
     small (low * (high/low) ** u**1.7: 5,000 files of 1 KB to 256 KB are
     about 150 MB)."""
-    import random
     rng = random.Random(seed)
     low, high = sizes
     total = 0
