@@ -6088,11 +6088,15 @@ class WebDriver:
             f.write(base64.b64decode(self.call("GET", "/session/%s/screenshot" % self.session)))
 
 
+NEEDS_CHROMIUM = unittest.skipUnless(
+    shutil.which("chromium") and shutil.which("chromedriver"),
+    "chromium and chromedriver are not installed (Debian: chromium chromium-driver; .ci/run "
+    "installs them)")
+
+
+@NEEDS_CHROMIUM
 class StatusPageTest(PromoterTest):
     def test_status_page_in_chromium_updates_itself_and_shows_header_text_as_text(self):
-        if not (shutil.which("chromium") and shutil.which("chromedriver")):
-            self.skipTest("chromium and chromedriver are not installed (Debian: chromium "
-                          "chromium-driver; .ci/run installs them)")
         write(self.root, "main.py", "print(1)\n")
         write(self.root, "lib/util.py", "X = 1\n")
         served = self.serve()
@@ -6178,11 +6182,9 @@ class StatusPageTest(PromoterTest):
             browser.screenshot(os.environ["PROMOTER_SCREENSHOT"])
 
 
+@NEEDS_CHROMIUM
 class StatusPageLoginTest(PromoterTest):
     def test_the_page_opened_with_the_token_in_its_url_fills_itself(self):
-        if not (shutil.which("chromium") and shutil.which("chromedriver")):
-            self.skipTest("chromium and chromedriver are not installed (Debian: chromium "
-                          "chromium-driver; .ci/run installs them)")
         write(self.root, "lib/util.py", "X = 1\n")
         served = self.serve(token="s3cret")
         browser = WebDriver(self)
