@@ -4072,9 +4072,11 @@ def export_static(root, out, port=DEFAULT_PORT, default_ignores=True, compilers=
                 write_atomic(target, data)
             for name, kind in (("files.json", "files"), ("files.txt", "files.txt")):
                 write_atomic(os.path.join(folder, name), view.body(kind))
+                signature = os.path.join(folder, name + SIGNATURE_SUFFIX)
                 if signer:  # (a static host sends no header of ours: a file beside)
-                    write_atomic(os.path.join(folder, name + SIGNATURE_SUFFIX),
-                                 signer.signature(view, kind).encode() + b"\n")
+                    write_atomic(signature, signer.signature(view, kind).encode() + b"\n")
+                elif os.path.exists(signature):  # an earlier export's, of another list
+                    os.remove(signature)
         write_atomic(os.path.join(out, "nginx.conf"), nginx_conf(views, out, port).encode())
         for prefix, view in views:
             write_atomic(os.path.join(out, prefix.lstrip("/"), "files", "version"),
@@ -5474,6 +5476,8 @@ def run(ota, data=None):
     key = ota.key or _read(ota.dir + $KEY_FILE)
     if not isinstance(key, bytes):
         key = binascii.unhexlify(key)
+    if len(key) < 16:  # (an empty key file would take what an empty key signs)
+        raise OTAError(b"the board's key is not a key".decode())
     if len(key) > 64:
         key = sha256(key).digest()
     key += bytes(64 - len(key))

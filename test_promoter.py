@@ -2713,12 +2713,17 @@ class SignedUpdateTest(BoardTest):
             shutil.copy(self.key, os.path.join(other.dir, promoter.KEY_FILE))
             other.update("http://127.0.0.1:%d" % port)
             self.assertEqual(other.files()["main.py"], b"print('newer')\n")
-        # A static host without the signatures is an impostor too.
-        os.remove(os.path.join(new, "files.txt.sig"))
+        # A static host without the signatures is an impostor too (an export
+        # without --key removes an earlier export's).
         self.save("main.py", "print('newest')\n")
         result = run_cli(["export", "--root", self.root, new])  # (unsigned)
         self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertFalse(os.path.exists(os.path.join(new, "files.txt.sig")))
         self.refused(static(new), "/files.txt: unsigned")
+        # A key file that holds no key takes nothing (an empty key would
+        # take what anyone signs with an empty key).
+        write(self.board.dir, promoter.KEY_FILE, "\n")
+        self.refused(self.served.url, "the board's key is not a key")
 
     def test_boards_without_a_key_and_the_original_clients_api_are_unchanged(self):
         keyless = Board(self, "keyless")
