@@ -4320,11 +4320,11 @@ def _follow():
         if _run[_WDT]:
             _run[_WDT].feed()
         time.sleep(0.05)
-    _run[_ENDING] = True  # the Unix port, where this ends only the thread: poll() ends it all
-    try:  # as at the end of run()
+    try:  # as at the end of run(); first: what ends the process may come next
         os.rename(_run[_DIR] + $RUN, _run[_DIR] + $RESTART)
     except OSError:
         pass
+    _run[_ENDING] = True  # the Unix port, where this ends only the thread: poll() ends it all
     _run[_RESET]()
 
 
