@@ -295,11 +295,12 @@ def device_sources():
                   REPORT_MAX=REPORT_MAX, OUTPUT_HEADER=OUTPUT_HEADER, CONSOLE_MAX=CONSOLE_MAX,
                   TAKES_OUTPUT_HEADER=TAKES_OUTPUT_HEADER, WAIT=WAIT,
                   PROXY_GAVE_UP=PROXY_GAVE_UP, KEY_FILE=KEY_FILE,
-                  SIGNATURE_SUFFIX=SIGNATURE_SUFFIX, LIST_PATH_BYTES=LIST_PATH.encode(),
-                  SIGNATURE_SUFFIX_BYTES=SIGNATURE_SUFFIX.encode(),
-                  SIGNED_BYTES=BOARD_FILES["SIGNED"].encode(),
+                  SIGNATURE_SUFFIX=SIGNATURE_SUFFIX,
                   SIGNATURE_NAME=SIGNATURE_HEADER.lower().encode() + b":",
                   SIGNATURE_LENGTH=len(SIGNATURE_HEADER) + 1)
+    # $NAME_BYTES: a text as bytes (a str constant is a name MicroPython keeps).
+    values.update({name + "_BYTES": value.encode() for name, value in list(values.items())
+                   if isinstance(value, str)})
     values = {name: repr(value) for name, value in values.items()}
     # Slot names are const(): MicroPython compiles them away (no name, no heap).
     values["RUN_SLOTS"] = (
@@ -388,8 +389,9 @@ class Rules:
         """True if a rule matches this very path (its parents are not checked).
         The ignore file, boards' own folders (a board may run in the served
         folder) and keys are never served, whatever the rules."""
-        if relpath == IGNORE_FILE or relpath in Rules.keys or is_dir and \
-                relpath.rpartition("/")[2] == STATE_DIR or relpath.rpartition("/")[2] == KEY_FILE:
+        name = relpath.rpartition("/")[2]
+        if relpath == IGNORE_FILE or relpath in Rules.keys or name == KEY_FILE or \
+                is_dir and name == STATE_DIR:
             return True
         for pattern in self._matchers:
             if pattern.fullmatch(relpath) or (is_dir and pattern.fullmatch(relpath + "/")):
@@ -2604,8 +2606,8 @@ class Signer:
     def __init__(self, path):
         self.key = read_key(path)
         self.counter_path = path + ".counter"
-        self._counters = collections.OrderedDict()  # version -> its counter (the latest few)
-        self._signatures = {}  # (version, kind) -> signature, of the latest versions
+        # version -> {"counter": its counter, kind: signature}, of the latest few
+        self._versions = collections.OrderedDict()
         self._lock = threading.Lock()
         self._last = self._stored()
         self._write(self._last)  # fails now, not at the first request
@@ -2626,28 +2628,29 @@ class Signer:
         except OSError as e:
             raise PromoterError("%s: %s" % (self.counter_path, e.strerror))
 
-    def counter(self, version):
-        """The publication counter of `version` (a new one the first time)."""
+    def _signed(self, version):
+        """What is known of `version`: its counter (a new one the first
+        time) and its signatures."""
         with self._lock:
-            if version not in self._counters:
+            if version not in self._versions:
                 self._last = max(self._last + 1, int(time.time()))
                 self._write(self._last)
-                self._counters[version] = self._last
-                while len(self._counters) > 16:
-                    old, _ = self._counters.popitem(last=False)
-                    for kind in ("files", "files.txt"):
-                        self._signatures.pop((old, kind), None)
-            return self._counters[version]
+                self._versions[version] = {"counter": self._last}
+                while len(self._versions) > 16:
+                    self._versions.popitem(last=False)
+            return self._versions[version]
+
+    def counter(self, version):
+        """The publication counter of `version`."""
+        return self._signed(version)["counter"]
 
     def signature(self, snapshot, kind):
         """"<counter> <hex HMAC>" of a list of `snapshot` ("files" or "files.txt")."""
-        key = (snapshot.version, kind)
-        signature = self._signatures.get(key)
-        if signature is None:
-            counter = self.counter(snapshot.version)
-            signature = self._signatures[key] = "%d %s" % (
-                counter, sign(self.key, snapshot.body(kind), counter))
-        return signature
+        signed = self._signed(snapshot.version)
+        if kind not in signed:
+            signed[kind] = "%d %s" % (signed["counter"], sign(
+                self.key, snapshot.body(kind), signed["counter"]))
+        return signed[kind]
 
 
 def sign(key, body, counter):
@@ -2727,6 +2730,15 @@ def listing_answer(snapshot, kind, tags, connection=None, head=False, signer=Non
     body = snapshot.body(kind)
     data = http_head(HTTPStatus.OK, LISTING_TYPES[kind], headers, len(body))
     return HTTPStatus.OK, data if head else data + body
+
+
+def connection_header(close, http10):
+    """The Connection header an answer needs, or None: "close" when the
+    connection closes after it, "keep-alive" when an HTTP/1.0 client's
+    stays open (1.0 closes by default)."""
+    if close:
+        return "close"
+    return "keep-alive" if http10 else None
 
 
 def ip_text(text):
@@ -3034,7 +3046,8 @@ class RequestHandler(BaseHTTPRequestHandler):
                                               'Basic realm="promoter", charset="UTF-8"'})
         if name is None:
             return self.answer_error(HTTPStatus.NOT_FOUND, "no such path: %s" % path)
-        self.server.devices.check_in(self.headers, self.client_ip())
+        self.client = self.client_ip()  # (for the log too)
+        self.server.devices.check_in(self.headers, self.client)
         if match:
             view = self.server.promoter.compiler.view(
                 int(mpy), major and (int(major), int(minor)))
@@ -3272,7 +3285,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 return self.answer_error(HTTPStatus.NOT_FOUND, gone)
             self.answer(HTTPStatus.OK, data, content_type, headers)
         if self.command == "GET":
-            log.info("%s downloaded %s", self.client_ip(), entry.path)
+            log.info("%s downloaded %s", self.client, entry.path)
 
     def stream_file(self, entry, content_type, headers):
         """Send a large file in STREAM_CHUNK pieces, in constant memory,
@@ -3305,7 +3318,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             h.update(entry.path.encode("utf-8"))
             if left or h.hexdigest() != entry.checksum:
                 log.warning("%s changed while it was sent to %s; cut short (the board retries)",
-                            entry.path, self.client_ip())
+                            entry.path, self.client)
                 self.close_connection = True
                 return True
             self.send_body(held)
@@ -3314,12 +3327,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     # --- answers ---
 
     def connection_header(self):
-        """The Connection header the answer needs, or None: "close" when the
-        connection closes after it, "keep-alive" when an HTTP/1.0 client's
-        stays open (1.0 closes by default)."""
-        if self.close_connection:
-            return "close"
-        return "keep-alive" if self.request_version == "HTTP/1.0" else None
+        return connection_header(self.close_connection, self.request_version == "HTTP/1.0")
 
     def answer(self, status, body=None, content_type=None, headers=None, length=None, close=False):
         """The whole answer in one write (a small body goes with the head),
@@ -3507,8 +3515,7 @@ class Parking:
             # the answer says whether the connection stays open.
             keep_alive = w.keep_alive and not self._closing and not hung_up and \
                 self.server.take_slot()
-            key = (w.view.snapshot, w.tags, ("keep-alive" if w.http10 else None) if keep_alive
-                   else "close", w.head)
+            key = (w.view.snapshot, w.tags, connection_header(not keep_alive, w.http10), w.head)
             if key not in answers:
                 answers[key] = listing_answer(key[0], "version", *key[1:])[1]
             try:
@@ -3601,15 +3608,15 @@ class PromoterServer(ThreadingHTTPServer):
         # A fleet connecting at once must not overflow the listen queue (5 by default).
         self.request_queue_size = min(LISTEN_BACKLOG, somaxconn())
         self.parking = Parking(self)  # before binding: a failed bind closes it
-        self.server_address_chosen = address[1] != 0
         super().__init__(address, RequestHandler)
 
     def server_bind(self):
         """Bind; and, on a port chosen (not 0), fail as if taken when a server
         of the other family (IPv4, IPv6) listens on it: the same URL could
         reach either."""
+        chosen = self.server_address[1] != 0  # (the port asked for, until bound)
         super().server_bind()
-        if not self.server_address_chosen:
+        if not chosen:
             return
         other = socket.AF_INET if self.address_family == socket.AF_INET6 else socket.AF_INET6
         try:
@@ -5465,12 +5472,12 @@ def run(ota, data=None):
     # Before the list is read (no `data`): the inner hash of HMAC-SHA256
     # (MicroPython has no hmac module), fed the key's inner pad; the list's
     # step feeds it the list, and gives it back with the list's signature
-    # header (or None) as `data`. Then the list
-    # (ota.wanted) is taken only if the key signed it and its counter is not
-    # below the one of the last list taken (equal: the same version), else
-    # OTAError, and the new list is removed: the board is unchanged. The
-    # signature comes in the list answer's header, or from a static host in
-    # a file beside the list.
+    # header (or None) as `data`. Then the list (ota.wanted) is taken only if
+    # the key signed it and its counter is not below the one of the last
+    # list taken (equal: the same version), else OTAError, and the new list
+    # is removed: the board is unchanged. The signature comes in the list
+    # answer's header, or from a static host in a file beside the list. The
+    # key is read each time, not kept: the heap between is the update's.
     if not sha256:
         raise OTAError(b"no hashlib.sha256 here to check a signature".decode())
     key = ota.key or _read(ota.dir + $KEY_FILE)
@@ -6371,8 +6378,8 @@ def key_option(args):
     signer = Signer(args.key)
     root, path = os.path.realpath(args.root), os.path.realpath(args.key)
     if os.path.commonpath([root, path]) == root:  # (with its counter: it changes each version)
-        relpath = os.path.relpath(path, root).replace(os.sep, "/")
-        Rules.keys = frozenset([relpath, relpath + ".counter", relpath + ".counter.tmp"])
+        Rules.keys = frozenset(os.path.relpath(p, root).replace(os.sep, "/") for p in (
+            path, signer.counter_path, signer.counter_path + ".tmp"))  # (see write_atomic)
     return signer
 
 

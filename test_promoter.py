@@ -2252,11 +2252,12 @@ class FaultProxy(TestServer):
     def __init__(self, test, target_port, fault=None):
         self.target_port = target_port
         self.fault = fault or (lambda path: None)
-        self.paths = []
+        self.paths, self.heads = [], []  # of the requests, as they came
         super().__init__(test)
 
     def respond(self, path, head, conn):
         self.paths.append(path)
+        self.heads.append(head)
         fault = self.fault(path)
         if callable(fault):
             fault = fault()
@@ -2638,15 +2639,10 @@ class SignedUpdateTest(BoardTest):
         if os.path.isdir(os.path.join(state, "stage")):
             self.assertEqual(os.listdir(os.path.join(state, "stage")), [])
 
-    def save(self, path, text):
-        version = self.served.version()
-        write(self.root, path, text)
-        wait_until(lambda: self.served.version() != version, message="the save served")
-
     def test_impostors_are_refused_and_the_signing_server_is_followed(self):
         self.board.update(self.served.url)
         self.assertEqual(self.board.files(), self.expected())
-        self.save("main.py", "print('next')\n")
+        self.change_tree(lambda: write(self.root, "main.py", "print('next')\n"))
         other = os.path.join(self.tmp, "other.key")
         promoter.keygen(other)
         # A proxy that alters the list (its version's first digit: the list
@@ -2686,16 +2682,7 @@ class SignedUpdateTest(BoardTest):
             self.assertEqual(result.returncode, 0, result.stderr)
         self.assertNotIn(open(self.key).read().strip(), open(os.path.join(new, "files.txt.sig")).read())
 
-        def static(folder):
-            port = free_port()
-            proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
-                                     "127.0.0.1", "--directory", folder],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            self.addCleanup(proc.wait)
-            self.addCleanup(proc.terminate)
-            wait_until(lambda: ExportTest.nginx_up(self, port), timeout=10, message="http.server")
-            return "http://127.0.0.1:%d" % port
-
+        static = lambda folder: start_http_server(self, folder)[0]
         self.board.update(static(new))
         self.assertEqual(self.board.files(), self.expected())
         self.refused(static(old), "/files.txt: older than the board's")
@@ -2707,7 +2694,7 @@ class SignedUpdateTest(BoardTest):
                               self.root, new])
             self.assertEqual(result.returncode, 0, result.stderr)
             start_nginx(self, new)
-            wait_until(lambda: ExportTest.nginx_up(self, port), timeout=10, message="nginx")
+            wait_until(lambda: serving(port), timeout=10, message="nginx")
             other = Board(self, "other")
             other.interpreter, other.lib = self.board.interpreter, self.board.lib
             shutil.copy(self.key, os.path.join(other.dir, promoter.KEY_FILE))
@@ -2715,7 +2702,7 @@ class SignedUpdateTest(BoardTest):
             self.assertEqual(other.files()["main.py"], b"print('newer')\n")
         # A static host without the signatures is an impostor too (an export
         # without --key removes an earlier export's).
-        self.save("main.py", "print('newest')\n")
+        self.change_tree(lambda: write(self.root, "main.py", "print('newest')\n"))
         result = run_cli(["export", "--root", self.root, new])  # (unsigned)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertFalse(os.path.exists(os.path.join(new, "files.txt.sig")))
@@ -2746,20 +2733,17 @@ class SignedUpdateTest(BoardTest):
         self.assertNotIn(promoter.KEY_FILE, proc.paths())
         self.assertNotIn("fleet.key", proc.paths())
         self.assertNotIn("fleet.key.counter", proc.paths())  # (it changes with each version)
-        heads = []
-        proxy = FaultProxy(self, proc.port, lambda path: None)
-        respond = proxy.respond
-        proxy.respond = lambda path, head, conn: (heads.append(head), respond(path, head, conn))
+        proxy = FaultProxy(self, proc.port)
         self.board.update(proxy.url)
         self.assertEqual(self.board.files()["main.py"], b"import lib.util\n")
         answers = [proc.get(path) for path in ("/", "/status.json", "/files", "/files.txt",
                                                "/files/version")]
         proc.stop()
         key_bytes = key_text.encode()
-        for text in [proc.stdout, proc.stderr] + [h for h in heads] + [
+        for text in [proc.stdout.encode(), proc.stderr.encode()] + proxy.heads + [
                 repr(a[1]).encode() + a[2] for a in answers]:
-            self.assertNotIn(key_bytes, text if isinstance(text, bytes) else text.encode())
-        self.assertGreater(len(heads), 2)
+            self.assertNotIn(key_bytes, text)
+        self.assertGreater(len(proxy.heads), 2)
 
 
 @NEEDS_MICROPYTHON32
@@ -3515,7 +3499,7 @@ class MicroPythonReleasesTest(BoardTest):
         self.assertEqual(result.returncode, 0, result.stderr)
         start_nginx(self, out)
         url = "http://127.0.0.1:%d" % port
-        wait_until(lambda: ExportTest.nginx_up(self, port), timeout=10, message="nginx to serve")
+        wait_until(lambda: serving(port), timeout=10, message="nginx to serve")
         lib = os.path.join(self.tmp, "mpylib")
         compile_device_module(lib)
         for release, build in self.BUILDS:
@@ -4404,7 +4388,7 @@ class GatewayTest(DevLoopCase):
         port = free_port()
         log = start_nginx(self, server=readme_nginx_example(self.served.port, port,
                                                             read_timeout))
-        wait_until(lambda: ExportTest.nginx_up(self, port), timeout=10, message="nginx to proxy")
+        wait_until(lambda: serving(port), timeout=10, message="nginx to proxy")
         return "http://127.0.0.1:%d" % port, log
 
     def test_boards_follow_saves_at_once_when_the_proxy_gives_up_their_waits(self):
@@ -5491,8 +5475,7 @@ class ConnectionRulesTest(PromoterTest):
 
     def test_an_answer_closes_its_connection_exactly_when_it_says_so(self):
         auth = self.auth
-        version = self.served.request("/files/version", headers={
-            "Authorization": "Bearer s3cret"})[2]
+        version = self.served.promoter.snapshot.version
         requests = [  # (request, its status), every route and every error path
             (b"GET /files/version HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", 200),
             (b"GET /files HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", 200),
@@ -5530,7 +5513,7 @@ class ConnectionRulesTest(PromoterTest):
             (b"GET /files/version HTTP/1.0\r\n" + auth + b"\r\n", 200),
             (b"GET /files/version HTTP/1.0\r\nConnection: keep-alive\r\n" + auth + b"\r\n", 200),
             (b"GET /files/version?wait=0.2 HTTP/1.1\r\nHost: x\r\n" + auth +
-             b'If-None-Match: "%s"\r\n\r\n' % json.loads(version)["version"].encode(), 304),
+             b'If-None-Match: "%s"\r\n\r\n' % version.encode(), 304),
         ]
         follow = b"GET /files.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + auth + b"\r\n"
         kept = closed = 0
@@ -5568,8 +5551,7 @@ class ConnectionRulesTest(PromoterTest):
         self.assertEqual([a[0] for a in answers], [200])
 
     def test_a_head_never_gets_a_body_waiting_or_not_and_absolute_urls_are_ours(self):
-        version = json.loads(self.served.request(
-            "/files/version", headers={"Authorization": "Bearer s3cret"})[2])["version"]
+        version = self.served.promoter.snapshot.version
         conn = socket.create_connection(("127.0.0.1", self.served.port), timeout=10)
         self.addCleanup(conn.close)
         conn.sendall(b"HEAD /files/version?wait=20 HTTP/1.1\r\nHost: x\r\n" + self.auth +
@@ -5604,8 +5586,7 @@ class ConnectionRulesTest(PromoterTest):
         self.assertEqual([(a[0], a[1].get("connection")) for a in answers], [(200, "close")])
 
     def test_http_1_0_keep_alive_is_said_direct_and_parked(self):
-        version = json.loads(self.served.request(
-            "/files/version", headers={"Authorization": "Bearer s3cret"})[2])["version"]
+        version = self.served.promoter.snapshot.version
         conn = socket.create_connection(("127.0.0.1", self.served.port), timeout=10)
         self.addCleanup(conn.close)
         conn.sendall(b"GET /files/version?wait=0.3 HTTP/1.0\r\nConnection: keep-alive\r\n" +
@@ -6245,6 +6226,29 @@ def stop_nginx(log):
     proc.wait()
 
 
+def serving(port):
+    """True once a server on `port` answers /files/version."""
+    try:
+        return b" 200 " in raw_exchange(port, b"GET /files/version HTTP/1.0\r\n\r\n")
+    except OSError:
+        return False
+
+
+def start_http_server(test, folder):
+    """`python3 -m http.server` serving `folder` (as a static host does):
+    its URL, and the file its log of requests goes to."""
+    port = free_port()
+    access_log = os.path.join(tempfile.mkdtemp(dir=test.tmp), "http.server.log")
+    with open(access_log, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
+                                 "127.0.0.1", "--directory", folder],
+                                stdout=subprocess.DEVNULL, stderr=log)
+    test.addCleanup(proc.wait)
+    test.addCleanup(proc.terminate)
+    wait_until(lambda: serving(port), timeout=10, message="http.server")
+    return "http://127.0.0.1:%d" % port, access_log
+
+
 class ExportTest(PromoterTest):
     def setUp(self):
         super().setUp()
@@ -6311,7 +6315,7 @@ class ExportTest(PromoterTest):
         self.assertEqual(result.returncode, 0, result.stderr)
         start_nginx(self, self.out)
         url = "http://127.0.0.1:%d" % port
-        wait_until(lambda: self.nginx_up(port), timeout=10, message="nginx to serve")
+        wait_until(lambda: serving(port), timeout=10, message="nginx to serve")
         expected = tree_files(self.root)
 
         def compiled(release):
@@ -6337,12 +6341,6 @@ class ExportTest(PromoterTest):
         out = third.update(url, mpy="6/1.25")
         self.assertIn("trying the .py files", out)
         self.assertEqual(third.files(), expected)
-
-    def nginx_up(self, port):
-        try:
-            return b" 200 " in raw_exchange(port, b"GET /files/version HTTP/1.0\r\n\r\n")
-        except OSError:
-            return False
 
     def test_run_follows_an_export_and_sends_it_no_output(self):
         # The board follows promoter.py, sending it its output (a POST); the
@@ -6373,7 +6371,7 @@ class ExportTest(PromoterTest):
         port = free_port()
         self.export(port)
         log = start_nginx(self, self.out)
-        wait_until(lambda: self.nginx_up(port), timeout=10, message="nginx to serve")
+        wait_until(lambda: serving(port), timeout=10, message="nginx to serve")
         served = self.serve()
         first = served.version()
         paths = ("/files/version", "/files", "/files.txt")
@@ -6397,7 +6395,7 @@ class ExportTest(PromoterTest):
             self.assertEqual(body, served.request(path)[2])
         stop_nginx(log)  # nginx started again reads the new nginx.conf
         start_nginx(self, self.out)
-        wait_until(lambda: self.nginx_up(port), timeout=10, message="nginx to serve again")
+        wait_until(lambda: serving(port), timeout=10, message="nginx to serve again")
         for status, headers, body in answers(served.version()):
             self.assertEqual((status, headers.get("etag")), (304, '"%s"' % served.version()))
 
@@ -6413,7 +6411,7 @@ class ExportTest(PromoterTest):
         result = run_cli(["export", "--root", other_root, "--port", str(other_port), other_out])
         self.assertEqual(result.returncode, 0, result.stderr)
         start_nginx(self, self.out, other_out)
-        wait_until(lambda: self.nginx_up(port) and self.nginx_up(other_port), timeout=10,
+        wait_until(lambda: serving(port) and serving(other_port), timeout=10,
                    message="nginx to serve both")
         served = self.serve()
         for path, entry in served.files().items():
@@ -6445,7 +6443,7 @@ class ExportTest(PromoterTest):
         self.export(port)
         access_log = start_nginx(self, self.out)
         url = "http://127.0.0.1:%d" % port
-        wait_until(lambda: self.nginx_up(port), timeout=10, message="nginx to serve")
+        wait_until(lambda: serving(port), timeout=10, message="nginx to serve")
         status, headers, body = http_request(port, "/file/" + checksum(BINARY, "assets/logo.bin"))
         self.assertEqual((status, body), (200, BINARY))
         self.assertEqual(headers["x-target-path"], "assets/logo.bin")
@@ -6462,18 +6460,9 @@ class ExportTest(PromoterTest):
         self.assert_watch_paces_itself(url, board, access_log)
 
     def test_watch_on_python_http_server_asks_for_the_list_only_when_the_version_changed(self):
-        port = free_port()
-        self.export(port)
-        access_log = os.path.join(self.tmp, "http.server.log")
-        with open(access_log, "w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
-                                     "127.0.0.1", "--directory", self.out],
-                                    stdout=subprocess.DEVNULL, stderr=log)
-        self.addCleanup(proc.wait)
-        self.addCleanup(proc.terminate)
-        wait_until(lambda: self.nginx_up(port), timeout=10, message="http.server to serve")
+        self.export(9090)
+        url, access_log = start_http_server(self, self.out)
         board = Board(self)
-        url = "http://127.0.0.1:%d" % port
         board.update(url)
         self.assertEqual(board.files(), tree_files(self.root))
         self.assert_watch_paces_itself(url, board, access_log)
